@@ -1,0 +1,92 @@
+/// An incremental parser for `text/event-stream` bodies, per the SSE specification: lines end with LF,
+/// CRLF or CR (also when a chunk boundary falls between CR and LF); a blank line dispatches the event;
+/// `data` lines are joined with LF; comments (`:`) are ignored; one space after the colon is dropped.
+public struct SSEParser: Sendable {
+    public struct Event: Sendable, Equatable {
+        public var event: String?
+        public var data: String
+        public var id: String?
+        public init(event: String? = nil, data: String, id: String? = nil) {
+            self.event = event
+            self.data = data
+            self.id = id
+        }
+    }
+
+    private var line: [UInt8] = []
+    private var lastWasCR = false
+    private var dataLines: [String] = []
+    private var hasData = false
+    private var eventName: String?
+    private var eventID: String?
+
+    public init() {}
+
+    /// Feeds bytes; returns the events completed by them.
+    public mutating func feed<Bytes: Sequence>(_ bytes: Bytes) -> [Event] where Bytes.Element == UInt8 {
+        var events: [Event] = []
+        for byte in bytes {
+            if lastWasCR {
+                lastWasCR = false
+                if byte == UInt8(ascii: "\n") { continue }
+            }
+            switch byte {
+            case UInt8(ascii: "\r"):
+                lastWasCR = true
+                if let event = endLine() { events.append(event) }
+            case UInt8(ascii: "\n"):
+                if let event = endLine() { events.append(event) }
+            default:
+                line.append(byte)
+            }
+        }
+        return events
+    }
+
+    /// Ends the stream: a last event without its blank line is still delivered.
+    public mutating func finish() -> Event? {
+        if !line.isEmpty {
+            if let event = endLine() { return event }
+        }
+        return dispatch()
+    }
+
+    private mutating func endLine() -> Event? {
+        defer { line.removeAll(keepingCapacity: true) }
+        if line.isEmpty { return dispatch() }
+        if line.first == UInt8(ascii: ":") { return nil }
+        let field: String
+        var value: String
+        if let colon = line.firstIndex(of: UInt8(ascii: ":")) {
+            field = String(decoding: line[..<colon], as: UTF8.self)
+            var start = colon + 1
+            if start < line.count, line[start] == UInt8(ascii: " ") { start += 1 }
+            value = String(decoding: line[start...], as: UTF8.self)
+        } else {
+            field = String(decoding: line, as: UTF8.self)
+            value = ""
+        }
+        switch field {
+        case "data":
+            dataLines.append(value)
+            hasData = true
+        case "event":
+            eventName = value
+        case "id":
+            if !value.contains("\0") { eventID = value }
+        default:
+            value = ""
+        }
+        return nil
+    }
+
+    private mutating func dispatch() -> Event? {
+        defer {
+            dataLines.removeAll()
+            hasData = false
+            eventName = nil
+        }
+        guard hasData else { return nil }
+        return Event(event: eventName, data: dataLines.joined(separator: "\n"), id: eventID)
+    }
+}

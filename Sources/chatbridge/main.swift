@@ -1,0 +1,4 @@
+import ArgumentParser
+import ChatBridgeServer
+import ChatBridgeSimulators
+print("hi")
