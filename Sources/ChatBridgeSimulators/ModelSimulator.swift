@@ -1,5 +1,6 @@
 import Foundation
 import Hummingbird
+import HTTPTypes
 import NIOCore
 import NIOFoundationCompat
 import NIOHTTP1
@@ -148,9 +149,10 @@ public final class ModelSimulator: Sendable {
             ])
         }
         let model = json["model"] as? String ?? "sim"
+        let messageCount = messages.count
         return Response(
             status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
-            body: .init { writer in
+            body: .init { [pieces] writer in
                 func chunk(_ delta: String?, finish: String? = nil) -> ByteBuffer {
                     var choice: [String: Any] = ["index": 0, "delta": delta.map { ["content": $0] } ?? [:]]
                     choice["finish_reason"] = finish ?? NSNull()
@@ -177,7 +179,7 @@ public final class ModelSimulator: Sendable {
                     try await writer.write(chunk(pieces.joined()))
                 }
                 try await writer.write(chunk(nil, finish: "stop"))
-                let usage = #"data: {"id":"chatcmpl-sim","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":\#(messages.count * 10),"completion_tokens":\#(pieces.count),"total_tokens":\#(messages.count * 10 + pieces.count)}}"#
+                let usage = #"data: {"id":"chatcmpl-sim","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":\#(messageCount * 10),"completion_tokens":\#(pieces.count),"total_tokens":\#(messageCount * 10 + pieces.count)}}"#
                 try await writer.write(ByteBuffer(string: usage + "\n\ndata: [DONE]\n\n"))
                 try await writer.finish(nil)
             }

@@ -1,0 +1,200 @@
+import AsyncHTTPClient
+import ChatBridgeDingTalk
+import Foundation
+import Hummingbird
+import HTTPTypes
+import NIOCore
+import NIOFoundationCompat
+import NIOHTTP1
+import Synchronization
+
+/// DingTalk's side on loopback: the sessionWebhook sink, the access-token endpoint and the robot send
+/// APIs. Every reply it receives is recorded, in arrival order.
+public final class DingTalkSimulator: Sendable {
+    /// One message the bot sent.
+    public struct Delivery: Sendable, Equatable, Codable {
+        public enum Channel: String, Sendable, Codable { case webhook, group, direct }
+        public var channel: Channel
+        /// The webhook session, the group's openConversationId, or the user ids.
+        public var target: String
+        public var title: String
+        public var text: String
+        public var atUserIds: [String]
+    }
+
+    private struct State {
+        var deliveries: [Delivery] = []
+        var tokensIssued = 0
+        var validTokens: Set<String> = []
+        var rejectNextSends = 0
+        var webhookFailures = 0
+        var webhookDelay: Duration = .zero
+    }
+
+    private let state = Mutex(State())
+    private let server: LoopbackServer
+    public var port: Int { server.port }
+    public var baseURL: String { server.baseURL }
+
+    private init(server: LoopbackServer) { self.server = server }
+
+    public static func start(port: Int = 0) async throws -> DingTalkSimulator {
+        let box = Box()
+        let router = Router()
+        router.post("/robot/sendBySession") { request, _ in try await box.simulator!.webhook(request) }
+        router.post("/v1.0/oauth2/accessToken") { request, _ in try await box.simulator!.accessToken(request) }
+        router.post("/v1.0/robot/groupMessages/send") { request, _ in try await box.simulator!.send(request, channel: .group) }
+        router.post("/v1.0/robot/oToMessages/batchSend") { request, _ in try await box.simulator!.send(request, channel: .direct) }
+        router.get("/_simulator/deliveries") { _, _ in
+            let data = try JSONEncoder().encode(box.simulator!.deliveries)
+            return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
+        }
+        let server = try await LoopbackServer.start(router: router, port: port, name: "dingtalk")
+        let simulator = DingTalkSimulator(server: server)
+        box.simulator = simulator
+        return simulator
+    }
+
+    private final class Box: @unchecked Sendable {
+        // Written once before the server can route to it.
+        var simulator: DingTalkSimulator?
+    }
+
+    public func stop() async { await server.stop() }
+
+    /// A sessionWebhook URL on this simulator for a session name.
+    public func webhookURL(session: String) -> String { baseURL + "/robot/sendBySession?session=" + session }
+
+    public var deliveries: [Delivery] { state.withLock { $0.deliveries } }
+    public var tokensIssued: Int { state.withLock { $0.tokensIssued } }
+
+    /// The next `count` OpenAPI sends answer 401 InvalidAuthentication (as for a revoked token).
+    public func rejectNextSends(_ count: Int) { state.withLock { $0.rejectNextSends = count } }
+    /// The next `count` webhook posts answer HTTP 500.
+    public func failNextWebhooks(_ count: Int) { state.withLock { $0.webhookFailures = count } }
+    /// Webhook posts wait this long before answering.
+    public func setWebhookDelay(_ delay: Duration) { state.withLock { $0.webhookDelay = delay } }
+
+    private func json(_ request: Request) async throws -> [String: Any] {
+        let body = try await request.body.collect(upTo: 1 << 20)
+        return (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any] ?? [:]
+    }
+
+    private func webhook(_ request: Request) async throws -> Response {
+        let body = try await json(request)
+        let (fail, delay) = state.withLock { state -> (Bool, Duration) in
+            if state.webhookFailures > 0 {
+                state.webhookFailures -= 1
+                return (true, state.webhookDelay)
+            }
+            return (false, state.webhookDelay)
+        }
+        if delay > .zero { try await Task.sleep(for: delay) }
+        if fail { return .json(.internalServerError, ["errcode": 500, "errmsg": "simulated failure"]) }
+        let session = request.uri.queryParameters.get("session") ?? ""
+        let markdown = body["markdown"] as? [String: Any]
+        let text = (markdown?["text"] as? String) ?? ((body["text"] as? [String: Any])?["content"] as? String) ?? ""
+        let at = (body["at"] as? [String: Any])?["atUserIds"] as? [String] ?? []
+        state.withLock {
+            $0.deliveries.append(Delivery(channel: .webhook, target: session, title: markdown?["title"] as? String ?? "", text: text, atUserIds: at))
+        }
+        return .json(.ok, ["errcode": 0, "errmsg": "ok"])
+    }
+
+    private func accessToken(_ request: Request) async throws -> Response {
+        let body = try await json(request)
+        guard let key = body["appKey"] as? String, !key.isEmpty, let secret = body["appSecret"] as? String, !secret.isEmpty else {
+            return .json(.badRequest, ["code": "MissingParameter", "message": "appKey and appSecret are required"])
+        }
+        let token = state.withLock { state -> String in
+            state.tokensIssued += 1
+            let token = "token-\(state.tokensIssued)"
+            state.validTokens.insert(token)
+            return token
+        }
+        return .json(.ok, ["accessToken": token, "expireIn": 7200])
+    }
+
+    private func send(_ request: Request, channel: Delivery.Channel) async throws -> Response {
+        let token = request.headers[HTTPField.Name("x-acs-dingtalk-access-token")!] ?? ""
+        let body = try await json(request)
+        let authorised = state.withLock { state -> Bool in
+            if state.rejectNextSends > 0 {
+                state.rejectNextSends -= 1
+                state.validTokens.remove(token)
+                return false
+            }
+            return state.validTokens.contains(token)
+        }
+        guard authorised else {
+            return .json(.unauthorized, ["code": "InvalidAuthentication", "message": "不合法的access_token", "requestid": "sim"])
+        }
+        guard body["msgKey"] as? String == "sampleMarkdown", let paramText = body["msgParam"] as? String,
+            let param = (try? JSONSerialization.jsonObject(with: Data(paramText.utf8))) as? [String: String]
+        else {
+            return .json(.badRequest, ["code": "InvalidParameter", "message": "msgKey/msgParam not understood"])
+        }
+        let target = channel == .group ? (body["openConversationId"] as? String ?? "") : ((body["userIds"] as? [String]) ?? []).joined(separator: ",")
+        state.withLock {
+            $0.deliveries.append(Delivery(channel: channel, target: target, title: param["title"] ?? "", text: param["text"] ?? "", atUserIds: []))
+        }
+        return .json(.ok, ["processQueryKey": "sim-\(UUID().uuidString)"])
+    }
+}
+
+/// Builds and sends signed DingTalk callbacks, as DingTalk's servers do.
+public struct CallbackSender: Sendable {
+    public var url: String
+    public var secret: String
+    public var robotCode: String
+
+    public init(url: String, secret: String, robotCode: String = "dingbot") {
+        self.url = url
+        self.secret = secret
+        self.robotCode = robotCode
+    }
+
+    /// A robot message body; `group` adds the group fields.
+    public func body(
+        messageID: String, text: String, conversationID: String = "cidDirect==", senderStaffID: String = "0420001",
+        senderID: String? = nil, group: Bool = false, webhook: String? = nil, webhookExpiresAt: Date? = nil,
+        msgtype: String = "text", content: [String: Any]? = nil
+    ) -> Data {
+        let now = Date()
+        var object: [String: Any] = [
+            "msgtype": msgtype, "msgId": messageID, "createAt": Int64(now.timeIntervalSince1970 * 1000),
+            "conversationType": group ? "2" : "1", "conversationId": conversationID,
+            "senderId": senderID ?? "$:LWCP_v1:$\(senderStaffID)", "senderStaffId": senderStaffID, "senderNick": "User \(senderStaffID)",
+            "senderCorpId": "dingcorp", "chatbotCorpId": "dingcorp", "chatbotUserId": "$:LWCP_v1:$bot", "robotCode": robotCode,
+            "isAdmin": false,
+        ]
+        if msgtype == "text" { object["text"] = ["content": " " + text] }
+        if let content { object["content"] = content }
+        if group {
+            object["conversationTitle"] = "Test group"
+            object["isInAtList"] = true
+        }
+        if let webhook {
+            object["sessionWebhook"] = webhook
+            object["sessionWebhookExpiredTime"] = Int64((webhookExpiresAt ?? now.addingTimeInterval(5400)).timeIntervalSince1970 * 1000)
+        }
+        return (try? JSONSerialization.data(withJSONObject: object)) ?? Data()
+    }
+
+    /// Signed headers for a callback sent now (or at `timestamp`).
+    public func headers(timestamp: Date = Date()) -> [(String, String)] {
+        let millis = String(Int64(timestamp.timeIntervalSince1970 * 1000))
+        return [("timestamp", millis), ("sign", DingTalkSignature.sign(timestamp: millis, secret: secret)), ("Content-Type", "application/json")]
+    }
+
+    /// Posts a body with the given headers; returns the status and the response body.
+    public func post(_ body: Data, headers: [(String, String)]? = nil, client: HTTPClient) async throws -> (status: Int, body: String) {
+        var request = HTTPClientRequest(url: url)
+        request.method = .POST
+        for (name, value) in headers ?? self.headers() { request.headers.add(name: name, value: value) }
+        request.body = .bytes(ByteBuffer(data: body))
+        let response = try await client.execute(request, timeout: .seconds(30))
+        let data = try await response.body.collect(upTo: 1 << 20)
+        return (Int(response.status.code), String(buffer: data))
+    }
+}

@@ -1,0 +1,90 @@
+import ArgumentParser
+import AsyncHTTPClient
+import ChatBridgeCore
+import ChatBridgeLLM
+import ChatBridgeServer
+import ChatBridgeStore
+import Foundation
+import Logging
+
+struct Chat: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Chat with the configured model in the terminal, through the same engine, store and commands.",
+        discussion: """
+            Answers stream to standard output as they arrive. /reset starts over and /help lists the commands.
+            With standard input not a terminal (echo "question" | chatbridge chat) it answers once and exits:
+            status 0 on success, 1 with a one-line error otherwise. The conversation is kept in the configured
+            database (platform 'cli', user = your login name); stop a running server first, or point this
+            command at another database with CHATBRIDGE_DATABASE_URL.
+            """
+    )
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration = try await options.load()
+        if let problem = configuration.errors.first { throw CleanExit.failure("\(problem)") }
+        var logger = Logger(label: "chatbridge")
+        logger.logLevel = .critical
+        let store: SQLStore
+        do {
+            store = try await SQLStore.open(try DatabaseLocation.parse(configuration.databaseURL), logger: logger)
+        } catch {
+            throw CleanExit.failure("\(error)")
+        }
+        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        let model = OpenAIChatModel(settings: configuration.llm, client: client, logger: logger)
+        let engine = Engine(settings: configuration.engine, model: model, conversations: store)
+        let user = ProcessInfo.processInfo.environment["USER"] ?? ProcessInfo.processInfo.userName
+        let interactive = isatty(STDIN_FILENO) == 1
+        var failed = false
+        if interactive {
+            print("ChatBridge terminal chat with \(configuration.llm.model). \(engine.settings.helpCommands.first ?? "/help") for help, Ctrl-D to quit.")
+            while true {
+                FileHandle.standardOutput.write(Data("> ".utf8))
+                guard let line = readLine() else { break }
+                if line.trimmingCharacters(in: .whitespaces).isEmpty { continue }
+                if await !ask(line, engine: engine, store: store, user: user) { failed = true }
+            }
+        } else {
+            var input = ""
+            while let line = readLine(strippingNewline: false) { input += line }
+            failed = await !ask(input, engine: engine, store: store, user: user)
+        }
+        try? await client.shutdown()
+        await store.close()
+        if failed && !interactive { throw ExitCode(1) }
+    }
+
+    /// Answers one line; returns false on failure (after printing a one-line error).
+    private func ask(_ text: String, engine: Engine, store: SQLStore, user: String) async -> Bool {
+        let message = InboundMessage(
+            platform: "cli", botID: "terminal", messageID: UUID().uuidString,
+            chat: .init(id: user, kind: .direct), sender: .init(id: user, name: user),
+            body: .text(text), sentAt: Date())
+        let streamed = StreamedFlag()
+        do {
+            let resolution = try await engine.resolve(message, now: Date()) { delta in
+                streamed.set()
+                FileHandle.standardOutput.write(Data(delta.utf8))
+            }
+            if !streamed.value { FileHandle.standardOutput.write(Data(resolution.text.utf8)) }
+            FileHandle.standardOutput.write(Data("\n".utf8))
+            try await store.apply(resolution.effect, to: engine.conversationKey(for: message))
+            return true
+        } catch {
+            if streamed.value { FileHandle.standardOutput.write(Data("\n".utf8)) }
+            let reply = engine.settings.messages.reply(for: error)
+            FileHandle.standardError.write(Data("error: \(reply) (\(error))\n".utf8))
+            return false
+        }
+    }
+}
+
+/// Remembers whether any text was streamed.
+final class StreamedFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var flag = false
+    func set() { lock.withLock { flag = true } }
+    var value: Bool { lock.withLock { flag } }
+}

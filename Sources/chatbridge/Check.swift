@@ -1,0 +1,72 @@
+import ArgumentParser
+import AsyncHTTPClient
+import ChatBridgeCore
+import ChatBridgeDingTalk
+import ChatBridgeLLM
+import ChatBridgeServer
+import Foundation
+import Logging
+
+struct Check: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Validate the configuration and print the effective settings with secrets masked.",
+        discussion: """
+            Prints one line per problem; exits 1 if any is an error. With --probe it also sends one tiny request
+            to the model and, when DingTalk credentials are set, requests one access token, and reports each as
+            ok or the exact failure.
+            """
+    )
+
+    @OptionGroup var options: ConfigOption
+
+    @Flag(help: "Also make one small model request and one DingTalk access-token request.")
+    var probe = false
+
+    func run() async throws {
+        let configuration = try await options.load()
+        print("configuration: \(configuration.sourceFile ?? "no file") + environment")
+        let settings = configuration.effectiveSettings()
+        let width = settings.map(\.key.count).max() ?? 0
+        for (key, value) in settings {
+            print("  \(key.padding(toLength: width, withPad: " ", startingAt: 0))  \(value)")
+        }
+        if configuration.problems.isEmpty {
+            print("no problems found")
+        } else {
+            for problem in configuration.problems { print(problem) }
+        }
+        var failed = !configuration.errors.isEmpty
+        if probe {
+            let client = HTTPClient(eventLoopGroupProvider: .singleton)
+            var logger = Logger(label: "chatbridge")
+            logger.logLevel = .critical
+            var llm = configuration.llm
+            llm.maxTokens = 16
+            llm.timeout = .seconds(30)
+            let model = OpenAIChatModel(settings: llm, client: client, logger: logger)
+            let started = ContinuousClock.now
+            do {
+                let completion = try await model.complete(ChatRequest(messages: [ChatMessage(role: .user, content: "Reply with the word ok.")])) { _ in }
+                let ms = Int((ContinuousClock.now - started).seconds * 1000)
+                print("probe model: ok (\(llm.model) at \(llm.completionsURL), \(ms) ms, replied \"\(completion.text.prefix(40))\")")
+            } catch {
+                failed = true
+                print("probe model: failed: \(error)")
+            }
+            if configuration.dingtalk.hasOpenAPICredentials {
+                let tokens = AccessTokenCache(settings: configuration.dingtalk, client: client)
+                do {
+                    _ = try await tokens.token()
+                    print("probe dingtalk: ok (access token issued by \(configuration.dingtalk.apiBaseURL))")
+                } catch {
+                    failed = true
+                    print("probe dingtalk: failed: \(error)")
+                }
+            } else {
+                print("probe dingtalk: skipped (dingtalk.client_id and dingtalk.client_secret not both set)")
+            }
+            try? await client.shutdown()
+        }
+        if failed { throw ExitCode(1) }
+    }
+}

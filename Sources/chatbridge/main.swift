@@ -1,4 +1,0 @@
-import ArgumentParser
-import ChatBridgeServer
-import ChatBridgeSimulators
-print("hi")
