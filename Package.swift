@@ -124,7 +124,8 @@ let package = Package(
                 "ChatBridgeCore", "ChatBridgeLLM", "ChatBridgeDingTalk", "ChatBridgeStore",
                 "ChatBridgeServer", "ChatBridgeSimulators",
                 .product(name: "Hummingbird", package: "hummingbird"),
-                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ],
             swiftSettings: swiftSettings

@@ -64,6 +64,7 @@ public struct DingTalkMessage: Decodable, Sendable {
     /// Why a body cannot be turned into a message.
     public struct Invalid: Error, Equatable, CustomStringConvertible {
         public var description: String
+        public init(description: String) { self.description = description }
     }
 
     /// Decodes and validates a callback body.

@@ -58,7 +58,8 @@ public final class ModelSimulator: Sendable {
         var behaviour = Behaviour()
         var scripted: [Scripted] = []
         var received: [Received] = []
-        var answerPrefix = "Answer to: "
+        var inFlight = 0
+        var maxInFlight = 0
     }
 
     private let state = Mutex(State())
@@ -110,11 +111,19 @@ public final class ModelSimulator: Sendable {
 
     public var received: [Received] { state.withLock { $0.received } }
     public var requestCount: Int { state.withLock { $0.received.count } }
+    /// The most requests that were being answered at the same time.
+    public var maxConcurrentRequests: Int { state.withLock { $0.maxInFlight } }
 
     /// The answer the simulator gives to a question (without filler words).
     public static func answer(to question: String) -> String { "Answer to: " + question }
 
     private func handle(_ request: Request) async throws -> Response {
+        state.withLock {
+            $0.inFlight += 1
+            $0.maxInFlight = max($0.maxInFlight, $0.inFlight)
+        }
+        var streaming = false
+        defer { if !streaming { state.withLock { $0.inFlight -= 1 } } }
         let body = try await request.body.collect(upTo: 4 << 20)
         let json = (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any] ?? [:]
         let messages = (json["messages"] as? [[String: Any]] ?? []).map { message in
@@ -150,9 +159,11 @@ public final class ModelSimulator: Sendable {
         }
         let model = json["model"] as? String ?? "sim"
         let messageCount = messages.count
+        streaming = true
         return Response(
             status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
-            body: .init { [pieces] writer in
+            body: .init { [pieces, self] writer in
+                defer { self.state.withLock { $0.inFlight -= 1 } }
                 func chunk(_ delta: String?, finish: String? = nil) -> ByteBuffer {
                     var choice: [String: Any] = ["index": 0, "delta": delta.map { ["content": $0] } ?? [:]]
                     choice["finish_reason"] = finish ?? NSNull()

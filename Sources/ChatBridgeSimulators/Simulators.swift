@@ -53,6 +53,7 @@ public final class LoopbackServer: Sendable {
 
 public struct SimulatorError: Error, CustomStringConvertible {
     public var description: String
+    public init(description: String) { self.description = description }
 }
 
 extension Response {

@@ -1,0 +1,311 @@
+import ChatBridgeCore
+import ChatBridgeDingTalk
+@testable import ChatBridgeLLM
+import ChatBridgeServer
+import ChatBridgeStore
+import Foundation
+import NIOHTTP1
+import Testing
+
+@Suite struct SignatureTests {
+    @Test func protocolVector() {
+        #expect(DingTalkSignature.sign(timestamp: "1700000000000", secret: "this is secret") == "sSFWELbV2YwjdDQhWZwTcWlX5BWUx5J6TPpsZmuPii0=")
+    }
+
+    @Test func verifyAcceptsWithinWindowAndRejectsOtherwise() throws {
+        let now = Date(timeIntervalSince1970: 1_700_000_000)
+        let sign = "sSFWELbV2YwjdDQhWZwTcWlX5BWUx5J6TPpsZmuPii0="
+        try DingTalkSignature.verify(timestamp: "1700000000000", sign: sign, secret: "this is secret", now: now)
+        try DingTalkSignature.verify(timestamp: "1700000000000", sign: sign, secret: "this is secret", now: now.addingTimeInterval(3599))
+        #expect(throws: DingTalkSignature.Failure.staleTimestamp) {
+            try DingTalkSignature.verify(timestamp: "1700000000000", sign: sign, secret: "this is secret", now: now.addingTimeInterval(3601))
+        }
+        #expect(throws: DingTalkSignature.Failure.badSignature) {
+            try DingTalkSignature.verify(timestamp: "1700000000000", sign: sign, secret: "other secret", now: now)
+        }
+        #expect(throws: DingTalkSignature.Failure.badSignature) {
+            try DingTalkSignature.verify(timestamp: "1700000000000", sign: String(sign.dropLast()), secret: "this is secret", now: now)
+        }
+        #expect(throws: DingTalkSignature.Failure.missingHeaders) {
+            try DingTalkSignature.verify(timestamp: nil, sign: sign, secret: "this is secret", now: now)
+        }
+        #expect(throws: DingTalkSignature.Failure.malformedTimestamp) {
+            try DingTalkSignature.verify(timestamp: "yesterday", sign: sign, secret: "this is secret", now: now)
+        }
+    }
+}
+
+@Suite struct PayloadTests {
+    func decode(_ json: String) throws -> InboundMessage {
+        try DingTalkMessage.decode(Data(json.utf8)).normalised(botID: "bot", receivedAt: Date())
+    }
+
+    let base = #""msgId":"m1","conversationId":"cid1","senderId":"$:s","senderStaffId":"007","senderNick":"Ann","conversationType":"1""#
+
+    @Test func textIsTrimmedAndNormalised() throws {
+        let message = try decode(#"{"msgtype":"text","text":{"content":"  hello \n"},\#(base),"sessionWebhook":"https://oapi.dingtalk.com/x","sessionWebhookExpiredTime":1700000000000}"#)
+        #expect(message.body == .text("hello"))
+        #expect(message.chat.kind == .direct)
+        #expect(message.sender.staffID == "007")
+        #expect(message.reply.webhookExpiresAt == Date(timeIntervalSince1970: 1_700_000_000))
+    }
+
+    @Test func audioRecognitionRichTextAndUnsupported() throws {
+        #expect(try decode(#"{"msgtype":"audio","content":{"recognition":"你好"},\#(base)}"#).body == .text("你好"))
+        #expect(try decode(#"{"msgtype":"richText","content":{"richText":[{"text":"see:"},{"type":"picture","downloadCode":"x"},{"text":"end"}]},\#(base)}"#).body == .text("see:\nend"))
+        #expect(try decode(#"{"msgtype":"picture","content":{"downloadCode":"x"},\#(base)}"#).body == .unsupported(kind: "picture"))
+        #expect(try decode(#"{"msgtype":"unknownMsgType",\#(base)}"#).body == .unsupported(kind: "unknownMsgType"))
+    }
+
+    @Test func missingFieldsAreNamed() {
+        #expect(throws: DingTalkMessage.Invalid(description: "body is missing msgId, conversationId")) {
+            try DingTalkMessage.decode(Data(#"{"msgtype":"text","senderId":"x"}"#.utf8))
+        }
+        #expect(throws: DingTalkMessage.Invalid(description: "body is not a JSON object")) {
+            try DingTalkMessage.decode(Data("not json".utf8))
+        }
+    }
+
+    @Test func webhookAllowlistAndHTTPSRule() {
+        let settings = DingTalkSettings(webhookHosts: ["oapi.dingtalk.com", "127.0.0.1"])
+        #expect(settings.allowsWebhook("https://oapi.dingtalk.com/robot/sendBySession?session=1"))
+        #expect(!settings.allowsWebhook("http://oapi.dingtalk.com/robot/sendBySession?session=1"))
+        #expect(!settings.allowsWebhook("https://evil.example.com/robot/sendBySession"))
+        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com.evil.example/x"))
+        #expect(!settings.allowsWebhook("https://user@oapi.dingtalk.com/x"))
+        #expect(settings.allowsWebhook("http://127.0.0.1:9000/robot/sendBySession"))
+        #expect(!DingTalkSettings(webhookHosts: ["oapi.dingtalk.com"]).allowsWebhook("http://127.0.0.1:9000/x"))
+        #expect(!settings.allowsWebhook("file:///etc/passwd"))
+    }
+}
+
+@Suite struct SSEParserTests {
+    @Test func splitChunksCRLFCommentsAndMultilineData() {
+        var parser = SSEParser()
+        var events: [SSEParser.Event] = []
+        for piece in [": keep-alive\r", "\n\r\ndata: {\"a\"", ":1}\r", "\n\r", "\ndata:x\ndata: y\n\nevent: e\ndata: z\r\r"] {
+            events += parser.feed(Array(piece.utf8))
+        }
+        #expect(events.map(\.data) == ["{\"a\":1}", "x\ny", "z"])
+        #expect(events.last?.event == "e")
+    }
+
+    @Test func lastEventWithoutBlankLineIsDelivered() {
+        var parser = SSEParser()
+        #expect(parser.feed(Array("data: [DONE]".utf8)).isEmpty)
+        #expect(parser.finish()?.data == "[DONE]")
+    }
+
+    @Test func accumulatorHandlesDoneUsageEmptyChoicesAndErrors() throws {
+        var acc = StreamAccumulator()
+        for data in [
+            #"{"choices":[],"prompt_filter_results":[]}"#,
+            #"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            #"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+            #"{"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}"#,
+            #"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#,
+        ] {
+            #expect(try acc.consume(.init(data: data), apiKey: "") == .more)
+        }
+        #expect(acc.text == "Hello")
+        #expect(acc.finishReason == "stop")
+        #expect(acc.promptTokens == 9 && acc.completionTokens == 2)
+        #expect(try acc.consume(.init(data: "[DONE]"), apiKey: "") == .done)
+        #expect(throws: ModelError.self) { try acc.consume(.init(data: #"{"error":{"message":"boom"}}"#), apiKey: "") }
+        #expect(throws: ModelError.self) { try acc.consume(.init(data: "{not json"), apiKey: "") }
+    }
+}
+
+@Suite struct ErrorClassifierTests {
+    func classify(_ status: Int, _ body: String, headers: [(String, String)] = []) -> ModelError {
+        ErrorClassifier.error(status: status, headers: HTTPHeaders(headers), body: body, apiKey: "sk-secret-abcdef")
+    }
+
+    @Test func statusClasses() {
+        #expect(classify(401, #"{"error":{"message":"Incorrect API key provided: sk-secret-abcdef","code":"invalid_api_key"}}"#).kind == .invalidAPIKey)
+        #expect(!classify(401, "{}").isRetryable)
+        #expect(classify(429, #"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#).kind == .quotaExceeded)
+        #expect(!classify(429, #"{"error":{"code":"insufficient_quota"}}"#).isRetryable)
+        #expect(classify(429, #"{"error":{"code":"rate_limit_exceeded"}}"#).isRetryable)
+        #expect(classify(429, #"{"error":{"code":"429","message":"Please retry after 6 seconds"}}"#).kind == .rateLimited)
+        #expect(classify(400, #"{"error":{"code":"context_length_exceeded","message":"maximum context length"}}"#).kind == .contextTooLong)
+        #expect(classify(404, #"{"error":{"code":"404","message":"Resource not found"}}"#).kind == .modelNotFound)
+        #expect(classify(503, "overloaded").isRetryable)
+        #expect(classify(409, "{}").isRetryable)
+        #expect(classify(408, "{}").isRetryable)
+        #expect(!classify(403, "{}").isRetryable)
+        #expect(!classify(500, "{}", headers: [("x-should-retry", "false")]).isRetryable)
+    }
+
+    @Test func apiKeyNeverInDetail() {
+        let error = classify(401, #"{"error":{"message":"Incorrect API key provided: sk-secret-abcdef"}}"#)
+        #expect(!error.description.contains("sk-secret-abcdef"))
+        #expect(!ErrorClassifier.redact("key sk-proj-ABCDEFGH1234 leaked", apiKey: "x").contains("ABCDEFGH"))
+    }
+
+    @Test func retryAfterHeaders() {
+        #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after-ms", "1500")])) == .milliseconds(1500))
+        #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", "2.5")])) == .milliseconds(2500))
+        #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", "nonsense")])) == nil)
+        let future = Date().addingTimeInterval(30)
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
+        let parsed = ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", formatter.string(from: future))]))
+        #expect(parsed != nil && parsed! > .seconds(20) && parsed! <= .seconds(31))
+    }
+}
+
+@Suite struct EngineTests {
+    let settings = EngineSettings(maxTurns: 3, maxContextTokens: 200, idleReset: .seconds(3600), language: .en)
+
+    func turns(_ count: Int, start: Date, content: String = "q") -> [Turn] {
+        (0..<count).flatMap { i in
+            [Turn(role: .user, content: "\(content)\(i)", createdAt: start.addingTimeInterval(Double(i) * 60)),
+             Turn(role: .assistant, content: "a\(i)", createdAt: start.addingTimeInterval(Double(i) * 60 + 1))]
+        }
+    }
+
+    @Test func keepsTheNewestWholePairsWithinTheTurnLimit() {
+        let now = Date()
+        let history = turns(5, start: now.addingTimeInterval(-600))
+        let messages = ContextBuilder(settings: settings).messages(history: history, question: "new", now: now)
+        #expect(messages.map(\.content) == [settings.systemPrompt, "q2", "a2", "q3", "a3", "q4", "a4", "new"])
+    }
+
+    @Test func dropsOldestPairsToFitTheTokenBudget() {
+        let now = Date()
+        let long = String(repeating: "长", count: 60)
+        let history = turns(3, start: now.addingTimeInterval(-600), content: long)
+        let messages = ContextBuilder(settings: settings).messages(history: history, question: "new", now: now)
+        // Each pair costs ~70 tokens; the budget (200 minus prompt and question) holds two.
+        #expect(messages.count == 1 + 4 + 1)
+        #expect(messages[1].content == long + "1")
+    }
+
+    @Test func idleGapStartsAFreshContext() {
+        let now = Date()
+        let old = turns(2, start: now.addingTimeInterval(-10_000))
+        let recent = turns(1, start: now.addingTimeInterval(-100), content: "r")
+        let builder = ContextBuilder(settings: settings)
+        #expect(builder.messages(history: old, question: "x", now: now).count == 2)
+        #expect(builder.messages(history: old + recent, question: "x", now: now).map(\.content) == [settings.systemPrompt, "r0", "a0", "x"])
+    }
+
+    @Test func tokenEstimateIsSaneForChineseAndEnglish() {
+        #expect(TokenEstimator.estimate("你好世界") == 4)
+        #expect(TokenEstimator.estimate("hello world, how are you") == 6)
+        #expect(TokenEstimator.estimate("") == 0)
+    }
+
+    @Test func commandsAreRecognised() {
+        let engine = Engine(settings: EngineSettings(language: .en), model: NoModel(), conversations: NoStore())
+        #expect(engine.intent(of: .text(" /RESET ")) == .reset)
+        #expect(engine.intent(of: .text("清空会话")) == .reset)
+        #expect(engine.intent(of: .text("帮助")) == .help)
+        #expect(engine.intent(of: .text("/reset please")) == .question("/reset please"))
+        #expect(engine.intent(of: .text("  ")) == .empty)
+        #expect(engine.helpText.contains("/reset /clear /new"))
+    }
+
+    @Test func retryPolicyBacksOffWithJitterAndHonoursRetryAfter() {
+        let policy = RetryPolicy(maxAttempts: 5, baseDelay: .seconds(1), maxDelay: .seconds(8))
+        #expect(policy.delay(afterAttempt: 1, random: 0) == .seconds(1))
+        #expect(policy.delay(afterAttempt: 3, random: 0) == .seconds(4))
+        #expect(policy.delay(afterAttempt: 3, random: 1) == .seconds(3))
+        #expect(policy.delay(afterAttempt: 10, random: 0) == .seconds(8))
+        #expect(policy.delay(afterAttempt: 1, retryAfter: .seconds(7), random: 0.5) == .seconds(7))
+        #expect(policy.delay(afterAttempt: 1, retryAfter: .seconds(600), random: 0.5) == .seconds(120))
+        #expect(policy.shouldRetry(afterAttempt: 4, retryable: true))
+        #expect(!policy.shouldRetry(afterAttempt: 5, retryable: true))
+        #expect(!policy.shouldRetry(afterAttempt: 1, retryable: false))
+    }
+
+    @Test func splitterKeepsEverythingAndAvoidsCodeBlocks() {
+        let paragraph = String(repeating: "word ", count: 30) + "\n\n"
+        let code = "```\n" + String(repeating: "let x = 1\n", count: 10) + "```\n"
+        let text = paragraph + code + paragraph + paragraph
+        let parts = TextSplitter(maxCharacters: 200).split(text)
+        #expect(parts.joined() == text)
+        #expect(parts.allSatisfy { $0.count <= 200 })
+        #expect(parts.count > 1)
+        #expect(parts.contains { $0.hasPrefix("```") && $0.contains("```\n") })
+        #expect(TextSplitter(maxCharacters: 10).split(String(repeating: "x", count: 25)) == ["xxxxxxxxxx", "xxxxxxxxxx", "xxxxx"])
+    }
+}
+
+@Suite struct ConfigurationTests {
+    @Test func environmentWinsOverFileAndFallbacksApply() async throws {
+        let directory = temporaryDirectory()
+        let path = directory + "/chatbridge.yaml"
+        try """
+        server:
+          port: 9000
+        llm:
+          model: from-file
+          api_key: file-key
+        dingtalk:
+          webhook_hosts: [a.example, b.example]
+        conversation:
+          idle_reset: 30m
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        let config = try await ChatBridgeConfiguration.load(file: path, environment: [
+            "CHATBRIDGE_LLM_MODEL": "from-env", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1", "CHATBRIDGE_DINGTALK_CLIENT_SECRET": "s3cret-value",
+        ])
+        #expect(config.server.port == 9000)
+        #expect(config.llm.model == "from-env")
+        #expect(config.llm.apiKey == "file-key")
+        #expect(config.llm.baseURL == "http://127.0.0.1:1/v1")
+        #expect(config.dingtalk.webhookHosts == ["a.example", "b.example"])
+        #expect(config.engine.idleReset == .seconds(1800))
+        #expect(config.errors.isEmpty)
+        let printed = config.effectiveSettings().map { "\($0.key)=\($0.value)" }.joined(separator: "\n")
+        #expect(!printed.contains("s3cret-value"))
+        #expect(!printed.contains("file-key"))
+    }
+
+    @Test func openAIKeyFallbackAndDefaults() async throws {
+        let config = try await ChatBridgeConfiguration.load(file: nil, environment: ["OPENAI_API_KEY": "sk-env"])
+        #expect(config.llm.apiKey == "sk-env")
+        #expect(config.server.port == 8080)
+        #expect(config.databaseURL == "sqlite:data/chatbridge.sqlite")
+        #expect(config.warnings.map(\.key) == ["dingtalk.client_secret"])
+    }
+
+    @Test func badValuesAreReportedOnePerLine() {
+        let config = ChatBridgeConfiguration.from(values: [
+            "server.port": "http", "database.url": "postgres://db/chat", "conversation.group_scope": "team",
+            "llm.timeout": "soon", "log.format": "xml",
+        ])
+        #expect(Set(config.errors.map(\.key)) == ["server.port", "database.url", "conversation.group_scope", "llm.timeout", "log.format"])
+        #expect(config.errors.first { $0.key == "database.url" }?.message.contains("not supported yet") == true)
+    }
+
+    @Test func missingFileIsAnError() async {
+        await #expect(throws: ChatBridgeConfiguration.LoadError.self) {
+            _ = try await ChatBridgeConfiguration.load(file: "/nonexistent/chatbridge.yaml", environment: [:])
+        }
+    }
+
+    @Test func durationsAndSizes() {
+        #expect(DurationParser.parse("1h30m") == .seconds(5400))
+        #expect(DurationParser.parse("500ms") == .milliseconds(500))
+        #expect(DurationParser.parse("45") == .seconds(45))
+        #expect(DurationParser.parse("1x") == nil)
+        #expect(SizeParser.parse("1MiB") == 1 << 20)
+        #expect(SizeParser.parse("512k") == 512 * 1024)
+        #expect(SizeParser.parse("lots") == nil)
+    }
+}
+
+struct NoModel: ChatModel {
+    func complete(_ request: ChatRequest, onDelta: @escaping @Sendable (String) async -> Void) async throws -> ChatCompletion {
+        throw ModelError(.connection, detail: "not used")
+    }
+}
+
+struct NoStore: ConversationStore {
+    func recentTurns(_ key: ConversationKey, limit: Int) async throws -> [Turn] { [] }
+    func apply(_ effect: ConversationEffect, to key: ConversationKey) async throws {}
+}
