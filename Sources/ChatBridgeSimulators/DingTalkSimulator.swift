@@ -20,6 +20,8 @@ public final class DingTalkSimulator: Sendable {
         public var title: String
         public var text: String
         public var atUserIds: [String]
+        /// When it arrived, in seconds since 1970.
+        public var receivedAt: Double = Date().timeIntervalSince1970
     }
 
     private struct State {
