@@ -113,8 +113,11 @@ let package = Package(
         .executableTarget(
             name: "chatbridge",
             dependencies: [
-                "ChatBridgeServer", "ChatBridgeSimulators", "ChatBridgeCore",
+                "ChatBridgeServer", "ChatBridgeSimulators", "ChatBridgeCore", "ChatBridgeLLM", "ChatBridgeDingTalk", "ChatBridgeStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -1,2 +1,254 @@
 import ArgumentParser
-struct Bench: AsyncParsableCommand { func run() async throws {} }
+import AsyncHTTPClient
+import ChatBridgeCore
+import ChatBridgeServer
+import ChatBridgeSimulators
+import ChatBridgeStore
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
+
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure acknowledgement latency, answer throughput and memory against loopback simulators.",
+        discussion: """
+            Starts a simulated model server and a simulated DingTalk on loopback, starts 'chatbridge serve' as a
+            child process against them with a fresh SQLite database (or drives --target), sends signed
+            callbacks and reports acknowledgement and answer latencies, throughput, lost and duplicated answers,
+            and the server's peak RSS and CPU time. With --target, configure that server's llm.base_url and
+            dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with
+            --model-port and --dingtalk-port). --context measures context assembly for a short and a very long
+            conversation instead.
+            """
+    )
+
+    @Option(help: "Distinct senders (each has its own conversation).") var users = 200
+    @Option(help: "Callbacks per second (open loop).") var rate = 200.0
+    @Option(help: "Closed loop instead of --rate: this many senders each waiting for their acknowledgement.") var concurrency: Int?
+    @Option(help: "How long to send, in seconds.") var duration = 10.0
+    @Option(help: "Model latency to first token, in milliseconds.") var modelLatency = 0
+    @Option(help: "Model tokens per second after the first (0 = whole answer at once).") var tokensPerSecond = 0.0
+    @Option(help: "Words per answer.") var answerTokens = 20
+    @Option(help: "Fraction of model requests that fail with 503 (0…1).") var errorRate = 0.0
+    @Option(help: "worker.concurrency of the started server.") var workers = 1000
+    @Option(help: "Drive an already running server at this callback URL instead of starting one.") var target: String?
+    @Option(help: "The target's dingtalk.client_secret (with --target).") var secret = "bench-secret"
+    @Option(help: "Fixed port for the model simulator (0 = any).") var modelPort = 0
+    @Option(help: "Fixed port for the DingTalk simulator (0 = any).") var dingtalkPort = 0
+    @Option(help: "Seconds to wait for outstanding answers after sending stops.") var drainWait = 120.0
+    @Flag(help: "Print the report as JSON.") var json = false
+    @Flag(help: "Measure context assembly for a 10-turn and a 10,000-turn conversation, then exit.") var context = false
+
+    func run() async throws {
+        if context { return try await measureContext() }
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.firstTokenLatency = .milliseconds(modelLatency)
+        behaviour.tokensPerSecond = tokensPerSecond
+        behaviour.answerTokens = answerTokens
+        behaviour.errorRate = errorRate
+        let model = try await ModelSimulator.start(port: modelPort, behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start(port: dingtalkPort)
+        log("model simulator: \(model.baseURL)  dingtalk simulator: \(dingtalk.baseURL)")
+        let directory = NSTemporaryDirectory() + "chatbridge-bench-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        var child: ChildServer?
+        let url: String
+        if let target {
+            url = target
+        } else {
+            let server = try ChildServer(
+                executable: Self.ownExecutable(),
+                environment: [
+                    "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
+                    "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/bench.sqlite", "CHATBRIDGE_LLM_BASE_URL": model.baseURL,
+                    "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbench",
+                    "CHATBRIDGE_DINGTALK_CLIENT_SECRET": secret, "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL,
+                    "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)",
+                    "CHATBRIDGE_LOG_LEVEL": "warning",
+                ],
+                logPath: directory + "/server.log")
+            let port = try await server.waitUntilListening()
+            url = "http://127.0.0.1:\(port)/callbacks/dingtalk"
+            child = server
+        }
+        try await Task.sleep(for: .seconds(1))
+        let idleRSS = child?.memory()?.current
+
+        var clientConfiguration = HTTPClient.Configuration()
+        clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 256)
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
+        let sender = CallbackSender(url: url, secret: secret, robotCode: "dingbench")
+        let run = UUID().uuidString.prefix(8)
+        let recorder = Recorder()
+        let start = Date().timeIntervalSince1970
+        let end = start + duration
+
+        let users = self.users
+        let sendOne: @Sendable (Int) async -> Void = { index in
+            let id = "bench-\(run)-\(index)"
+            let user = index % max(users, 1)
+            let body = sender.body(
+                messageID: id, text: "question \(index)", conversationID: "cidBench\(user)==", senderStaffID: "user\(user)",
+                webhook: dingtalk.webhookURL(session: id))
+            let sent = Date().timeIntervalSince1970
+            let status = try? await sender.post(body, client: client).status
+            let acked = status == 200 ? Date().timeIntervalSince1970 : nil
+            recorder.record(id, sent: sent, acked: acked)
+        }
+
+        if let concurrency {
+            await withDiscardingTaskGroup { group in
+                for _ in 0..<concurrency {
+                    group.addTask { [recorder] in
+                        while Date().timeIntervalSince1970 < end {
+                            await sendOne(recorder.counter.add(1, ordering: .relaxed).newValue)
+                        }
+                    }
+                }
+            }
+        } else {
+            let total = Int(rate * duration)
+            await withDiscardingTaskGroup { group in
+                for index in 0..<total {
+                    let due = start + Double(index) / rate
+                    let wait = due - Date().timeIntervalSince1970
+                    if wait > 0 { try? await Task.sleep(for: .milliseconds(Int64(wait * 1000))) }
+                    group.addTask { await sendOne(index) }
+                }
+            }
+        }
+        let sendingEnded = Date().timeIntervalSince1970
+        let acknowledged = recorder.snapshot.values.filter { $0.ack != nil }.count
+        log("sent \(recorder.snapshot.count), acknowledged \(acknowledged); waiting for answers")
+        var lastCount = -1
+        var lastProgress = Date()
+        while Date().timeIntervalSince(lastProgress) < 10, Date().timeIntervalSince1970 - sendingEnded < drainWait {
+            let count = Set(dingtalk.deliveries.map(\.target)).count
+            if count >= acknowledged { break }
+            if count != lastCount {
+                lastCount = count
+                lastProgress = Date()
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let deliveries = dingtalk.deliveries
+        let memory = child?.memory()
+        let cpu = child?.cpuSeconds()
+        if let child {
+            child.signal(SIGTERM)
+            _ = await child.wait()
+        }
+        try? await client.shutdown()
+        await model.stop()
+        await dingtalk.stop()
+
+        let snapshot = recorder.snapshot
+        let ackLatencies = snapshot.values.compactMap { record in record.ack.map { ($0 - record.sent) * 1000 } }.sorted()
+        var firstDelivery: [String: Double] = [:]
+        for delivery in deliveries where firstDelivery[delivery.target] == nil { firstDelivery[delivery.target] = delivery.receivedAt }
+        let answerLatencies = firstDelivery.compactMap { id, at in snapshot[id].map { (at - $0.sent) * 1000 } }.sorted()
+        let ackedIDs = Set(snapshot.filter { $0.value.ack != nil }.keys)
+        let answeredIDs = Set(firstDelivery.keys)
+        let lastAnswer = deliveries.map(\.receivedAt).max() ?? sendingEnded
+        let report = Report(
+            sent: snapshot.count, acknowledged: ackedIDs.count,
+            ackP50: percentile(ackLatencies, 0.5), ackP90: percentile(ackLatencies, 0.9), ackP99: percentile(ackLatencies, 0.99),
+            ackMax: ackLatencies.last ?? 0, answered: answeredIDs.count,
+            answerP50: percentile(answerLatencies, 0.5), answerP99: percentile(answerLatencies, 0.99),
+            throughput: Double(answeredIDs.count) / max(lastAnswer - start, 0.001),
+            lost: ackedIDs.subtracting(answeredIDs).count, duplicated: deliveries.count - answeredIDs.count,
+            idleRSSMB: idleRSS.map { Double($0) / 1_048_576 }, peakRSSMB: memory.map { Double($0.peak) / 1_048_576 },
+            cpuSeconds: cpu, modelRequests: model.requestCount)
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            report.printTable()
+        }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    private func log(_ text: String) {
+        FileHandle.standardError.write(Data("bench: \(text)\n".utf8))
+    }
+
+    static func ownExecutable() -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+
+    private func measureContext() async throws {
+        let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "bench"))
+        let settings = EngineSettings()
+        var results: [(Int, Double)] = []
+        for turns in [10, 10_000] {
+            let key = ConversationKey(rawValue: "bench/bot/chat/\(turns)")
+            for i in 0..<turns {
+                try await store.apply(.appendExchange(
+                    question: Turn(role: .user, content: "question number \(i) about something", createdAt: Date()),
+                    answer: Turn(role: .assistant, content: "answer number \(i) with a few more words in it", createdAt: Date())), to: key)
+            }
+            let iterations = 2000
+            let started = ContinuousClock.now
+            for _ in 0..<iterations {
+                let history = try await store.recentTurns(key, limit: settings.maxTurns * 2)
+                _ = ContextBuilder(settings: settings).messages(history: history, question: "new question", now: Date())
+            }
+            results.append((turns, (ContinuousClock.now - started).seconds / Double(iterations) * 1_000_000))
+        }
+        await store.close()
+        for (turns, micros) in results {
+            print("context assembly, \(turns) turns: \(String(format: "%.1f", micros)) µs")
+        }
+        print("ratio: \(String(format: "%.2f", results[1].1 / results[0].1))×")
+    }
+}
+
+/// What the load generator sent and when it was acknowledged.
+final class Recorder: Sendable {
+    private let records = Mutex<[String: (sent: Double, ack: Double?)]>([:])
+    let counter = Atomic<Int>(0)
+    func record(_ id: String, sent: Double, acked: Double?) { records.withLock { $0[id] = (sent, acked) } }
+    var snapshot: [String: (sent: Double, ack: Double?)] { records.withLock { $0 } }
+}
+
+private func percentile(_ sorted: [Double], _ p: Double) -> Double {
+    guard !sorted.isEmpty else { return 0 }
+    return sorted[min(sorted.count - 1, Int((Double(sorted.count) * p).rounded(.up)) - 1)]
+}
+
+struct Report: Encodable {
+    var sent: Int
+    var acknowledged: Int
+    var ackP50: Double
+    var ackP90: Double
+    var ackP99: Double
+    var ackMax: Double
+    var answered: Int
+    var answerP50: Double
+    var answerP99: Double
+    var throughput: Double
+    var lost: Int
+    var duplicated: Int
+    var idleRSSMB: Double?
+    var peakRSSMB: Double?
+    var cpuSeconds: Double?
+    var modelRequests: Int
+
+    func printTable() {
+        func f(_ v: Double) -> String { String(format: "%.1f", v) }
+        let rows: [(String, String)] = [
+            ("sent", "\(sent)"), ("acknowledged", "\(acknowledged)"),
+            ("ack latency p50 / p90 / p99 / max", "\(f(ackP50)) / \(f(ackP90)) / \(f(ackP99)) / \(f(ackMax)) ms"),
+            ("answered", "\(answered)"), ("answer latency p50 / p99", "\(f(answerP50)) / \(f(answerP99)) ms"),
+            ("throughput", "\(f(throughput)) answers/s"), ("lost", "\(lost)"), ("duplicated", "\(duplicated)"),
+            ("model requests", "\(modelRequests)"),
+            ("server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ("server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
+            ("server CPU time", cpuSeconds.map { "\(f($0)) s" } ?? "n/a"),
+        ]
+        let width = rows.map(\.0.count).max() ?? 0
+        for (name, value) in rows { print(name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + value) }
+    }
+}
