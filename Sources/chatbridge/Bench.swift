@@ -65,7 +65,7 @@ struct Bench: AsyncParsableCommand {
                     "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbench",
                     "CHATBRIDGE_DINGTALK_CLIENT_SECRET": secret, "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL,
                     "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)",
-                    "CHATBRIDGE_LOG_LEVEL": "warning",
+                    "CHATBRIDGE_LOG_LEVEL": "notice",
                 ],
                 logPath: directory + "/server.log")
             let port = try await server.waitUntilListening()

@@ -78,7 +78,7 @@ struct Serve: AsyncParsableCommand {
         }
         let host = configuration.server.host
         try await app.run { port in
-            logger.info("chatbridge listening on http://\(host):\(port)", metadata: [
+            logger.notice("chatbridge listening on http://\(host):\(port)", metadata: [
                 "port": "\(port)", "database": "\(configuration.databaseURL)", "model": "\(configuration.llm.model)",
             ])
         }
