@@ -107,6 +107,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         }
     }
 
+    /// Runs one statement on its own (SQLite commits it by itself); nothing else touches the connection meanwhile.
+    func single<R: Sendable>(_ body: @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
+        try await mutex.withLock { try await body(database) }
+    }
+
     // MARK: Migrations
 
     static let migrations: [(version: Int, statements: [String])] = [
@@ -185,7 +190,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     public func schemaVersion() async throws -> Int {
-        try await transaction { db in
+        try await single { db in
             let row = try await db.raw("SELECT MAX(version) AS v FROM schema_migrations").first()
             return try row?.decode(column: "v", as: Int?.self) ?? 0
         }
@@ -196,7 +201,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     public func accept(_ message: InboundMessage, conversation: ConversationKey, now: Date) async throws -> AcceptOutcome {
         let payload = String(decoding: try Self.encoder.encode(message), as: UTF8.self)
         let millis = now.millis
-        return try await transaction { db in
+        return try await single { db in
             let row = try await db.raw("""
                 INSERT INTO inbox (platform, bot_id, message_id, conversation_key, payload, state, attempts, not_before, received_at, updated_at)
                 VALUES (\(bind: message.platform), \(bind: message.botID), \(bind: message.messageID), \(bind: conversation.rawValue),
@@ -275,7 +280,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     private func finish(id: Int64, owner: String, state: String, error: String?, now: Date) async throws {
         let millis = now.millis
-        try await transaction { db in
+        try await single { db in
             try await db.raw("""
                 UPDATE inbox SET state = \(bind: state), lease_owner = NULL, lease_expires_at = NULL,
                     last_error = COALESCE(\(bind: error), last_error), updated_at = \(bind: millis), answered_at = \(bind: millis)
@@ -286,7 +291,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func scheduleRetry(id: Int64, owner: String, notBefore: Date, error: String, now: Date) async throws {
         let millis = now.millis
-        try await transaction { db in
+        try await single { db in
             try await db.raw("""
                 UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,
                     not_before = \(bind: notBefore.millis), last_error = \(bind: error), updated_at = \(bind: millis)
@@ -297,7 +302,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func reclaimRunning(now: Date) async throws -> Int {
         let millis = now.millis
-        return try await transaction { db in
+        return try await single { db in
             let rows = try await db.raw("""
                 UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = \(bind: millis)
                 WHERE state = 'running'
@@ -310,7 +315,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     public func renewLeases(ids: [Int64], owner: String, leaseUntil: Date) async throws {
         guard !ids.isEmpty else { return }
         let binds: [any Encodable & Sendable] = ids
-        try await transaction { db in
+        try await single { db in
             try await db.raw("""
                 UPDATE inbox SET lease_expires_at = \(bind: leaseUntil.millis)
                 WHERE lease_owner = \(bind: owner) AND state = 'running' AND id IN (\(binds: binds))
@@ -319,14 +324,14 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     public func nextWakeup() async throws -> Date? {
-        try await transaction { db in
+        try await single { db in
             let row = try await db.raw("SELECT MIN(not_before) AS t FROM inbox WHERE state = 'pending'").first()
             return try row?.decode(column: "t", as: Int64?.self).map(Date.init(millis:))
         }
     }
 
     public func counts() async throws -> InboxCounts {
-        try await transaction { db in
+        try await single { db in
             let rows = try await db.raw("SELECT state, COUNT(*) AS n FROM inbox GROUP BY state").all()
             var counts = InboxCounts()
             for row in rows {
@@ -353,7 +358,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     public func inboxRows() async throws -> [InboxRow] {
-        try await transaction { db in
+        try await single { db in
             try await db.raw("SELECT message_id, state, attempts, answer, last_error FROM inbox ORDER BY id").all().map { row in
                 InboxRow(
                     messageID: try row.decode(column: "message_id", as: String.self),
@@ -370,7 +375,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func recentTurns(_ key: ConversationKey, limit: Int) async throws -> [Turn] {
         guard limit > 0 else { return [] }
-        return try await transaction { db in
+        return try await single { db in
             let rows = try await db.raw("""
                 SELECT role, content, tokens, created_at FROM turns
                 WHERE conversation_key = \(bind: key.rawValue)
