@@ -108,8 +108,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     /// Runs one statement on its own (SQLite commits it by itself); nothing else touches the connection meanwhile.
-    func single<R: Sendable>(_ body: @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
-        try await mutex.withLock { try await body(database) }
+    func single<R: Sendable>(priority: AsyncMutex.Priority = .background, _ body: @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
+        try await mutex.withLock(priority: priority) { try await body(database) }
     }
 
     // MARK: Migrations
@@ -201,7 +201,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     public func accept(_ message: InboundMessage, conversation: ConversationKey, now: Date) async throws -> AcceptOutcome {
         let payload = String(decoding: try Self.encoder.encode(message), as: UTF8.self)
         let millis = now.millis
-        return try await single { db in
+        return try await single(priority: .urgent) { db in
             let row = try await db.raw("""
                 INSERT INTO inbox (platform, bot_id, message_id, conversation_key, payload, state, attempts, not_before, received_at, updated_at)
                 VALUES (\(bind: message.platform), \(bind: message.botID), \(bind: message.messageID), \(bind: conversation.rawValue),
