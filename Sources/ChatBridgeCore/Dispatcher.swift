@@ -37,6 +37,8 @@ public final class Dispatcher: Sendable {
     private struct State {
         var draining = false
         var inFlight: Set<Int64> = []
+        /// The earliest retry this dispatcher scheduled, so it wakes in time without asking the database.
+        var nextRetry: Date?
     }
 
     private let answered = Counter(label: "chatbridge_messages_answered_total")
@@ -73,7 +75,8 @@ public final class Dispatcher: Sendable {
     /// claimed and are taken up again after the lease, or at the next start.
     public func run() async {
         await withDiscardingTaskGroup { group in
-            group.addTask { await self.renewLeases() }
+            group.addTask { await self.maintainLeases() }
+            if let next = try? await inbox.nextWakeup() { noteRetry(at: next) }
             while !Task.isCancelled {
                 let (draining, busy) = state.withLock { ($0.draining, $0.inFlight.count) }
                 if draining { break }
@@ -101,7 +104,7 @@ public final class Dispatcher: Sendable {
                     }
                 }
                 if free > 0, claimed.count == min(free, 512) { continue }
-                await signal.wait(timeout: await nextWait())
+                await signal.wait(timeout: nextWait())
             }
             // Drain: wait for the answers in flight, then stop the lease renewal.
             while inFlightCount > 0, !Task.isCancelled {
@@ -111,24 +114,37 @@ public final class Dispatcher: Sendable {
         }
     }
 
-    private func nextWait() async -> Duration {
-        guard let next = try? await inbox.nextWakeup() else { return settings.pollInterval }
-        let seconds = next.timeIntervalSinceNow
-        if seconds <= 0 { return .milliseconds(1) }
-        return min(settings.pollInterval, .milliseconds(Int64(seconds * 1000) + 1))
+    private func noteRetry(at date: Date) {
+        state.withLock { state in
+            if state.nextRetry.map({ date < $0 }) ?? true { state.nextRetry = date }
+        }
     }
 
-    private func renewLeases() async {
+    /// How long to sleep when nothing is ready: until the earliest scheduled retry, at most the poll interval.
+    private func nextWait() -> Duration {
+        let now = Date()
+        let next = state.withLock { state -> Date? in
+            if let retry = state.nextRetry, retry <= now { state.nextRetry = nil }
+            return state.nextRetry
+        }
+        guard let next else { return settings.pollInterval }
+        return min(settings.pollInterval, .milliseconds(Int64(next.timeIntervalSince(now) * 1000) + 1))
+    }
+
+    /// Renews the leases of answers in flight and returns messages of dead workers to the queue.
+    private func maintainLeases() async {
         let interval = settings.lease / 3
         while !Task.isCancelled {
             try? await Task.sleep(for: interval)
             if Task.isCancelled { return }
             let ids = state.withLock { Array($0.inFlight) }
-            guard !ids.isEmpty else { continue }
             do {
-                try await inbox.renewLeases(ids: ids, owner: owner, leaseUntil: Date().adding(settings.lease))
+                if !ids.isEmpty {
+                    try await inbox.renewLeases(ids: ids, owner: owner, leaseUntil: Date().adding(settings.lease))
+                }
+                if try await inbox.releaseExpiredLeases(now: Date()) > 0 { signal.signal() }
             } catch {
-                logger.warning("could not renew leases", metadata: ["error": "\(error)"])
+                logger.warning("could not maintain leases", metadata: ["error": "\(error)"])
             }
         }
     }
@@ -182,6 +198,7 @@ public final class Dispatcher: Sendable {
                 logger.warning("answer failed; will retry", metadata: metadata.merging(["retry_in": "\(delay)"]) { $1 })
                 retried.increment()
                 try await inbox.scheduleRetry(id: item.id, owner: owner, notBefore: now.adding(delay), error: "\(error)", now: now)
+                noteRetry(at: now.adding(delay))
                 return
             }
             logger.error("answer failed for good", metadata: metadata)

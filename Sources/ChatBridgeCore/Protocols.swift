@@ -122,6 +122,8 @@ public struct InboxCounts: Sendable, Equatable {
 public protocol Inbox: Sendable {
     /// Stores a message once; a second delivery of the same platform message id is a duplicate.
     func accept(_ message: InboundMessage, conversation: ConversationKey, now: Date) async throws -> AcceptOutcome
+    /// Returns messages whose lease expired (their worker died) to pending. Returns how many.
+    func releaseExpiredLeases(now: Date) async throws -> Int
     /// Claims up to `limit` ready messages, at most one per conversation and only the oldest open one of each.
     func claim(limit: Int, owner: String, leaseUntil: Date, now: Date) async throws -> [InboxItem]
     /// Stores the answer and applies its effect on the conversation in one transaction.

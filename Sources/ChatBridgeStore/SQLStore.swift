@@ -217,41 +217,45 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         guard limit > 0 else { return [] }
         let nowMillis = now.millis
         let leaseMillis = leaseUntil.millis
-        return try await transaction { db in
-            try await db.raw("""
-                UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
-                WHERE state = 'running' AND lease_expires_at < \(bind: nowMillis)
-                """).run()
-            let rows = try await db.raw("""
-                SELECT i.id, i.payload, i.conversation_key, i.attempts, i.answer FROM inbox i
-                WHERE i.state = 'pending' AND i.not_before <= \(bind: nowMillis)
-                  AND NOT EXISTS (
-                    SELECT 1 FROM inbox j
-                    WHERE j.conversation_key = i.conversation_key AND j.state IN ('pending', 'running') AND j.id < i.id)
-                ORDER BY i.id
-                LIMIT \(bind: limit)
-                """).all()
-            guard !rows.isEmpty else { return [] }
-            var items: [InboxItem] = []
-            items.reserveCapacity(rows.count)
-            for row in rows {
-                let payload = try row.decode(column: "payload", as: String.self)
-                let message = try Self.decoder.decode(InboundMessage.self, from: Data(payload.utf8))
-                items.append(InboxItem(
-                    id: try row.decode(column: "id", as: Int64.self),
-                    message: message,
-                    conversation: ConversationKey(rawValue: try row.decode(column: "conversation_key", as: String.self)),
-                    attempts: try row.decode(column: "attempts", as: Int.self) + 1,
-                    storedAnswer: try row.decode(column: "answer", as: String?.self)
-                ))
-            }
-            let ids: [any Encodable & Sendable] = items.map(\.id)
+        // One statement: take the oldest ready message of each idle conversation and return it.
+        let rows = try await single { db in
             try await db.raw("""
                 UPDATE inbox SET state = 'running', attempts = attempts + 1, lease_owner = \(bind: owner),
                     lease_expires_at = \(bind: leaseMillis), updated_at = \(bind: nowMillis)
-                WHERE id IN (\(binds: ids))
-                """).run()
-            return items
+                WHERE id IN (
+                    SELECT i.id FROM inbox i
+                    WHERE i.state = 'pending' AND i.not_before <= \(bind: nowMillis)
+                      AND NOT EXISTS (
+                        SELECT 1 FROM inbox j
+                        WHERE j.conversation_key = i.conversation_key AND j.state IN ('pending', 'running') AND j.id < i.id)
+                    ORDER BY i.id
+                    LIMIT \(bind: limit))
+                RETURNING id, payload, conversation_key, attempts, answer
+                """).all()
+        }
+        var items: [InboxItem] = []
+        items.reserveCapacity(rows.count)
+        for row in rows {
+            let payload = try row.decode(column: "payload", as: String.self)
+            items.append(InboxItem(
+                id: try row.decode(column: "id", as: Int64.self),
+                message: try Self.decoder.decode(InboundMessage.self, from: Data(payload.utf8)),
+                conversation: ConversationKey(rawValue: try row.decode(column: "conversation_key", as: String.self)),
+                attempts: try row.decode(column: "attempts", as: Int.self),
+                storedAnswer: try row.decode(column: "answer", as: String?.self)
+            ))
+        }
+        return items.sorted { $0.id < $1.id }
+    }
+
+    public func releaseExpiredLeases(now: Date) async throws -> Int {
+        let nowMillis = now.millis
+        return try await single { db in
+            try await db.raw("""
+                UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
+                WHERE state = 'running' AND lease_expires_at < \(bind: nowMillis)
+                RETURNING id
+                """).all().count
         }
     }
 
@@ -419,13 +423,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             guard let lastSeq = try row?.decode(column: "last_seq", as: Int64.self) else {
                 throw StoreError(description: "could not advance conversation \(key)")
             }
-            for (offset, turn) in [(1, question), (0, answer)] {
-                try await db.raw("""
-                    INSERT INTO turns (conversation_key, seq, role, content, tokens, created_at)
-                    VALUES (\(bind: key.rawValue), \(bind: lastSeq - Int64(offset)), \(bind: turn.role.rawValue), \(bind: turn.content),
-                            \(bind: turn.tokens), \(bind: turn.createdAt.millis))
-                    """).run()
-            }
+            try await db.raw("""
+                INSERT INTO turns (conversation_key, seq, role, content, tokens, created_at)
+                VALUES (\(bind: key.rawValue), \(bind: lastSeq - 1), \(bind: question.role.rawValue), \(bind: question.content),
+                        \(bind: question.tokens), \(bind: question.createdAt.millis)),
+                       (\(bind: key.rawValue), \(bind: lastSeq), \(bind: answer.role.rawValue), \(bind: answer.content),
+                        \(bind: answer.tokens), \(bind: answer.createdAt.millis))
+                """).run()
         }
     }
 }

@@ -26,8 +26,10 @@ import Testing
         #expect(try await store.claim(limit: 10, owner: "w", leaseUntil: lease, now: Date()).map(\.message.messageID) == ["a2"])
         // An expired lease is taken over by another worker, with the stored answer.
         let later = Date().addingTimeInterval(60)
+        #expect(try await store.releaseExpiredLeases(now: later) == 2)
         let reclaimed = try await store.claim(limit: 10, owner: "w2", leaseUntil: later.addingTimeInterval(30), now: later)
         #expect(Set(reclaimed.map(\.message.messageID)) == ["a2", "b1"])
+        #expect(reclaimed.map(\.attempts) == [2, 2])
         await store.close()
     }
 
