@@ -138,7 +138,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             )
             """,
             "CREATE INDEX inbox_open ON inbox (conversation_key, id) WHERE state IN ('pending', 'running')",
-            "CREATE INDEX inbox_ready ON inbox (not_before, id) WHERE state = 'pending'",
+            "CREATE INDEX inbox_pending ON inbox (id) WHERE state = 'pending'",
             "CREATE INDEX inbox_leases ON inbox (lease_expires_at) WHERE state = 'running'",
             """
             CREATE TABLE conversations (
