@@ -163,7 +163,7 @@ public final class Dispatcher: Sendable {
                 try await inbox.storeAnswer(id: item.id, owner: owner, resolution: resolution, key: item.conversation, now: Date())
                 answer = resolution.text
             }
-            try await replies.deliver(answer!, replyingTo: item.message)
+            try await deliver(answer!, for: item)
             try await inbox.markAnswered(id: item.id, owner: owner, now: Date())
             answered.increment()
             answerTimer.recordNanoseconds((ContinuousClock.now - started).nanoseconds)
@@ -175,6 +175,17 @@ public final class Dispatcher: Sendable {
             }
             metadata["error"] = "\(error)"
             await handleFailure(item, error: error, answerStored: answer != nil, metadata: metadata)
+        }
+    }
+
+    /// Sends the parts an earlier attempt did not, recording progress when there is more than one.
+    private func deliver(_ answer: String, for item: InboxItem) async throws {
+        let parts = replies.parts(of: answer)
+        for index in min(item.deliveredParts, parts.count)..<parts.count {
+            try await replies.deliver(part: parts[index], replyingTo: item.message)
+            if parts.count > 1, index + 1 < parts.count {
+                try await inbox.markPartsDelivered(id: item.id, owner: owner, count: index + 1)
+            }
         }
     }
 

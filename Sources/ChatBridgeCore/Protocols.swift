@@ -62,8 +62,17 @@ public protocol ConversationStore: Sendable {
 
 /// The platform's way out for a finished answer.
 public protocol ReplyChannel: Sendable {
-    /// Delivers `text` as the answer to `message`. Throws ``DeliveryError``.
-    func deliver(_ text: String, replyingTo message: InboundMessage) async throws
+    /// The messages `text` is sent as: one, or numbered parts when it exceeds the platform's size limit.
+    func parts(of text: String) -> [String]
+    /// Delivers one part of an answer to `message`. Throws ``DeliveryError``.
+    func deliver(part: String, replyingTo message: InboundMessage) async throws
+}
+
+extension ReplyChannel {
+    /// Delivers every part of `text`, in order.
+    public func deliver(_ text: String, replyingTo message: InboundMessage) async throws {
+        for part in parts(of: text) { try await deliver(part: part, replyingTo: message) }
+    }
 }
 
 /// Why a reply could not be delivered.
@@ -89,12 +98,15 @@ public struct InboxItem: Sendable, Equatable {
     public var attempts: Int
     /// The answer stored by an earlier attempt that was not confirmed as delivered.
     public var storedAnswer: String?
-    public init(id: Int64, message: InboundMessage, conversation: ConversationKey, attempts: Int, storedAnswer: String?) {
+    /// How many parts of the stored answer an earlier attempt already delivered.
+    public var deliveredParts: Int
+    public init(id: Int64, message: InboundMessage, conversation: ConversationKey, attempts: Int, storedAnswer: String?, deliveredParts: Int = 0) {
         self.id = id
         self.message = message
         self.conversation = conversation
         self.attempts = attempts
         self.storedAnswer = storedAnswer
+        self.deliveredParts = deliveredParts
     }
 }
 
@@ -128,6 +140,8 @@ public protocol Inbox: Sendable {
     func claim(limit: Int, owner: String, leaseUntil: Date, now: Date) async throws -> [InboxItem]
     /// Stores the answer and applies its effect on the conversation in one transaction.
     func storeAnswer(id: Int64, owner: String, resolution: Resolution, key: ConversationKey, now: Date) async throws
+    /// Records that the first `count` parts of a long answer were delivered, so a retry sends only the rest.
+    func markPartsDelivered(id: Int64, owner: String, count: Int) async throws
     /// Marks a message answered (its reply was delivered).
     func markAnswered(id: Int64, owner: String, now: Date) async throws
     /// Puts a message back to wait until `notBefore`, recording why.

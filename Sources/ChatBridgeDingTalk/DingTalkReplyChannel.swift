@@ -23,15 +23,13 @@ public struct DingTalkReplyChannel: ReplyChannel {
         self.logger = logger
     }
 
-    public func deliver(_ text: String, replyingTo message: InboundMessage) async throws {
+    public func parts(of text: String) -> [String] {
         let parts = TextSplitter(maxCharacters: max(settings.maxMessageChars - 16, 16)).split(text)
-        for (index, part) in parts.enumerated() {
-            let numbered = parts.count > 1 ? "(\(index + 1)/\(parts.count))\n\n" + part : part
-            try await deliverOne(numbered, replyingTo: message)
-        }
+        guard parts.count > 1 else { return parts }
+        return parts.enumerated().map { index, part in "(\(index + 1)/\(parts.count))\n\n" + part }
     }
 
-    private func deliverOne(_ text: String, replyingTo message: InboundMessage) async throws {
+    public func deliver(part text: String, replyingTo message: InboundMessage) async throws {
         let title = Self.title(for: text)
         if let webhook = message.reply.webhookURL, !webhook.isEmpty {
             let expired = message.reply.webhookExpiresAt.map { $0.timeIntervalSinceNow < expiryMargin } ?? false

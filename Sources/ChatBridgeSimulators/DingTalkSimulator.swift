@@ -30,6 +30,7 @@ public final class DingTalkSimulator: Sendable {
         var validTokens: Set<String> = []
         var rejectNextSends = 0
         var webhookFailures = 0
+        var webhookSuccessesBeforeFailure = 0
         var webhookDelay: Duration = .zero
     }
 
@@ -73,7 +74,12 @@ public final class DingTalkSimulator: Sendable {
     /// The next `count` OpenAPI sends answer 401 InvalidAuthentication (as for a revoked token).
     public func rejectNextSends(_ count: Int) { state.withLock { $0.rejectNextSends = count } }
     /// The next `count` webhook posts answer HTTP 500.
-    public func failNextWebhooks(_ count: Int) { state.withLock { $0.webhookFailures = count } }
+    public func failNextWebhooks(_ count: Int, after successes: Int = 0) {
+        state.withLock {
+            $0.webhookFailures = count
+            $0.webhookSuccessesBeforeFailure = successes
+        }
+    }
     /// Webhook posts wait this long before answering.
     public func setWebhookDelay(_ delay: Duration) { state.withLock { $0.webhookDelay = delay } }
 
@@ -86,6 +92,10 @@ public final class DingTalkSimulator: Sendable {
         let body = try await json(request)
         let (fail, delay) = state.withLock { state -> (Bool, Duration) in
             if state.webhookFailures > 0 {
+                if state.webhookSuccessesBeforeFailure > 0 {
+                    state.webhookSuccessesBeforeFailure -= 1
+                    return (false, state.webhookDelay)
+                }
                 state.webhookFailures -= 1
                 return (true, state.webhookDelay)
             }

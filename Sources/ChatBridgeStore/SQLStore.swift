@@ -130,6 +130,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 lease_owner TEXT,
                 lease_expires_at BIGINT,
                 answer TEXT,
+                delivered_parts INTEGER NOT NULL DEFAULT 0,
                 last_error TEXT,
                 received_at BIGINT NOT NULL,
                 updated_at BIGINT NOT NULL,
@@ -230,7 +231,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                         WHERE j.conversation_key = i.conversation_key AND j.state IN ('pending', 'running') AND j.id < i.id)
                     ORDER BY i.id
                     LIMIT \(bind: limit))
-                RETURNING id, payload, conversation_key, attempts, answer
+                RETURNING id, payload, conversation_key, attempts, answer, delivered_parts
                 """).all()
         }
         var items: [InboxItem] = []
@@ -242,7 +243,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 message: try Self.decoder.decode(InboundMessage.self, from: Data(payload.utf8)),
                 conversation: ConversationKey(rawValue: try row.decode(column: "conversation_key", as: String.self)),
                 attempts: try row.decode(column: "attempts", as: Int.self),
-                storedAnswer: try row.decode(column: "answer", as: String?.self)
+                storedAnswer: try row.decode(column: "answer", as: String?.self),
+                deliveredParts: try row.decode(column: "delivered_parts", as: Int.self)
             ))
         }
         return items.sorted { $0.id < $1.id }
@@ -271,6 +273,14 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 throw StoreError(description: "message \(id) is no longer claimed by this worker; its answer was not stored")
             }
             try await Self.apply(resolution.effect, to: key, on: db)
+        }
+    }
+
+    public func markPartsDelivered(id: Int64, owner: String, count: Int) async throws {
+        try await single { db in
+            try await db.raw("""
+                UPDATE inbox SET delivered_parts = \(bind: count) WHERE id = \(bind: id) AND lease_owner = \(bind: owner)
+                """).run()
         }
     }
 

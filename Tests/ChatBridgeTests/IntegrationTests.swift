@@ -198,6 +198,21 @@ import Testing
         #expect(joined == ModelSimulator.answer(to: "long") + (0..<400).map { " w\($0)" }.joined())
     }
 
+    @Test func aFailedPartIsResentWithoutRepeatingTheDeliveredOnes() async throws {
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.answerTokens = 300
+        let h = try await Harness.start(["dingtalk.max_message_chars": "500"], behaviour: behaviour)
+        defer { Task { await h.stop() } }
+        h.dingtalk.failNextWebhooks(1, after: 1)
+        try await h.send("pf1", "parts")
+        #expect(await eventually { (try? await h.app.store.inboxRows().first?.state) == "answered" })
+        let texts = h.dingtalk.deliveries.map(\.text)
+        #expect(texts.count >= 3)
+        #expect(Set(texts).count == texts.count)
+        #expect(texts.enumerated().allSatisfy { index, text in text.hasPrefix("(\(index + 1)/\(texts.count))") })
+        #expect(h.model.requestCount == 1)
+    }
+
     @Test func commandsAndUnsupportedMessagesNeverReachTheModel() async throws {
         let h = try await Harness.start()
         defer { Task { await h.stop() } }
