@@ -12,15 +12,7 @@ import Synchronization
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure acknowledgement latency, answer throughput and memory against loopback simulators.",
-        discussion: """
-            Starts a simulated model server and a simulated DingTalk on loopback, starts 'chatbridge serve' as a
-            child process against them with a fresh SQLite database (or drives --target), sends signed
-            callbacks and reports acknowledgement and answer latencies, throughput, lost and duplicated answers,
-            and the server's peak RSS and CPU time. With --target, configure that server's llm.base_url and
-            dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with
-            --model-port and --dingtalk-port). --context measures context assembly for a short and a very long
-            conversation instead.
-            """
+        discussion: "Starts a simulated model server and a simulated DingTalk on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or drives --target), sends signed callbacks and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, and the server's peak RSS and CPU time. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
     )
 
     @Option(help: "Distinct senders (each has its own conversation).") var users = 200

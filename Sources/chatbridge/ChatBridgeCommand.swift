@@ -13,12 +13,7 @@ struct ChatBridgeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "chatbridge",
         abstract: "An LLM assistant for DingTalk: answers every message exactly once, with multi-turn context.",
-        discussion: """
-            Settings come from a YAML file (--config, default ./chatbridge.yaml when present) and from
-            environment variables, which win: CHATBRIDGE_ + the key path in upper case with '.' as '_'
-            (llm.api_key → CHATBRIDGE_LLM_API_KEY). OPENAI_API_KEY and OPENAI_BASE_URL are accepted when the
-            ChatBridge keys are unset. See chatbridge.example.yaml for every key.
-            """,
+        discussion: "Settings come from a YAML file (--config, default ./chatbridge.yaml when present) and from environment variables, which win: CHATBRIDGE_ + the key path in upper case with '.' as '_' (llm.api_key → CHATBRIDGE_LLM_API_KEY). OPENAI_API_KEY and OPENAI_BASE_URL are accepted when the ChatBridge keys are unset. See chatbridge.example.yaml for every key.",
         version: "0.1.0",
         subcommands: [Serve.self, Chat.self, Check.self, Migrate.self, Bench.self],
         defaultSubcommand: nil
@@ -50,11 +45,7 @@ enum CleanExit {
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the server: DingTalk callbacks at POST /callbacks/dingtalk, /healthz, /readyz, /metrics.",
-        discussion: """
-            With no configuration it listens on 0.0.0.0:8080 with its database at ./data/chatbridge.sqlite and
-            logs what is still to configure. SIGTERM or SIGINT stops accepting callbacks (503), lets answers in
-            flight finish for up to server.drain_timeout (30s) and exits 0.
-            """
+        discussion: "With no configuration it listens on 0.0.0.0:8080 with its database at ./data/chatbridge.sqlite and logs what is still to configure. SIGTERM or SIGINT stops accepting callbacks (503), lets answers in flight finish for up to server.drain_timeout (30s) and exits 0."
     )
 
     @OptionGroup var options: ConfigOption

@@ -10,11 +10,7 @@ import Logging
 struct Check: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Validate the configuration and print the effective settings with secrets masked.",
-        discussion: """
-            Prints one line per problem; exits 1 if any is an error. With --probe it also sends one tiny request
-            to the model and, when DingTalk credentials are set, requests one access token, and reports each as
-            ok or the exact failure.
-            """
+        discussion: "Prints one line per problem; exits 1 if any is an error. With --probe it also sends one tiny request to the model and, when DingTalk credentials are set, requests one access token, and reports each as ok or the exact failure."
     )
 
     @OptionGroup var options: ConfigOption
