@@ -106,7 +106,13 @@ public struct OpenAIChatModel: ChatModel {
             throw classifyTransport(error)
         }
         if let firstTokenAt { ttft.recordNanoseconds(firstTokenAt.nanoseconds) }
-        total.recordNanoseconds((ContinuousClock.now - started).nanoseconds)
+        let elapsed = ContinuousClock.now - started
+        total.recordNanoseconds(elapsed.nanoseconds)
+        logger.debug("model answered", metadata: [
+            "model": "\(settings.model)", "ttft_ms": "\(firstTokenAt.map { Int($0.seconds * 1000) } ?? -1)",
+            "total_ms": "\(Int(elapsed.seconds * 1000))", "prompt_tokens": "\(accumulator.promptTokens ?? -1)",
+            "completion_tokens": "\(accumulator.completionTokens ?? -1)", "finish_reason": "\(accumulator.finishReason ?? "none")",
+        ])
         return ChatCompletion(
             text: accumulator.text, finishReason: accumulator.finishReason,
             promptTokens: accumulator.promptTokens, completionTokens: accumulator.completionTokens,
