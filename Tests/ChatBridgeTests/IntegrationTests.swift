@@ -53,6 +53,27 @@ import Testing
         #expect(await eventually { h.dingtalk.deliveries.count == 1 })
     }
 
+    @Test func hostileBodiesGetClientErrorsAndTheServerStaysHealthy() async throws {
+        let h = try await Harness.start()
+        defer { Task { await h.stop() } }
+        var generator = SystemRandomNumberGenerator()
+        var bodies: [Data] = [
+            Data(), Data("null".utf8), Data("[]".utf8), Data(#"{"msgId":1,"conversationId":[],"msgtype":{},"senderId":null}"#.utf8),
+            Data((String(repeating: "[", count: 5000) + String(repeating: "]", count: 5000)).utf8),
+            Data([0xFF, 0xFE, 0x00, 0x7B]), Data(#"{"msgtype":"text","msgId":"\u0000","conversationId":"c","senderId":"s","text":{"content":5}}"#.utf8),
+        ]
+        for _ in 0..<30 {
+            bodies.append(Data((0..<Int.random(in: 1...300, using: &generator)).map { _ in UInt8.random(in: 0...255, using: &generator) }))
+        }
+        for body in bodies {
+            let status = try await h.sender.post(body, client: h.client).status
+            #expect((400..<500).contains(status) || status == 200, "status \(status)")
+        }
+        #expect(try await h.get("/healthz").status == 200)
+        try await h.send("after", "still here")
+        #expect(await eventually { h.dingtalk.deliveries.contains { $0.target == "after" } })
+    }
+
     @Test func withoutClientSecretCallbacksAnswer503() async throws {
         let h = try await Harness.start(["dingtalk.client_secret": ""])
         defer { Task { await h.stop() } }
