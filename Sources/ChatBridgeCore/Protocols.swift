@@ -116,17 +116,13 @@ public enum AcceptOutcome: Sendable, Equatable {
     case duplicate
 }
 
-/// Counts of inbox rows by state.
+/// How many messages wait and how many are being answered.
 public struct InboxCounts: Sendable, Equatable {
     public var pending = 0
     public var running = 0
-    public var answered = 0
-    public var failed = 0
-    public init(pending: Int = 0, running: Int = 0, answered: Int = 0, failed: Int = 0) {
+    public init(pending: Int = 0, running: Int = 0) {
         self.pending = pending
         self.running = running
-        self.answered = answered
-        self.failed = failed
     }
 }
 
@@ -154,5 +150,6 @@ public protocol Inbox: Sendable {
     func renewLeases(ids: [Int64], owner: String, leaseUntil: Date) async throws
     /// The earliest `not_before` of waiting messages, to know when to look again.
     func nextWakeup() async throws -> Date?
+    /// Counts of open (pending and running) messages; cheap however long the history is.
     func counts() async throws -> InboxCounts
 }

@@ -1,16 +1,16 @@
 import Synchronization
 
 /// A level-triggered wake-up for one waiting loop: `signal()` wakes the current or the next `wait`.
-public final class WakeSignal: Sendable {
+final class WakeSignal: Sendable {
     private struct State {
         var pending = false
         var waiter: CheckedContinuation<Void, Never>?
     }
     private let state = Mutex(State())
 
-    public init() {}
+    init() {}
 
-    public func signal() {
+    func signal() {
         let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
             if let waiter = state.waiter {
                 state.waiter = nil
@@ -23,7 +23,7 @@ public final class WakeSignal: Sendable {
     }
 
     /// Returns when signalled, when `timeout` has passed, or when the task is cancelled.
-    public func wait(timeout: Duration) async {
+    func wait(timeout: Duration) async {
         let alreadySignalled = state.withLock { state in
             defer { state.pending = false }
             return state.pending

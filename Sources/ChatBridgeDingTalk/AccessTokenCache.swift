@@ -13,7 +13,6 @@ public actor AccessTokenCache {
     private let refreshMargin: TimeInterval
     private var cached: (token: String, expiresAt: Date)?
     private var inFlight: Task<(String, Date), any Error>?
-    public private(set) var fetchCount = 0
 
     public init(settings: DingTalkSettings, client: HTTPClient, refreshMargin: TimeInterval = 300) {
         self.settings = settings
@@ -44,7 +43,6 @@ public actor AccessTokenCache {
     }
 
     private func fetch() async throws -> (String, Date) {
-        fetchCount += 1
         var request = HTTPClientRequest(url: settings.apiBaseURL + "/v1.0/oauth2/accessToken")
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")

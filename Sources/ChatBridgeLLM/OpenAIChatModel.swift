@@ -83,22 +83,21 @@ public struct OpenAIChatModel: ChatModel {
         var parser = SSEParser()
         var accumulator = StreamAccumulator()
         var firstTokenAt: Duration?
+        /// Feeds one event to the accumulator and passes on any new text; false once the stream is done.
+        func handle(_ event: SSEParser.Event) async throws -> Bool {
+            if try accumulator.consume(event, apiKey: settings.apiKey) == .done { return false }
+            if let delta = accumulator.takeDelta() {
+                if firstTokenAt == nil { firstTokenAt = ContinuousClock.now - started }
+                await onDelta(delta)
+            }
+            return true
+        }
         do {
             streaming: for try await chunk in response.body {
-                for event in parser.feed(chunk.readableBytesView) {
-                    if try accumulator.consume(event, apiKey: settings.apiKey) == .done { break streaming }
-                    if let delta = accumulator.takeDelta() {
-                        if firstTokenAt == nil { firstTokenAt = ContinuousClock.now - started }
-                        await onDelta(delta)
-                    }
-                }
+                for event in parser.feed(chunk.readableBytesView) where try await !handle(event) { break streaming }
             }
             if !accumulator.isDone, let event = parser.finish() {
-                _ = try accumulator.consume(event, apiKey: settings.apiKey)
-                if let delta = accumulator.takeDelta() {
-                    if firstTokenAt == nil { firstTokenAt = ContinuousClock.now - started }
-                    await onDelta(delta)
-                }
+                _ = try await handle(event)
             }
         } catch let error as ModelError {
             throw error

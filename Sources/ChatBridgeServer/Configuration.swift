@@ -54,8 +54,6 @@ public struct ChatBridgeConfiguration: Sendable {
 
     public init() {}
 
-    public var databaseLocation: DatabaseLocation? { try? DatabaseLocation.parse(databaseURL) }
-
     public struct LoadError: Error, CustomStringConvertible {
         public var description: String
     }

@@ -49,7 +49,7 @@ public struct JSONLogHandler: LogHandler {
 
     public func log(event: LogEvent) {
         var object: [String: String] = [
-            "time": ISO8601DateFormatter().string(from: Date()),
+            "time": Date().ISO8601Format(),
             "level": event.level.rawValue,
             "label": label,
             "message": "\(event.message)",

@@ -6,6 +6,7 @@ import ChatBridgeServer
 import ChatBridgeStore
 import Foundation
 import Logging
+import Synchronization
 
 struct Chat: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -56,29 +57,21 @@ struct Chat: AsyncParsableCommand {
             platform: "cli", botID: "terminal", messageID: UUID().uuidString,
             chat: .init(id: user, kind: .direct), sender: .init(id: user, name: user),
             body: .text(text), sentAt: Date())
-        let streamed = StreamedFlag()
+        let streamed = Atomic<Bool>(false)
         do {
             let resolution = try await engine.resolve(message, now: Date()) { delta in
-                streamed.set()
+                streamed.store(true, ordering: .relaxed)
                 FileHandle.standardOutput.write(Data(delta.utf8))
             }
-            if !streamed.value { FileHandle.standardOutput.write(Data(resolution.text.utf8)) }
+            if !streamed.load(ordering: .relaxed) { FileHandle.standardOutput.write(Data(resolution.text.utf8)) }
             FileHandle.standardOutput.write(Data("\n".utf8))
             try await store.apply(resolution.effect, to: engine.conversationKey(for: message))
             return true
         } catch {
-            if streamed.value { FileHandle.standardOutput.write(Data("\n".utf8)) }
+            if streamed.load(ordering: .relaxed) { FileHandle.standardOutput.write(Data("\n".utf8)) }
             let reply = engine.settings.messages.reply(for: error)
             FileHandle.standardError.write(Data("error: \(reply) (\(error))\n".utf8))
             return false
         }
     }
-}
-
-/// Remembers whether any text was streamed.
-final class StreamedFlag: @unchecked Sendable {
-    private let lock = NSLock()
-    private var flag = false
-    func set() { lock.withLock { flag = true } }
-    var value: Bool { lock.withLock { flag } }
 }
