@@ -7,7 +7,8 @@ public struct BotMessages: Sendable, Equatable {
     /// Names of every overridable message, as used in configuration (`bot.messages.<name>`).
     public static let names = [
         "help", "reset_done", "empty_question", "unsupported", "busy", "timeout", "invalid_key", "quota",
-        "model_not_found", "context_too_long", "content_filtered", "failed",
+        "model_not_found", "context_too_long", "content_filtered", "failed", "unreachable", "question_too_long",
+        "truncated",
     ]
 
     /// Help text; `{reset}` and `{help}` are replaced with the configured commands.
@@ -24,6 +25,12 @@ public struct BotMessages: Sendable, Equatable {
     public var contextTooLong: String
     public var contentFiltered: String
     public var failed: String
+    /// The model server cannot be reached (DNS, connection refused, TLS).
+    public var unreachable: String
+    /// `{length}` and `{limit}` are replaced with the question's length and the limit, in characters.
+    public var questionTooLong: String
+    /// Appended to an answer the model cut off at its token limit.
+    public var truncated: String
 
     public static func defaults(for language: Language) -> BotMessages {
         switch language {
@@ -40,7 +47,10 @@ public struct BotMessages: Sendable, Equatable {
                 modelNotFound: "机器人配置的模型不存在或无权访问，请联系管理员检查模型名称。",
                 contextTooLong: "对话内容太长，模型无法处理。请发送 /reset 开始新的对话后再试。",
                 contentFiltered: "抱歉，这个问题触发了模型的内容安全策略，无法回答。",
-                failed: "抱歉，回答失败了，请稍后再试。如果一直失败，请联系管理员。"
+                failed: "抱歉，回答失败了，请稍后再试。如果一直失败，请联系管理员。",
+                unreachable: "暂时连接不上模型服务，请稍后再试。如果一直这样，请联系管理员检查网络和模型地址。",
+                questionTooLong: "问题太长了（{length} 个字符，上限 {limit} 个），请精简后再发送。",
+                truncated: "（回答达到长度上限，后面的内容被截断了。）"
             )
         case .en:
             return BotMessages(
@@ -55,7 +65,10 @@ public struct BotMessages: Sendable, Equatable {
                 modelNotFound: "The bot's configured model does not exist or is not accessible. Please tell your admin.",
                 contextTooLong: "This conversation is too long for the model. Send /reset to start over, then ask again.",
                 contentFiltered: "Sorry, the model's content policy blocked this question.",
-                failed: "Sorry, I could not answer. Please try again later; if it keeps failing, tell your admin."
+                failed: "Sorry, I could not answer. Please try again later; if it keeps failing, tell your admin.",
+                unreachable: "The bot cannot reach its model service right now. Please try again later; if it keeps happening, tell your admin.",
+                questionTooLong: "Your question is too long ({length} characters; the limit is {limit}). Please shorten it and send it again.",
+                truncated: "(The answer reached the length limit and was cut off here.)"
             )
         }
     }
@@ -76,6 +89,9 @@ public struct BotMessages: Sendable, Equatable {
         case "context_too_long": contextTooLong = text
         case "content_filtered": contentFiltered = text
         case "failed": failed = text
+        case "unreachable": unreachable = text
+        case "question_too_long": questionTooLong = text
+        case "truncated": truncated = text
         default: return false
         }
         return true
@@ -85,7 +101,8 @@ public struct BotMessages: Sendable, Equatable {
     public func reply(for error: any Error) -> String {
         guard let error = error as? ModelError else { return failed }
         switch error.kind {
-        case .rateLimited, .serverError, .connection, .invalidResponse: return busy
+        case .rateLimited, .serverError, .invalidResponse: return busy
+        case .connection: return unreachable
         case .timeout: return timeout
         case .invalidAPIKey, .permissionDenied: return invalidKey
         case .quotaExceeded: return quota

@@ -8,56 +8,86 @@ public struct DispatcherSettings: Sendable, Equatable {
     /// Answers in flight at once, across all conversations.
     public var concurrency: Int
     public var retry: RetryPolicy
-    /// How long a claim lasts before another worker may take the message over.
+    /// How long a claim lasts before another worker may take the message over. Renewed every third of it.
     public var lease: Duration
     /// How often to look for ready messages when nothing wakes the dispatcher.
     public var pollInterval: Duration
+    /// The wait before the one more try of a send whose outcome is unknown (it may have been delivered).
+    public var uncertainRetryDelay: Duration
+    /// The first and the longest pause between tries of a bookkeeping write after a successful send.
+    public var bookkeepingBackoff: ClosedRange<Duration>
 
-    public init(concurrency: Int = 64, retry: RetryPolicy = .init(), lease: Duration = .seconds(30), pollInterval: Duration = .seconds(1)) {
+    public init(
+        concurrency: Int = 64, retry: RetryPolicy = .init(), lease: Duration = .seconds(30), pollInterval: Duration = .seconds(1),
+        uncertainRetryDelay: Duration = .seconds(30), bookkeepingBackoff: ClosedRange<Duration> = .milliseconds(100)...(.seconds(5))
+    ) {
         self.concurrency = concurrency
         self.retry = retry
         self.lease = lease
         self.pollInterval = pollInterval
+        self.uncertainRetryDelay = uncertainRetryDelay
+        self.bookkeepingBackoff = bookkeepingBackoff
     }
 }
 
 /// Claims ready messages from the inbox and answers them: at most one per conversation at a time (so
 /// answers keep their order), up to `concurrency` in all, with retries and a final error reply.
+///
+/// Exactly once: every claim has its own lease token and every write on the row is conditional on it
+/// (``LeaseLost`` stops the attempt before it sends anything more). Each send is immediately preceded by
+/// ``Inbox/beginSend(_:leaseUntil:now:)``, so a send whose outcome is unknown is known to be unknown;
+/// after a send succeeded only the bookkeeping is retried, never the send. `docs/architecture.md` walks
+/// through what a crash at each step leaves behind.
 public final class Dispatcher: Sendable {
     private let inbox: any Inbox
     private let engine: Engine
     private let replies: any ReplyChannel
     private let settings: DispatcherSettings
     private let owner: String
+    private let clock: any WallClock
     private let logger: Logger
     private let signal = WakeSignal()
     private let state = Mutex(State())
     private let random: @Sendable () -> Double
+    private let stopped = OneTimeEvent()
 
     private struct State {
         var draining = false
-        var inFlight: Set<Int64> = []
+        var abandoning = false
+        /// Claims being worked on (one row can appear twice: an attempt that lost its lease is still finishing).
+        var inFlight: Set<Lease> = []
         /// The earliest retry this dispatcher scheduled, so it wakes in time without asking the database.
         var nextRetry: Date?
     }
 
-    private let answered = Counter(label: "chatbridge_messages_answered_total")
-    private let failed = Counter(label: "chatbridge_messages_failed_total")
-    private let retried = Counter(label: "chatbridge_messages_retried_total")
-    private let inFlightGauge = Gauge(label: "chatbridge_answers_in_flight")
-    private let answerTimer = Metrics.Timer(label: "chatbridge_answer_seconds")
+    private let answered: Counter
+    private let failed: Counter
+    private let retried: Counter
+    private let leasesLost: Counter
+    private let uncertainSends: Counter
+    private let inFlightGauge: Gauge
+    private let answerTimer: Metrics.Timer
 
     public init(
         inbox: any Inbox, engine: Engine, replies: any ReplyChannel, settings: DispatcherSettings, owner: String,
-        logger: Logger, random: @escaping @Sendable () -> Double = { Double.random(in: 0..<1) }
+        clock: any WallClock, metrics: any MetricsFactory = MetricsSystem.factory, logger: Logger,
+        random: @escaping @Sendable () -> Double = { Double.random(in: 0..<1) }
     ) {
         self.inbox = inbox
         self.engine = engine
         self.replies = replies
         self.settings = settings
         self.owner = owner
+        self.clock = clock
         self.logger = logger
         self.random = random
+        answered = Counter(label: "chatbridge_messages_answered_total", factory: metrics)
+        failed = Counter(label: "chatbridge_messages_failed_total", factory: metrics)
+        retried = Counter(label: "chatbridge_messages_retried_total", factory: metrics)
+        leasesLost = Counter(label: "chatbridge_leases_lost_total", factory: metrics)
+        uncertainSends = Counter(label: "chatbridge_replies_uncertain_total", factory: metrics)
+        inFlightGauge = Gauge(label: "chatbridge_answers_in_flight", factory: metrics)
+        answerTimer = Metrics.Timer(label: "chatbridge_answer_seconds", factory: metrics)
     }
 
     /// Tells the dispatcher that new work may be ready.
@@ -69,46 +99,66 @@ public final class Dispatcher: Sendable {
         signal.signal()
     }
 
+    /// Stops at once: answers in flight are cancelled and resume at the next start (or after their lease).
+    public func abandon() {
+        state.withLock {
+            $0.draining = true
+            $0.abandoning = true
+        }
+        signal.signal()
+    }
+
+    /// Returns once `run()` has returned.
+    public func waitUntilStopped() async { await stopped.wait() }
+
     public var inFlightCount: Int { state.withLock { $0.inFlight.count } }
 
-    /// Runs until drained or cancelled. Cancellation abandons answers in flight; their messages stay
-    /// claimed and are taken up again after the lease, or at the next start.
+    /// Runs until drained, abandoned or cancelled.
     public func run() async {
+        defer { stopped.signal() }
         await withDiscardingTaskGroup { group in
-            group.addTask { await self.maintainLeases() }
+            group.addTask { await self.renewLeasesRegularly() }
+            group.addTask { await self.releaseExpiredLeasesRegularly() }
             if let next = try? await inbox.nextWakeup() { noteRetry(at: next) }
             while !Task.isCancelled {
                 let (draining, busy) = state.withLock { ($0.draining, $0.inFlight.count) }
                 if draining { break }
                 let free = settings.concurrency - busy
-                var claimed: [InboxItem] = []
+                let limit = min(free, 512)
+                var claimed: [ClaimedRow] = []
                 if free > 0 {
                     do {
-                        let now = Date()
+                        let now = clock.now
                         claimed = try await inbox.claim(
-                            limit: min(free, 512), owner: owner, leaseUntil: now.adding(settings.lease), now: now)
+                            limit: limit, owner: owner, leaseUntil: now.adding(settings.lease),
+                            maxAttempts: settings.retry.maxAttempts, now: now)
                     } catch {
                         logger.error("could not claim messages", metadata: ["error": "\(error)"])
-                        await signal.wait(timeout: settings.pollInterval)
+                        await signal.wait(timeout: settings.pollInterval, clock: clock)
                         continue
                     }
                 }
-                for item in claimed {
-                    state.withLock { _ = $0.inFlight.insert(item.id) }
-                    inFlightGauge.record(inFlightCount)
-                    group.addTask {
-                        await self.process(item)
-                        self.state.withLock { _ = $0.inFlight.remove(item.id) }
-                        self.inFlightGauge.record(self.inFlightCount)
-                        self.signal.signal()
+                for row in claimed {
+                    switch row {
+                    case .unreadable(let lease, let reason):
+                        await failUnreadable(lease, reason: reason)
+                    case .ready(let item):
+                        state.withLock { _ = $0.inFlight.insert(item.lease) }
+                        inFlightGauge.record(inFlightCount)
+                        group.addTask {
+                            await self.process(item)
+                            self.state.withLock { _ = $0.inFlight.remove(item.lease) }
+                            self.inFlightGauge.record(self.inFlightCount)
+                            self.signal.signal()
+                        }
                     }
                 }
-                if free > 0, claimed.count == min(free, 512) { continue }
-                await signal.wait(timeout: nextWait())
+                if free > 0, claimed.count == limit { continue }
+                await signal.wait(timeout: nextWait(), clock: clock)
             }
-            // Drain: wait for the answers in flight, then stop the lease renewal.
-            while inFlightCount > 0, !Task.isCancelled {
-                await signal.wait(timeout: settings.pollInterval)
+            // Drain: wait for the answers in flight (or cancel them when abandoning), then stop maintenance.
+            while inFlightCount > 0, !Task.isCancelled, !state.withLock({ $0.abandoning }) {
+                await signal.wait(timeout: settings.pollInterval, clock: clock)
             }
             group.cancelAll()
         }
@@ -122,131 +172,229 @@ public final class Dispatcher: Sendable {
 
     /// How long to sleep when nothing is ready: until the earliest scheduled retry, at most the poll interval.
     private func nextWait() -> Duration {
-        let now = Date()
+        let now = clock.now
         let next = state.withLock { state -> Date? in
             if let retry = state.nextRetry, retry <= now { state.nextRetry = nil }
             return state.nextRetry
         }
         guard let next else { return settings.pollInterval }
-        return min(settings.pollInterval, .milliseconds(Int64(next.timeIntervalSince(now) * 1000) + 1))
+        return min(settings.pollInterval, .between(now, next) + .milliseconds(1))
     }
 
-    /// Renews the leases of answers in flight and returns messages of dead workers to the queue.
-    private func maintainLeases() async {
-        let interval = settings.lease / 3
+    // MARK: Leases
+
+    /// Keeps the claims of answers in flight alive. Renewal runs ahead of background work in the store,
+    /// so a burst of callbacks cannot starve it past the lease.
+    private func renewLeasesRegularly() async {
         while !Task.isCancelled {
-            try? await Task.sleep(for: interval)
-            if Task.isCancelled { return }
-            let ids = state.withLock { Array($0.inFlight) }
+            do { try await clock.sleep(for: settings.lease / 3) } catch { return }
+            let leases = state.withLock { Array($0.inFlight) }
+            guard !leases.isEmpty else { continue }
             do {
-                if !ids.isEmpty {
-                    try await inbox.renewLeases(ids: ids, owner: owner, leaseUntil: Date().adding(settings.lease))
+                let renewed = try await inbox.renewLeases(leases, until: clock.now.adding(settings.lease))
+                if renewed < leases.count {
+                    // Usually answers that finished meanwhile; an attempt that truly lost its claim stops at its next write.
+                    logger.debug("some claims were not renewed", metadata: ["renewed": "\(renewed)", "held": "\(leases.count)"])
                 }
-                if try await inbox.releaseExpiredLeases(now: Date()) > 0 { signal.signal() }
             } catch {
-                logger.warning("could not maintain leases", metadata: ["error": "\(error)"])
+                logger.warning("could not renew leases", metadata: ["error": "\(error)"])
             }
         }
     }
 
-    /// Answers one claimed message: the stored answer if an earlier attempt made one, else a new one.
+    /// Returns messages of workers that died (or lost touch) to the queue.
+    private func releaseExpiredLeasesRegularly() async {
+        while !Task.isCancelled {
+            do { try await clock.sleep(for: settings.lease / 3) } catch { return }
+            do {
+                let released = try await inbox.releaseExpiredLeases(now: clock.now, maxAttempts: settings.retry.maxAttempts)
+                if released.gaveUp > 0 {
+                    failed.increment(by: released.gaveUp)
+                    logger.error("gave up on messages whose last attempt was interrupted", metadata: ["count": "\(released.gaveUp)"])
+                }
+                if released.requeued > 0 { signal.signal() }
+            } catch {
+                logger.warning("could not release expired leases", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    private func failUnreadable(_ lease: Lease, reason: String) async {
+        logger.error("a stored message cannot be read; marking it failed", metadata: ["inbox_id": "\(lease.id)", "error": "\(reason)"])
+        do {
+            try await inbox.markFailed(lease, error: "unreadable: \(reason)", lastSendFailed: false, now: clock.now)
+            failed.increment()
+        } catch {
+            logger.error("could not mark an unreadable message failed; it is retried after its lease", metadata: ["inbox_id": "\(lease.id)", "error": "\(error)"])
+        }
+    }
+
+    // MARK: One attempt
+
+    /// Answers one claimed message: the stored reply if an earlier attempt made one, else a new one.
     func process(_ item: InboxItem) async {
-        var metadata: Logger.Metadata = [
+        let metadata: Logger.Metadata = [
             "message_id": "\(item.message.messageID)", "conversation": "\(item.conversation)",
             "platform": "\(item.message.platform)", "attempt": "\(item.attempts)",
         ]
-        let started = ContinuousClock.now
-        var answer = item.storedAnswer
+        let started = clock.now
         do {
-            if answer == nil {
-                let resolution = try await engine.resolve(item.message, now: Date())
-                try await inbox.storeAnswer(id: item.id, owner: owner, resolution: resolution, key: item.conversation, now: Date())
-                answer = resolution.text
+            guard let reply = try await reply(for: item, metadata: metadata) else { return }
+            if try await deliver(reply, for: item, metadata: metadata) {
+                switch reply.kind {
+                case .answer: answered.increment()
+                case .error: failed.increment()
+                }
+                answerTimer.recordNanoseconds(Duration.between(started, clock.now).nanoseconds)
+                logger.debug("answered", metadata: metadata)
             }
-            try await deliver(answer!, for: item)
-            try await inbox.markAnswered(id: item.id, owner: owner, now: Date())
-            answered.increment()
-            answerTimer.recordNanoseconds((ContinuousClock.now - started).nanoseconds)
-            logger.debug("answered", metadata: metadata)
+        } catch let error as LeaseLost {
+            leasesLost.increment()
+            logger.warning("lost the claim on a message; another attempt answers it, this one stops", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+        } catch where Task.isCancelled || error is CancellationError {
+            logger.info("answer abandoned at shutdown; it resumes at the next start", metadata: metadata)
         } catch {
-            if Task.isCancelled {
-                logger.info("answer abandoned at shutdown; it resumes at the next start", metadata: metadata)
-                return
-            }
-            metadata["error"] = "\(error)"
-            await handleFailure(item, error: error, answerStored: answer != nil, metadata: metadata)
+            // A store write before a send failed: nothing was sent in this step. The claim runs out and the
+            // message is tried again.
+            logger.error("could not record progress; the message is retried after its lease", metadata: metadata.merging(["error": "\(error)"]) { $1 })
         }
     }
 
-    /// Sends the parts an earlier attempt did not, recording progress when there is more than one.
-    private func deliver(_ answer: String, for item: InboxItem) async throws {
-        let parts = replies.parts(of: answer)
-        for index in min(item.deliveredParts, parts.count)..<parts.count {
-            try await replies.deliver(part: parts[index], replyingTo: item.message)
-            if parts.count > 1, index + 1 < parts.count {
-                try await inbox.markPartsDelivered(id: item.id, owner: owner, count: index + 1)
-            }
-        }
-    }
-
-    private func handleFailure(_ item: InboxItem, error: any Error, answerStored: Bool, metadata: Logger.Metadata) async {
-        let retryable: Bool
-        var retryAfter: Duration?
-        switch error {
-        case let error as ModelError:
-            retryable = error.isRetryable
-            retryAfter = error.retryAfter
-        case let error as DeliveryError:
-            retryable = error.isRetryable
-            retryAfter = error.retryAfter
-        default:
-            retryable = true
-        }
-        let now = Date()
+    /// The reply to deliver: the stored one, a new answer, or the error reply when the model failed for
+    /// good. Nil when a retry was scheduled instead.
+    private func reply(for item: InboxItem, metadata: Logger.Metadata) async throws -> StoredReply? {
+        if let stored = item.reply { return stored }
+        let reply: StoredReply
+        var reason: String?
         do {
-            if settings.retry.shouldRetry(afterAttempt: item.attempts, retryable: retryable) {
-                let delay = settings.retry.delay(afterAttempt: item.attempts, retryAfter: retryAfter, random: random())
-                logger.warning("answer failed; will retry", metadata: metadata.merging(["retry_in": "\(delay)"]) { $1 })
-                retried.increment()
-                try await inbox.scheduleRetry(id: item.id, owner: owner, notBefore: now.adding(delay), error: "\(error)", now: now)
-                noteRetry(at: now.adding(delay))
-                return
+            let resolution = try await engine.resolve(item.message)
+            reply = StoredReply(text: resolution.text, kind: .answer, effect: resolution.effect)
+        } catch let error where !(error is CancellationError) && !Task.isCancelled {
+            let (retryable, retryAfter) = Self.classify(error)
+            let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: retryable, retryAfter: retryAfter, random: random())
+            if case .retry(let delay) = decision {
+                try await scheduleRetry(item, after: delay, error: "\(error)", lastSendFailed: false, metadata: metadata)
+                return nil
             }
-            logger.error("answer failed for good", metadata: metadata)
-            failed.increment()
-            if !answerStored {
-                // Tell the user, in words they can act on, and keep that reply so a restart does not ask again.
-                let reply = engine.settings.messages.reply(for: error)
-                try await inbox.storeAnswer(
-                    id: item.id, owner: owner, resolution: Resolution(text: reply, effect: .none), key: item.conversation, now: now)
-                do {
-                    try await replies.deliver(reply, replyingTo: item.message)
-                } catch {
-                    logger.error("could not deliver the error reply", metadata: metadata.merging(["delivery_error": "\(error)"]) { $1 })
+            logger.error("answer failed for good; telling the user", metadata: metadata.merging(["error": "\(error)", "why": "\(decision)"]) { $1 })
+            reply = StoredReply(text: engine.settings.messages.reply(for: error), kind: .error, effect: .none)
+            reason = "\(error)"
+        }
+        try await inbox.storeReply(reply, for: item.lease, error: reason, now: clock.now)
+        return reply
+    }
+
+    /// Sends the parts not yet delivered. Returns true when the whole reply was delivered and recorded.
+    private func deliver(_ reply: StoredReply, for item: InboxItem, metadata: Logger.Metadata) async throws -> Bool {
+        let parts = replies.parts(of: reply.text)
+        var uncertain = item.uncertainSends
+        var index = min(item.deliveredParts, parts.count)
+        while index < parts.count {
+            var partMetadata = metadata
+            partMetadata["part"] = "\(index + 1)/\(parts.count)"
+            if uncertain >= 2 {
+                logger.error("not sending a reply part again: two sends of it have an unknown outcome", metadata: partMetadata)
+                try await inbox.markFailed(
+                    item.lease, error: "delivery of part \(index + 1) of \(parts.count) is uncertain after two tries; not sent again",
+                    lastSendFailed: false, now: clock.now)
+                failed.increment()
+                return false
+            }
+            if uncertain == 1 {
+                uncertainSends.increment()
+                logger.warning("sending a reply part again that may already have been delivered; it may appear twice", metadata: partMetadata)
+            }
+            try await inbox.beginSend(item.lease, leaseUntil: clock.now.adding(settings.lease), now: clock.now)
+            do {
+                try await replies.deliver(part: parts[index], replyingTo: item.message)
+            } catch where Task.isCancelled || error is CancellationError {
+                throw CancellationError()
+            } catch {
+                let failure = error as? DeliveryError ?? .uncertain("\(error)")
+                try await handleDeliveryFailure(failure, item: item, earlierUncertainSends: uncertain, metadata: partMetadata)
+                return false
+            }
+            uncertain = 0
+            index += 1
+            if index < parts.count {
+                let delivered = index
+                try await recordAfterSend("the delivered parts", metadata: partMetadata) {
+                    try await self.inbox.recordDelivered(item.lease, parts: delivered, now: self.clock.now)
                 }
             }
-            try await inbox.markFailed(id: item.id, owner: owner, error: "\(error)", now: Date())
-        } catch {
-            logger.error("could not record the failure; the message is retried after its lease", metadata: metadata.merging(["store_error": "\(error)"]) { $1 })
+        }
+        try await recordAfterSend("the delivered reply", metadata: metadata) {
+            try await self.inbox.finish(item.lease, reply: reply, conversation: item.conversation, now: self.clock.now)
+        }
+        return true
+    }
+
+    /// A send failed. A send that may have been delivered gets one more try after a delay and no other route
+    /// (none when it already was that one more try); a send known to have failed is retried by the policy.
+    /// The user gets no error reply: it would fail the same way.
+    private func handleDeliveryFailure(
+        _ failure: DeliveryError, item: InboxItem, earlierUncertainSends: Int, metadata: Logger.Metadata
+    ) async throws {
+        var metadata = metadata
+        metadata["error"] = "\(failure)"
+        if failure.mayHaveBeenDelivered {
+            uncertainSends.increment()
+            if earlierUncertainSends == 0, item.attempts < settings.retry.maxAttempts {
+                logger.warning("a reply send may or may not have been delivered; one more try later, possibly duplicated", metadata: metadata)
+                try await scheduleRetry(item, after: max(settings.uncertainRetryDelay, failure.retryAfter ?? .zero), error: "uncertain delivery: \(failure)", lastSendFailed: false, metadata: metadata)
+            } else {
+                logger.error("a reply send may or may not have been delivered and no more tries are allowed; not sending it again", metadata: metadata)
+                try await inbox.markFailed(item.lease, error: "uncertain delivery, not sent again: \(failure)", lastSendFailed: false, now: clock.now)
+                failed.increment()
+            }
+            return
+        }
+        let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: failure.isRetryable, retryAfter: failure.retryAfter, random: random())
+        switch decision {
+        case .retry(let delay):
+            try await scheduleRetry(item, after: delay, error: "delivery failed: \(failure)", lastSendFailed: true, metadata: metadata)
+        case .giveUp:
+            logger.error("reply could not be delivered; giving up", metadata: metadata.merging(["why": "\(decision)"]) { $1 })
+            try await inbox.markFailed(item.lease, error: "delivery failed: \(failure)", lastSendFailed: true, now: clock.now)
+            failed.increment()
         }
     }
-}
 
-extension Date {
-    public func adding(_ duration: Duration) -> Date {
-        let (seconds, attoseconds) = duration.components
-        return addingTimeInterval(Double(seconds) + Double(attoseconds) / 1e18)
-    }
-}
-
-extension Duration {
-    public var nanoseconds: Int64 {
-        let (seconds, attoseconds) = components
-        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    private func scheduleRetry(_ item: InboxItem, after delay: Duration, error: String, lastSendFailed: Bool, metadata: Logger.Metadata) async throws {
+        let now = clock.now
+        logger.warning("answer failed; will retry", metadata: metadata.merging(["retry_in": "\(delay)", "error": "\(error)"]) { $1 })
+        try await inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: error, lastSendFailed: lastSendFailed, now: now)
+        retried.increment()
+        noteRetry(at: now.adding(delay))
     }
 
-    public var seconds: Double {
-        let (seconds, attoseconds) = components
-        return Double(seconds) + Double(attoseconds) / 1e18
+    /// Records progress after a successful send: retried with backoff until it succeeds, the claim is lost,
+    /// or the dispatcher stops. The send itself is never repeated for a failed record.
+    private func recordAfterSend(_ what: String, metadata: Logger.Metadata, _ write: @Sendable () async throws -> Void) async throws {
+        var pause = settings.bookkeepingBackoff.lowerBound
+        while true {
+            do {
+                try await write()
+                return
+            } catch let error as LeaseLost {
+                throw error
+            } catch where Task.isCancelled || error is CancellationError {
+                throw CancellationError()
+            } catch {
+                logger.error(
+                    "could not record \(what) after a successful send; retrying the record, not the send",
+                    metadata: metadata.merging(["error": "\(error)", "retry_in": "\(pause)"]) { $1 })
+                try await clock.sleep(for: pause)
+                pause = min(pause * 2, settings.bookkeepingBackoff.upperBound)
+            }
+        }
+    }
+
+    static func classify(_ error: any Error) -> (retryable: Bool, retryAfter: Duration?) {
+        switch error {
+        case let error as ModelError: (error.isRetryable, error.retryAfter)
+        case let error as DeliveryError: (error.isRetryable, error.retryAfter)
+        default: (true, nil)
+        }
     }
 }

@@ -5,6 +5,8 @@ public struct EngineSettings: Sendable, Equatable {
     public var systemPrompt: String
     public var maxTurns: Int
     public var maxContextTokens: Int
+    /// Longer questions get a reply naming the limit and never reach the model.
+    public var maxQuestionChars: Int
     public var idleReset: Duration
     public var groupScope: GroupScope
     public var resetCommands: [String]
@@ -16,6 +18,7 @@ public struct EngineSettings: Sendable, Equatable {
         systemPrompt: String = "You are a helpful assistant. Answer concisely and accurately.",
         maxTurns: Int = 10,
         maxContextTokens: Int = 6000,
+        maxQuestionChars: Int = 8000,
         idleReset: Duration = .seconds(3600),
         groupScope: GroupScope = .user,
         resetCommands: [String] = ["/reset", "/clear", "/new", "重置", "清空会话", "新对话"],
@@ -26,6 +29,7 @@ public struct EngineSettings: Sendable, Equatable {
         self.systemPrompt = systemPrompt
         self.maxTurns = maxTurns
         self.maxContextTokens = maxContextTokens
+        self.maxQuestionChars = maxQuestionChars
         self.idleReset = idleReset
         self.groupScope = groupScope
         self.resetCommands = resetCommands
@@ -44,17 +48,19 @@ public enum Intent: Sendable, Equatable {
     case question(String)
 }
 
-/// Decides what a message means and produces its answer. Pure logic over the `ChatModel` and
-/// `ConversationStore` protocols; it has no I/O of its own.
+/// Decides what a message means and produces its answer. Pure logic over the `ChatModel`,
+/// `ConversationStore` and `WallClock` protocols; it has no I/O of its own.
 public struct Engine: Sendable {
     public let settings: EngineSettings
     public let model: any ChatModel
     public let conversations: any ConversationStore
+    public let clock: any WallClock
 
-    public init(settings: EngineSettings, model: any ChatModel, conversations: any ConversationStore) {
+    public init(settings: EngineSettings, model: any ChatModel, conversations: any ConversationStore, clock: any WallClock) {
         self.settings = settings
         self.model = model
         self.conversations = conversations
+        self.clock = clock
     }
 
     public func conversationKey(for message: InboundMessage) -> ConversationKey {
@@ -82,13 +88,14 @@ public struct Engine: Sendable {
             .replacingOccurrences(of: "{help}", with: settings.helpCommands.joined(separator: " "))
     }
 
-    /// Produces the answer to a message. Commands and unsupported messages never reach the model.
-    /// A question's turns are returned as the resolution's effect, to be stored with the answer.
+    /// Produces the answer to a message. Commands, unsupported messages and over-long questions never
+    /// reach the model. A question's turns are returned as the resolution's effect, to be stored when the
+    /// answer has been delivered.
     public func resolve(
         _ message: InboundMessage,
-        now: Date,
         onDelta: @escaping @Sendable (String) async -> Void = { _ in }
     ) async throws -> Resolution {
+        let now = clock.now
         let key = conversationKey(for: message)
         switch intent(of: message.body) {
         case .reset:
@@ -100,23 +107,33 @@ public struct Engine: Sendable {
         case .unsupported(let kind):
             let name = settings.messages.kindName(kind, language: settings.language)
             return Resolution(text: settings.messages.unsupported.replacingOccurrences(of: "{kind}", with: name), effect: .none)
+        case .question(let question) where question.count > settings.maxQuestionChars:
+            let text = settings.messages.questionTooLong
+                .replacingOccurrences(of: "{length}", with: "\(question.count)")
+                .replacingOccurrences(of: "{limit}", with: "\(settings.maxQuestionChars)")
+            return Resolution(text: text, effect: .none)
         case .question(let question):
             let history = try await conversations.recentTurns(key, limit: settings.maxTurns * 2)
             let messages = ContextBuilder(settings: settings).messages(history: history, question: question, now: now)
             let completion = try await model.complete(ChatRequest(messages: messages, user: key.rawValue), onDelta: onDelta)
-            let answer = completion.text.trimmingCharacters(in: .whitespacesAndNewlines)
+            var answer = completion.text.trimmingCharacters(in: .whitespacesAndNewlines)
+            if answer.isEmpty, let refusal = completion.refusal?.trimmingCharacters(in: .whitespacesAndNewlines), !refusal.isEmpty {
+                // The model declined; its own words are the answer, not a failure to retry.
+                answer = refusal
+            }
             guard !answer.isEmpty else {
                 if completion.finishReason == "content_filter" {
                     throw ModelError(.contentFiltered, detail: "the answer was blocked by the provider's content filter")
                 }
                 throw ModelError(.invalidResponse, detail: "the model returned an empty answer (finish_reason \(completion.finishReason ?? "none"))")
             }
-            let finished = Date()
+            // The context keeps the model's words; the user also sees that a cut-off answer was cut off.
+            let text = completion.finishReason == "length" ? answer + "\n\n" + settings.messages.truncated : answer
             return Resolution(
-                text: answer,
+                text: text,
                 effect: .appendExchange(
                     question: Turn(role: .user, content: question, createdAt: now),
-                    answer: Turn(role: .assistant, content: answer, createdAt: max(finished, now))
+                    answer: Turn(role: .assistant, content: answer, createdAt: max(clock.now, now))
                 )
             )
         }

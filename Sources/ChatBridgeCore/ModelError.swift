@@ -45,6 +45,8 @@ public struct ModelError: Error, Sendable, CustomStringConvertible {
     }
 
     public var description: String {
+        // "cannot reach HOST: why; check llm.base_url and the network" says everything an operator needs.
+        if kind == .connection { return detail }
         var text = "model error \(kind.rawValue)"
         if let status { text += " (HTTP \(status))" }
         return text + ": \(detail)"

@@ -118,8 +118,9 @@ public struct Turn: Sendable, Equatable, Codable {
     }
 }
 
-/// What an answered message changes in its conversation; applied atomically with storing the answer.
-public enum ConversationEffect: Sendable, Equatable {
+/// What an answered message changes in its conversation. It is stored with the reply and applied in the
+/// same transaction that marks the message answered, so the context holds only what the user received.
+public enum ConversationEffect: Sendable, Equatable, Codable {
     case none
     /// Append the question and the answer as two turns.
     case appendExchange(question: Turn, answer: Turn)
@@ -133,6 +134,28 @@ public struct Resolution: Sendable, Equatable {
     public var effect: ConversationEffect
     public init(text: String, effect: ConversationEffect) {
         self.text = text
+        self.effect = effect
+    }
+}
+
+/// A reply stored on its inbox row before delivery, so a retry after a crash re-sends it without asking
+/// the model again.
+public struct StoredReply: Sendable, Equatable {
+    public enum Kind: String, Sendable, Codable {
+        /// The answer (or a command's reply): the message ends answered.
+        case answer
+        /// The reply telling the user why there is no answer: the message ends failed.
+        case error
+    }
+
+    public var text: String
+    public var kind: Kind
+    /// Applied to the conversation once every part of `text` was delivered.
+    public var effect: ConversationEffect
+
+    public init(text: String, kind: Kind, effect: ConversationEffect) {
+        self.text = text
+        self.kind = kind
         self.effect = effect
     }
 }

@@ -27,16 +27,20 @@ public struct ChatRequest: Sendable, Equatable {
 /// A finished answer with what was measured while it streamed.
 public struct ChatCompletion: Sendable, Equatable {
     public var text: String
+    /// `stop`, `length` (cut off at the token limit), `content_filter`, … as the provider reported it.
     public var finishReason: String?
+    /// The model's refusal message, when it refused instead of answering.
+    public var refusal: String?
     public var promptTokens: Int?
     public var completionTokens: Int?
     public var timeToFirstToken: Duration?
     public init(
-        text: String, finishReason: String? = nil, promptTokens: Int? = nil, completionTokens: Int? = nil,
-        timeToFirstToken: Duration? = nil
+        text: String, finishReason: String? = nil, refusal: String? = nil, promptTokens: Int? = nil,
+        completionTokens: Int? = nil, timeToFirstToken: Duration? = nil
     ) {
         self.text = text
         self.finishReason = finishReason
+        self.refusal = refusal
         self.promptTokens = promptTokens
         self.completionTokens = completionTokens
         self.timeToFirstToken = timeToFirstToken
@@ -79,34 +83,89 @@ extension ReplyChannel {
 public struct DeliveryError: Error, Sendable, CustomStringConvertible {
     /// Whether trying again later may succeed.
     public var isRetryable: Bool
+    /// The platform may have accepted the message although the send did not confirm it (a timeout or a
+    /// broken response after the request went out). Such a send is neither repeated at once nor tried
+    /// through another route: the dispatcher allows one more attempt after a delay, logged as a
+    /// possible duplicate.
+    public var mayHaveBeenDelivered: Bool
     public var reason: String
     public var retryAfter: Duration?
-    public init(isRetryable: Bool, reason: String, retryAfter: Duration? = nil) {
+    public init(isRetryable: Bool, reason: String, retryAfter: Duration? = nil, mayHaveBeenDelivered: Bool = false) {
         self.isRetryable = isRetryable
         self.reason = reason
         self.retryAfter = retryAfter
+        self.mayHaveBeenDelivered = mayHaveBeenDelivered
     }
+
+    /// A send whose outcome is unknown.
+    public static func uncertain(_ reason: String) -> DeliveryError {
+        DeliveryError(isRetryable: true, reason: reason, mayHaveBeenDelivered: true)
+    }
+
     public var description: String { reason }
+}
+
+/// One claim on an inbox row: the row and the claim's own token. Every write that records progress of
+/// the claim names it and changes the row only while the claim still holds it.
+public struct Lease: Hashable, Sendable, CustomStringConvertible {
+    public var id: Int64
+    public var token: String
+    public init(id: Int64, token: String) {
+        self.id = id
+        self.token = token
+    }
+    public var description: String { "message \(id) (lease \(token))" }
+}
+
+/// A conditional write found that its claim no longer holds the row: the lease expired and another
+/// attempt took it over, or the row was finished. The attempt that gets it stops without sending.
+public struct LeaseLost: Error, Sendable, CustomStringConvertible {
+    public var lease: Lease
+    public init(_ lease: Lease) { self.lease = lease }
+    public var description: String { "\(lease) is no longer held by this attempt" }
 }
 
 /// A message in the inbox, as claimed by a dispatcher.
 public struct InboxItem: Sendable, Equatable {
-    public var id: Int64
+    public var lease: Lease
     public var message: InboundMessage
     public var conversation: ConversationKey
     /// Attempts made so far, including the one this claim starts.
     public var attempts: Int
-    /// The answer stored by an earlier attempt that was not confirmed as delivered.
-    public var storedAnswer: String?
-    /// How many parts of the stored answer an earlier attempt already delivered.
+    /// The reply stored by an earlier attempt that did not finish delivering it.
+    public var reply: StoredReply?
+    /// How many parts of the stored reply an earlier attempt already delivered.
     public var deliveredParts: Int
-    public init(id: Int64, message: InboundMessage, conversation: ConversationKey, attempts: Int, storedAnswer: String?, deliveredParts: Int = 0) {
-        self.id = id
+    /// Sends of the next part whose outcome is unknown (a timeout, or a crash while sending): the part may
+    /// already be in the chat. 0 normally; 1 allows one more try, logged as a possible duplicate; 2 stops.
+    public var uncertainSends: Int
+
+    public var id: Int64 { lease.id }
+
+    public init(
+        lease: Lease, message: InboundMessage, conversation: ConversationKey, attempts: Int, reply: StoredReply? = nil,
+        deliveredParts: Int = 0, uncertainSends: Int = 0
+    ) {
+        self.lease = lease
         self.message = message
         self.conversation = conversation
         self.attempts = attempts
-        self.storedAnswer = storedAnswer
+        self.reply = reply
         self.deliveredParts = deliveredParts
+        self.uncertainSends = uncertainSends
+    }
+}
+
+/// What a claim handed out: a message ready to answer, or a row whose stored payload cannot be read.
+public enum ClaimedRow: Sendable, Equatable {
+    case ready(InboxItem)
+    case unreadable(Lease, reason: String)
+
+    public var lease: Lease {
+        switch self {
+        case .ready(let item): item.lease
+        case .unreadable(let lease, _): lease
+        }
     }
 }
 
@@ -126,28 +185,51 @@ public struct InboxCounts: Sendable, Equatable {
     }
 }
 
+/// What returning abandoned claims to the queue did.
+public struct ReleasedClaims: Sendable, Equatable {
+    /// Rows put back to pending, to be claimed again.
+    public var requeued = 0
+    /// Rows that had used every attempt and were marked failed instead.
+    public var gaveUp = 0
+    public init(requeued: Int = 0, gaveUp: Int = 0) {
+        self.requeued = requeued
+        self.gaveUp = gaveUp
+    }
+}
+
 /// The durable queue of received messages.
+///
+/// Every method that takes a ``Lease`` changes its row only while that claim holds it, and throws
+/// ``LeaseLost`` when it changed nothing; it never touches a row claimed by another attempt.
 public protocol Inbox: Sendable {
     /// Stores a message once; a second delivery of the same platform message id is a duplicate.
     func accept(_ message: InboundMessage, conversation: ConversationKey, now: Date) async throws -> AcceptOutcome
-    /// Returns messages whose lease expired (their worker died) to pending. Returns how many.
-    func releaseExpiredLeases(now: Date) async throws -> Int
-    /// Claims up to `limit` ready messages, at most one per conversation and only the oldest open one of each.
-    func claim(limit: Int, owner: String, leaseUntil: Date, now: Date) async throws -> [InboxItem]
-    /// Stores the answer and applies its effect on the conversation in one transaction.
-    func storeAnswer(id: Int64, owner: String, resolution: Resolution, key: ConversationKey, now: Date) async throws
-    /// Records that the first `count` parts of a long answer were delivered, so a retry sends only the rest.
-    func markPartsDelivered(id: Int64, owner: String, count: Int) async throws
-    /// Marks a message answered (its reply was delivered).
-    func markAnswered(id: Int64, owner: String, now: Date) async throws
-    /// Puts a message back to wait until `notBefore`, recording why.
-    func scheduleRetry(id: Int64, owner: String, notBefore: Date, error: String, now: Date) async throws
+    /// Claims up to `limit` ready messages, at most one per conversation and only the oldest open one of
+    /// each, never one that has used `maxAttempts` attempts. Each claim gets its own lease token.
+    func claim(limit: Int, owner: String, leaseUntil: Date, maxAttempts: Int, now: Date) async throws -> [ClaimedRow]
+    /// Extends the claims still held; returns how many were. Runs ahead of background work.
+    func renewLeases(_ leases: [Lease], until: Date) async throws -> Int
+    /// Returns rows whose lease expired (their worker died or lost touch) to pending, or marks them failed
+    /// when they have used `maxAttempts` attempts.
+    func releaseExpiredLeases(now: Date, maxAttempts: Int) async throws -> ReleasedClaims
+    /// At single-process start-up: returns every running row to pending (or failed, past `maxAttempts`),
+    /// and fails pending rows past `maxAttempts`.
+    func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims
+    /// Stores the reply before it is delivered; `error` is recorded as the reason when it is an error reply.
+    func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, now: Date) async throws
+    /// Records that the next part is about to be sent (its outcome is unknown until recorded) and extends
+    /// the lease to `leaseUntil`. Called immediately before every send.
+    func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws
+    /// Records that the first `parts` parts of the reply were delivered.
+    func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws
+    /// The whole reply was delivered: marks the row answered (or failed, for an error reply) and applies
+    /// the reply's effect to `conversation` in the same transaction.
+    func finish(_ lease: Lease, reply: StoredReply, conversation: ConversationKey, now: Date) async throws
+    /// Puts a message back to wait until `notBefore`, recording why. `lastSendFailed` says the send begun
+    /// last is known not to have been delivered.
+    func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws
     /// Gives up on a message, recording why.
-    func markFailed(id: Int64, owner: String, error: String, now: Date) async throws
-    /// Returns every running message to pending (single-process start-up after a crash). Returns how many.
-    func reclaimRunning(now: Date) async throws -> Int
-    /// Extends the lease on messages still being worked on.
-    func renewLeases(ids: [Int64], owner: String, leaseUntil: Date) async throws
+    func markFailed(_ lease: Lease, error: String, lastSendFailed: Bool, now: Date) async throws
     /// The earliest `not_before` of waiting messages, to know when to look again.
     func nextWakeup() async throws -> Date?
     /// Counts of open (pending and running) messages; cheap however long the history is.

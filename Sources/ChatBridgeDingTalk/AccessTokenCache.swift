@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import ChatBridgeHTTP
 import Foundation
 import Logging
 import NIOCore
@@ -49,12 +50,15 @@ public actor AccessTokenCache {
         let body = try JSONEncoder().encode(["appKey": settings.clientID, "appSecret": settings.clientSecret])
         request.body = .bytes(ByteBuffer(data: body))
         let response: HTTPClientResponse
+        let data: ByteBuffer
         do {
             response = try await client.execute(request, timeout: .seconds(15))
+            data = try await response.body.collect(upTo: 64 * 1024)
         } catch {
-            throw TokenError(description: "access token request failed: \(error)", isRetryable: true)
+            throw TokenError(
+                description: "access token request to \(OutboundHTTP.hostDescription(settings.apiBaseURL)) failed: \(TransportFailure(error))",
+                isRetryable: true)
         }
-        let data = try await response.body.collect(upTo: 64 * 1024)
         struct Reply: Decodable {
             var accessToken: String?
             var expireIn: Int?
@@ -63,10 +67,17 @@ public actor AccessTokenCache {
         }
         let reply = try? JSONDecoder().decode(Reply.self, from: Data(buffer: data))
         guard response.status == .ok, let token = reply?.accessToken, !token.isEmpty else {
-            let reason = reply?.code.map { "\($0): \(reply?.message ?? "")" } ?? "HTTP \(response.status.code)"
+            let status = Int(response.status.code)
+            let code = reply?.code ?? ""
+            let reason = "HTTP \(status)" + (code.isEmpty ? "" : " \(code): \(reply?.message ?? "")")
+            // Throttling (429, or 403 with a QpsLimit code) and server trouble pass; anything else needs the admin.
+            let throttled = status == 429 || (status == 403 && code.contains("QpsLimit"))
+            if throttled || status >= 500 {
+                throw TokenError(description: "DingTalk could not issue an access token now (\(reason)); will retry", isRetryable: true)
+            }
             throw TokenError(
                 description: "DingTalk refused the access token request (\(reason)); check dingtalk.client_id and dingtalk.client_secret",
-                isRetryable: response.status.code >= 500)
+                isRetryable: false)
         }
         return (token, Date().addingTimeInterval(TimeInterval(reply?.expireIn ?? 7200)))
     }

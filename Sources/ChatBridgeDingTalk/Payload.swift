@@ -26,13 +26,14 @@ public struct DingTalkMessage: Decodable, Sendable {
     public var senderStaffId: String?
     public var senderNick: String?
     public var robotCode: String?
+    public var chatbotCorpId: String?
     public var chatbotUserId: String?
     public var sessionWebhook: String?
     public var sessionWebhookExpiredTime: Int64?
 
     private enum CodingKeys: String, CodingKey {
         case msgtype, text, content, msgId, createAt, conversationType, conversationId, conversationTitle, senderId
-        case senderStaffId, senderNick, robotCode, chatbotUserId, sessionWebhook, sessionWebhookExpiredTime
+        case senderStaffId, senderNick, robotCode, chatbotCorpId, chatbotUserId, sessionWebhook, sessionWebhookExpiredTime
     }
 
     public init(from decoder: any Decoder) throws {
@@ -50,6 +51,7 @@ public struct DingTalkMessage: Decodable, Sendable {
         senderStaffId = try? c.decodeIfPresent(String.self, forKey: .senderStaffId)
         senderNick = try? c.decodeIfPresent(String.self, forKey: .senderNick)
         robotCode = try? c.decodeIfPresent(String.self, forKey: .robotCode)
+        chatbotCorpId = try? c.decodeIfPresent(String.self, forKey: .chatbotCorpId)
         chatbotUserId = try? c.decodeIfPresent(String.self, forKey: .chatbotUserId)
         sessionWebhook = try? c.decodeIfPresent(String.self, forKey: .sessionWebhook)
         sessionWebhookExpiredTime = Self.lenientInt(c, .sessionWebhookExpiredTime)
@@ -86,12 +88,12 @@ public struct DingTalkMessage: Decodable, Sendable {
         return message
     }
 
-    /// The normalised message. `botID` is the robot code the message was addressed to.
+    /// The normalised message. `botID` is the configured robot code (the ingress has checked the body's).
     public func normalised(botID: String, receivedAt: Date) -> InboundMessage {
         let kind: ChatKind = conversationType == "2" ? .group : .direct
         return InboundMessage(
             platform: "dingtalk",
-            botID: (robotCode?.isEmpty == false ? robotCode! : botID),
+            botID: botID,
             messageID: msgId ?? "",
             chat: .init(id: conversationId ?? "", kind: kind, title: conversationTitle),
             sender: .init(

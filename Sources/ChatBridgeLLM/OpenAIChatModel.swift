@@ -1,5 +1,7 @@
 import AsyncHTTPClient
 import ChatBridgeCore
+import ChatBridgeHTTP
+import Crypto
 import Foundation
 import Logging
 import Metrics
@@ -9,18 +11,31 @@ import NIOHTTP1
 
 /// A `ChatModel` for OpenAI-compatible `chat/completions` endpoints (and Azure OpenAI), streaming over SSE.
 /// It does not retry: the dispatcher retries durably, with backoff that honours `Retry-After`.
+///
+/// An answer is complete only when the stream says so (`[DONE]` or a `finish_reason`); a stream that just
+/// stops is a retryable error. A server that ignores `stream: true` and answers with one JSON object is
+/// read as a complete answer. Lines, events and the answer are size-capped so a misbehaving server
+/// cannot exhaust memory.
 public struct OpenAIChatModel: ChatModel {
     public let settings: LLMSettings
     private let client: HTTPClient
     private let logger: Logger
-    private let ttft = Metrics.Timer(label: "chatbridge_model_time_to_first_token_seconds")
-    private let total = Metrics.Timer(label: "chatbridge_model_answer_seconds")
-    private let errors = Counter(label: "chatbridge_model_errors_total")
+    private let ttft: Metrics.Timer
+    private let total: Metrics.Timer
+    private let errors: Counter
 
-    public init(settings: LLMSettings, client: HTTPClient, logger: Logger) {
+    /// The longest SSE line or event accepted.
+    static let maxLineBytes = 1 << 20
+    /// The longest answer accepted, in UTF-8 bytes.
+    static let maxAnswerBytes = 256 * 1024
+
+    public init(settings: LLMSettings, client: HTTPClient, metrics: any MetricsFactory = MetricsSystem.factory, logger: Logger) {
         self.settings = settings
         self.client = client
         self.logger = logger
+        ttft = Metrics.Timer(label: "chatbridge_model_time_to_first_token_seconds", factory: metrics)
+        total = Metrics.Timer(label: "chatbridge_model_answer_seconds", factory: metrics)
+        errors = Counter(label: "chatbridge_model_errors_total", factory: metrics)
     }
 
     public func complete(
@@ -46,6 +61,11 @@ public struct OpenAIChatModel: ChatModel {
         }
     }
 
+    /// The `user` sent to the provider: a stable hash of the conversation, never the platform's ids.
+    static func anonymised(_ user: String) -> String {
+        "cb-" + SHA256.hash(data: Data(user.utf8)).prefix(16).map { String(format: "%02x", $0) }.joined()
+    }
+
     func makeRequest(_ request: ChatRequest) throws -> HTTPClientRequest {
         var http = HTTPClientRequest(url: settings.completionsURL)
         http.method = .POST
@@ -60,7 +80,7 @@ public struct OpenAIChatModel: ChatModel {
         let body = RequestBody(
             model: settings.model, messages: request.messages, stream: true,
             stream_options: .init(include_usage: true), temperature: settings.temperature,
-            max_tokens: settings.maxTokens, user: request.user
+            max_tokens: settings.maxTokens, user: request.user.map(Self.anonymised)
         )
         http.body = .bytes(ByteBuffer(data: try JSONEncoder().encode(body)))
         return http
@@ -74,35 +94,58 @@ public struct OpenAIChatModel: ChatModel {
         } catch {
             throw classifyTransport(error)
         }
+        if (300..<400).contains(response.status.code) {
+            let location = response.headers.first(name: "location").map { " to \(OutboundHTTP.hostDescription($0))" } ?? ""
+            throw ModelError(
+                .badRequest, status: Int(response.status.code),
+                detail: "the model server answered with a redirect\(location), which is not followed; set llm.base_url to the final address")
+        }
         guard response.status == .ok else {
             let body = try? await response.body.collect(upTo: 64 * 1024)
             throw ErrorClassifier.error(
                 status: Int(response.status.code), headers: response.headers,
                 body: body.map { String(buffer: $0) } ?? "", apiKey: settings.apiKey)
         }
-        var parser = SSEParser()
-        var accumulator = StreamAccumulator()
+        var accumulator = StreamAccumulator(maxAnswerBytes: Self.maxAnswerBytes)
         var firstTokenAt: Duration?
-        /// Feeds one event to the accumulator and passes on any new text; false once the stream is done.
-        func handle(_ event: SSEParser.Event) async throws -> Bool {
-            if try accumulator.consume(event, apiKey: settings.apiKey) == .done { return false }
+        /// Passes on any new text.
+        func flush() async {
             if let delta = accumulator.takeDelta() {
                 if firstTokenAt == nil { firstTokenAt = ContinuousClock.now - started }
                 await onDelta(delta)
             }
-            return true
         }
+        let contentType = response.headers.first(name: "content-type")?.lowercased() ?? ""
         do {
-            streaming: for try await chunk in response.body {
-                for event in parser.feed(chunk.readableBytesView) where try await !handle(event) { break streaming }
-            }
-            if !accumulator.isDone, let event = parser.finish() {
-                _ = try await handle(event)
+            if contentType.contains("json") {
+                // The server ignored `stream: true`: one complete JSON answer.
+                let body = try await response.body.collect(upTo: Self.maxAnswerBytes * 4)
+                try accumulator.consumeWhole(Data(buffer: body), apiKey: settings.apiKey)
+                await flush()
+            } else {
+                var parser = SSEParser(maxLineBytes: Self.maxLineBytes)
+                streaming: for try await chunk in response.body {
+                    for event in try parser.feed(chunk.readableBytesView) {
+                        if try accumulator.consume(event, apiKey: settings.apiKey) == .done { break streaming }
+                        await flush()
+                    }
+                }
+                if !accumulator.isDone, let event = try parser.finish() {
+                    _ = try accumulator.consume(event, apiKey: settings.apiKey)
+                    await flush()
+                }
             }
         } catch let error as ModelError {
             throw error
+        } catch let error as SSEParser.TooLarge {
+            throw ModelError(.invalidResponse, detail: "\(error); the model server misbehaves", shouldRetry: false)
         } catch {
             throw classifyTransport(error)
+        }
+        guard accumulator.isComplete else {
+            throw ModelError(
+                .invalidResponse,
+                detail: "the answer stream ended before it was finished (no [DONE] and no finish_reason after \(accumulator.text.utf8.count) bytes)")
         }
         if let firstTokenAt { ttft.recordNanoseconds(firstTokenAt.nanoseconds) }
         let elapsed = ContinuousClock.now - started
@@ -113,7 +156,7 @@ public struct OpenAIChatModel: ChatModel {
             "completion_tokens": "\(accumulator.completionTokens ?? -1)", "finish_reason": "\(accumulator.finishReason ?? "none")",
         ])
         return ChatCompletion(
-            text: accumulator.text, finishReason: accumulator.finishReason,
+            text: accumulator.text, finishReason: accumulator.finishReason, refusal: accumulator.refusal,
             promptTokens: accumulator.promptTokens, completionTokens: accumulator.completionTokens,
             timeToFirstToken: firstTokenAt
         )
@@ -122,13 +165,16 @@ public struct OpenAIChatModel: ChatModel {
     private func classifyTransport(_ error: any Error) -> any Error {
         if error is CancellationError || Task.isCancelled { return CancellationError() }
         if let error = error as? ModelError { return error }
-        if let error = error as? HTTPClientError {
-            if error == .readTimeout || error == .deadlineExceeded || error == .connectTimeout {
-                return ModelError(.timeout, detail: "HTTP \(error)")
-            }
-            if error == .cancelled { return CancellationError() }
+        if let error = error as? HTTPClientError, error == .cancelled { return CancellationError() }
+        let failure = TransportFailure(error)
+        let host = OutboundHTTP.hostDescription(settings.baseURL)
+        if failure.isUnreachable {
+            return ModelError(.connection, detail: "cannot reach \(host): \(failure.reason); check llm.base_url and the network")
         }
-        return ModelError(.connection, detail: ErrorClassifier.redact("\(error)", apiKey: settings.apiKey))
+        if let error = error as? HTTPClientError, error == .readTimeout || error == .deadlineExceeded {
+            return ModelError(.timeout, detail: "\(host): \(failure.reason)")
+        }
+        return ModelError(.connection, detail: "the connection to \(host) failed: \(ErrorClassifier.redact(failure.reason, apiKey: settings.apiKey))")
     }
 
     struct RequestBody: Encodable {
@@ -143,26 +189,55 @@ public struct OpenAIChatModel: ChatModel {
     }
 }
 
-/// Builds an answer from decoded stream chunks.
+/// Builds an answer from decoded stream chunks (or from one non-streamed response).
 struct StreamAccumulator {
     enum Step: Equatable { case more, done }
 
+    let maxAnswerBytes: Int
     private(set) var text = ""
+    private(set) var refusal: String?
     private(set) var finishReason: String?
     private(set) var promptTokens: Int?
     private(set) var completionTokens: Int?
+    /// `[DONE]` arrived.
     private(set) var isDone = false
     private var pending: String?
+    private var bytes = 0
+
+    init(maxAnswerBytes: Int = OpenAIChatModel.maxAnswerBytes) {
+        self.maxAnswerBytes = maxAnswerBytes
+    }
+
+    /// The provider said the answer is finished: `[DONE]`, or a `finish_reason` (some servers omit `[DONE]`).
+    var isComplete: Bool { isDone || finishReason != nil }
+
+    private struct Usage: Decodable {
+        var prompt_tokens: Int?
+        var completion_tokens: Int?
+    }
 
     private struct Chunk: Decodable {
         struct Choice: Decodable {
-            struct Delta: Decodable { var content: String? }
+            struct Delta: Decodable {
+                var content: String?
+                var refusal: String?
+            }
             var delta: Delta?
             var finish_reason: String?
         }
-        struct Usage: Decodable {
-            var prompt_tokens: Int?
-            var completion_tokens: Int?
+        var choices: [Choice]?
+        var usage: Usage?
+        var error: APIErrorBody.Detail?
+    }
+
+    private struct Whole: Decodable {
+        struct Choice: Decodable {
+            struct Message: Decodable {
+                var content: String?
+                var refusal: String?
+            }
+            var message: Message?
+            var finish_reason: String?
         }
         var choices: [Choice]?
         var usage: Usage?
@@ -182,22 +257,55 @@ struct StreamAccumulator {
         } catch {
             throw ModelError(.invalidResponse, detail: "unreadable stream chunk: \(ErrorClassifier.redact(String(data.prefix(200)), apiKey: apiKey))")
         }
-        if let error = chunk.error {
-            let kind: ModelError.Kind = ErrorClassifier.isContextLength(code: error.code?.value, message: error.message) ? .contextTooLong : .serverError
-            throw ModelError(kind, detail: "error in stream: \(ErrorClassifier.redact(error.message ?? "unknown", apiKey: apiKey))")
-        }
+        if let error = chunk.error { throw ErrorClassifier.error(inStream: error, apiKey: apiKey) }
         if let usage = chunk.usage {
             promptTokens = usage.prompt_tokens
             completionTokens = usage.completion_tokens
         }
         for choice in chunk.choices ?? [] {
-            if let content = choice.delta?.content, !content.isEmpty {
-                text += content
-                pending = (pending ?? "") + content
-            }
+            if let content = choice.delta?.content, !content.isEmpty { try append(content) }
+            if let refusal = choice.delta?.refusal, !refusal.isEmpty { try appendRefusal(refusal) }
             if let reason = choice.finish_reason { finishReason = reason }
         }
         return .more
+    }
+
+    /// Reads a complete (non-streamed) chat completion, or the error object it carries.
+    mutating func consumeWhole(_ data: Data, apiKey: String) throws {
+        let whole: Whole
+        do {
+            whole = try JSONDecoder().decode(Whole.self, from: data)
+        } catch {
+            throw ModelError(.invalidResponse, detail: "unreadable answer: \(ErrorClassifier.redact(String(decoding: data.prefix(200), as: UTF8.self), apiKey: apiKey))")
+        }
+        if let error = whole.error { throw ErrorClassifier.error(inStream: error, apiKey: apiKey) }
+        guard let choice = whole.choices?.first else {
+            throw ModelError(.invalidResponse, detail: "the answer has no choices")
+        }
+        if let content = choice.message?.content, !content.isEmpty { try append(content) }
+        if let refusal = choice.message?.refusal, !refusal.isEmpty { try appendRefusal(refusal) }
+        // A complete response is finished even when a compatible server leaves finish_reason out.
+        finishReason = choice.finish_reason ?? "stop"
+        promptTokens = whole.usage?.prompt_tokens
+        completionTokens = whole.usage?.completion_tokens
+    }
+
+    private mutating func append(_ content: String) throws {
+        try count(content)
+        text += content
+        pending = (pending ?? "") + content
+    }
+
+    private mutating func appendRefusal(_ content: String) throws {
+        try count(content)
+        refusal = (refusal ?? "") + content
+    }
+
+    private mutating func count(_ content: String) throws {
+        bytes += content.utf8.count
+        guard bytes <= maxAnswerBytes else {
+            throw ModelError(.invalidResponse, detail: "the answer exceeded \(maxAnswerBytes / 1024) KiB; the model server misbehaves", shouldRetry: false)
+        }
     }
 
     mutating func takeDelta() -> String? {
@@ -230,14 +338,14 @@ struct FlexibleString: Decodable {
     }
 }
 
-/// Maps HTTP failures to ``ModelError`` per the provider error table.
+/// Maps HTTP failures and error objects to ``ModelError`` per the provider error table. An error object
+/// inside a stream (or a 200 JSON body) is classified like the same error before the stream.
 public enum ErrorClassifier {
     public static func error(status: Int, headers: HTTPHeaders, body: String, apiKey: String) -> ModelError {
         let parsed = try? JSONDecoder().decode(APIErrorBody.self, from: Data(body.utf8))
         let code = parsed?.error?.code?.value
         let type = parsed?.error?.type
         let message = redact(parsed?.error?.message ?? String(body.prefix(300)), apiKey: apiKey)
-        let retryAfter = retryAfter(headers)
         let shouldRetry = headers.first(name: "x-should-retry").flatMap { value -> Bool? in
             switch value.lowercased() {
             case "true": true
@@ -246,29 +354,49 @@ public enum ErrorClassifier {
             }
         }
         let detail = "HTTP \(status)" + (code.map { " \($0)" } ?? "") + ": \(message)"
-        let kind: ModelError.Kind
+        let kind = self.kind(status: status, code: code, type: type, message: message)
+        return ModelError(kind, status: status, detail: detail, retryAfter: retryAfter(headers), shouldRetry: isPermanent(kind) ? false : shouldRetry)
+    }
+
+    /// An `{"error": …}` object received with HTTP 200, inside the stream or as the whole body.
+    static func error(inStream error: APIErrorBody.Detail, apiKey: String) -> ModelError {
+        let code = error.code?.value
+        let message = redact(error.message ?? "unknown", apiKey: apiKey)
+        let status = code.flatMap(Int.init).flatMap { (400...599).contains($0) ? $0 : nil }
+        let kind = self.kind(status: status, code: code, type: error.type, message: message)
+        return ModelError(
+            kind, status: status, detail: "error in the answer stream" + (code.map { " \($0)" } ?? "") + ": \(message)",
+            shouldRetry: isPermanent(kind) ? false : nil)
+    }
+
+    /// The kind of a failure from its HTTP status (when known) and the error object's code, type and message.
+    static func kind(status: Int?, code: String?, type: String?, message: String?) -> ModelError.Kind {
+        let tags = [code, type].compactMap { $0?.lowercased() }
+        if tags.contains("insufficient_quota") { return .quotaExceeded }
+        if isContextLength(code: code, message: message) { return .contextTooLong }
+        if tags.contains(where: { $0 == "content_filter" || $0 == "content_policy_violation" }) { return .contentFiltered }
         switch status {
-        case 401: kind = .invalidAPIKey
-        case 403: kind = .permissionDenied
-        case 404: kind = .modelNotFound
-        case 408, 504: kind = .timeout
-        case 409: kind = .serverError
-        case 429:
-            kind = (code == "insufficient_quota" || type == "insufficient_quota") ? .quotaExceeded : .rateLimited
-        case 400, 422:
-            if isContextLength(code: code, message: message) {
-                kind = .contextTooLong
-            } else if code == "content_filter" || code == "content_policy_violation" {
-                kind = .contentFiltered
-            } else {
-                kind = .badRequest
-            }
-        case 500...599: kind = .serverError
-        default: kind = .badRequest
+        case 401: return .invalidAPIKey
+        case 403: return .permissionDenied
+        case 404: return .modelNotFound
+        case 408, 504: return .timeout
+        case 409: return .serverError
+        case 429: return .rateLimited
+        case 400, 422: return .badRequest
+        case .some(500...599): return .serverError
+        case .some: return .badRequest
+        case nil:
+            if tags.contains("invalid_api_key") { return .invalidAPIKey }
+            if tags.contains("model_not_found") { return .modelNotFound }
+            if tags.contains(where: { $0 == "rate_limit_exceeded" || $0 == "requests" || $0 == "tokens" }) { return .rateLimited }
+            if tags.contains("invalid_request_error") { return .badRequest }
+            return .serverError
         }
-        // Permanent failures are never retried, whatever a header says.
-        let permanent: Set<ModelError.Kind> = [.invalidAPIKey, .permissionDenied, .modelNotFound, .quotaExceeded, .badRequest, .contextTooLong, .contentFiltered]
-        return ModelError(kind, status: status, detail: detail, retryAfter: retryAfter, shouldRetry: permanent.contains(kind) ? false : shouldRetry)
+    }
+
+    /// Permanent failures are never retried, whatever a header says.
+    static func isPermanent(_ kind: ModelError.Kind) -> Bool {
+        [.invalidAPIKey, .permissionDenied, .modelNotFound, .quotaExceeded, .badRequest, .contextTooLong, .contentFiltered].contains(kind)
     }
 
     static func isContextLength(code: String?, message: String?) -> Bool {

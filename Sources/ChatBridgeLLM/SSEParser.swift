@@ -1,7 +1,14 @@
 /// An incremental parser for `text/event-stream` bodies, per the SSE specification: lines end with LF,
 /// CRLF or CR (also when a chunk boundary falls between CR and LF); a blank line dispatches the event;
 /// `data` lines are joined with LF; comments (`:`) are ignored; one space after the colon is dropped.
+/// A line or an event longer than `maxLineBytes` is refused, so a server cannot make it buffer without end.
 public struct SSEParser: Sendable {
+    /// A line or an event exceeded the limit.
+    public struct TooLarge: Error, CustomStringConvertible {
+        public var limit: Int
+        public var description: String { "a stream line or event exceeded \(limit / 1024) KiB" }
+    }
+
     public struct Event: Sendable, Equatable {
         public var event: String?
         public var data: String
@@ -19,11 +26,15 @@ public struct SSEParser: Sendable {
     private var hasData = false
     private var eventName: String?
     private var eventID: String?
+    private var eventBytes = 0
+    public let maxLineBytes: Int
 
-    public init() {}
+    public init(maxLineBytes: Int = 1 << 20) {
+        self.maxLineBytes = maxLineBytes
+    }
 
     /// Feeds bytes; returns the events completed by them.
-    public mutating func feed<Bytes: Sequence>(_ bytes: Bytes) -> [Event] where Bytes.Element == UInt8 {
+    public mutating func feed<Bytes: Sequence>(_ bytes: Bytes) throws(TooLarge) -> [Event] where Bytes.Element == UInt8 {
         var events: [Event] = []
         for byte in bytes {
             if lastWasCR {
@@ -33,10 +44,11 @@ public struct SSEParser: Sendable {
             switch byte {
             case UInt8(ascii: "\r"):
                 lastWasCR = true
-                if let event = endLine() { events.append(event) }
+                if let event = try endLine() { events.append(event) }
             case UInt8(ascii: "\n"):
-                if let event = endLine() { events.append(event) }
+                if let event = try endLine() { events.append(event) }
             default:
+                guard line.count < maxLineBytes else { throw TooLarge(limit: maxLineBytes) }
                 line.append(byte)
             }
         }
@@ -44,14 +56,14 @@ public struct SSEParser: Sendable {
     }
 
     /// Ends the stream: a last event without its blank line is still delivered.
-    public mutating func finish() -> Event? {
+    public mutating func finish() throws(TooLarge) -> Event? {
         if !line.isEmpty {
-            if let event = endLine() { return event }
+            if let event = try endLine() { return event }
         }
         return dispatch()
     }
 
-    private mutating func endLine() -> Event? {
+    private mutating func endLine() throws(TooLarge) -> Event? {
         defer { line.removeAll(keepingCapacity: true) }
         if line.isEmpty { return dispatch() }
         if line.first == UInt8(ascii: ":") { return nil }
@@ -68,6 +80,8 @@ public struct SSEParser: Sendable {
         }
         switch field {
         case "data":
+            eventBytes += value.utf8.count + 1
+            guard eventBytes <= maxLineBytes else { throw TooLarge(limit: maxLineBytes) }
             dataLines.append(value)
             hasData = true
         case "event":
@@ -83,6 +97,7 @@ public struct SSEParser: Sendable {
     private mutating func dispatch() -> Event? {
         defer {
             dataLines.removeAll()
+            eventBytes = 0
             hasData = false
             eventName = nil
         }

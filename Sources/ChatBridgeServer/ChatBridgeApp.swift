@@ -1,146 +1,221 @@
 import AsyncHTTPClient
 import ChatBridgeCore
 import ChatBridgeDingTalk
+import ChatBridgeHTTP
 import ChatBridgeLLM
 import ChatBridgeStore
 import Foundation
 import Hummingbird
 import Logging
-import NIOCore
-import NIOFoundationCompat
-import NIOHTTP1
-import ServiceLifecycle
-import UnixSignals
 import Metrics
+import NIOCore
 import Prometheus
+import ServiceLifecycle
 import Synchronization
 
 /// Shared between the HTTP routes and the shutdown sequence.
-final class LifecycleState: Sendable {
+public final class LifecycleState: Sendable {
     private let draining = Atomic<Bool>(false)
-    var isDraining: Bool { draining.load(ordering: .relaxed) }
+    public var isDraining: Bool { draining.load(ordering: .relaxed) }
     func beginDraining() { draining.store(true, ordering: .relaxed) }
 }
 
-/// The assembled server: HTTP routes, the dispatcher and the store, run as services in one group.
-///
-/// On SIGTERM or SIGINT it stops accepting callbacks (503), lets the answers in flight finish for up to
-/// `server.drain_timeout`, then stops the HTTP server and exits.
-public final class ChatBridgeApp: Sendable {
+/// The ports the application's listeners bound (useful with port 0).
+public final class BoundPorts: Sendable {
+    private let ports = Mutex<(main: Int?, metrics: Int?)>((nil, nil))
+    public var main: Int? { ports.withLock { $0.main } }
+    public var metrics: Int? { ports.withLock { $0.metrics } }
+    func setMain(_ port: Int) { ports.withLock { $0.main = port } }
+    func setMetrics(_ port: Int) { ports.withLock { $0.metrics = port } }
+}
+
+/// What the application is made of, for the commands and the tests.
+public struct ChatBridgeComponents: Sendable {
     public let configuration: ChatBridgeConfiguration
     public let store: SQLStore
-    public let dispatcher: Dispatcher
     public let engine: Engine
-    private let httpClient: HTTPClient
-    private let lifecycle = LifecycleState()
-    private let logger: Logger
-    private let group = Mutex<ServiceGroup?>(nil)
+    public let dispatcher: Dispatcher
+    public let ingress: DingTalkIngress
+    public let httpClient: HTTPClient
+    /// The registry `/metrics` renders; every metric of this application is recorded in it.
+    public let metrics: PrometheusCollectorRegistry
+    public let lifecycle: LifecycleState
+    public let ports: BoundPorts
+}
 
-    init(configuration: ChatBridgeConfiguration, store: SQLStore, dispatcher: Dispatcher, engine: Engine, httpClient: HTTPClient, logger: Logger) {
+/// The ChatBridge server as a Hummingbird application: callback, health and metrics routes, and the
+/// dispatcher and resource services registered with `addServices`. `app.test(.router)` and `.live` work as
+/// for any Hummingbird application.
+///
+/// Run as a service (`runService()`, or inside a `ServiceGroup`), a graceful shutdown first drains: `/readyz`
+/// turns 503, the dispatcher stops claiming and the answers in flight finish (up to
+/// `server.drain_timeout`) while callbacks are still accepted into the durable inbox; then the HTTP
+/// server stops, then the services.
+public struct ChatBridgeApplication: ApplicationProtocol {
+    public typealias Responder = RouterResponder<BasicRequestContext>
+
+    public let components: ChatBridgeComponents
+    private let builtResponder: Responder
+    public var configuration: ApplicationConfiguration
+    public var logger: Logger
+    public var services: [any Service]
+    private let onListening: @Sendable (Int) async -> Void
+
+    public var responder: Responder {
+        get async throws { builtResponder }
+    }
+
+    public func onServerRunning(_ channel: any Channel) async {
+        let port = channel.localAddress?.port ?? 0
+        components.ports.setMain(port)
+        await onListening(port)
+    }
+
+    init(
+        components: ChatBridgeComponents, router: Router<BasicRequestContext>, configuration: ApplicationConfiguration,
+        logger: Logger, onListening: @escaping @Sendable (Int) async -> Void
+    ) {
+        self.components = components
+        self.builtResponder = router.buildResponder()
         self.configuration = configuration
-        self.store = store
-        self.dispatcher = dispatcher
-        self.engine = engine
-        self.httpClient = httpClient
         self.logger = logger
+        self.services = []
+        self.onListening = onListening
     }
 
-    /// Runs until shut down. `onListening` receives the bound port (useful with `server.port: 0`).
-    public func run(gracefulShutdownSignals: [UnixSignal] = [.sigterm, .sigint], onListening: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
-        let router = makeRouter()
+    /// Adds services run alongside the HTTP server.
+    public mutating func addServices(_ services: any Service...) {
+        self.services.append(contentsOf: services)
+    }
+
+    /// Runs the HTTP server and the services; on graceful shutdown the answers drain before the server stops.
+    public func run() async throws {
         let http = Application(
-            router: router,
-            configuration: .init(address: .hostname(configuration.server.host, port: configuration.server.port), serverName: "chatbridge"),
-            onServerRunning: { channel in await onListening(channel.localAddress?.port ?? 0) },
-            logger: logger
-        )
-        var serviceConfiguration = ServiceGroupConfiguration(
-            services: [
-                .init(service: http),
-                .init(service: DispatcherService(dispatcher: dispatcher)),
-                .init(service: DrainStarter(lifecycle: lifecycle, logger: logger), successTerminationBehavior: .ignore),
-            ],
-            gracefulShutdownSignals: gracefulShutdownSignals,
-            logger: logger
-        )
-        serviceConfiguration.maximumGracefulShutdownDuration = configuration.server.drainTimeout
-        serviceConfiguration.maximumCancellationDuration = .seconds(5)
-        let serviceGroup = ServiceGroup(configuration: serviceConfiguration)
-        group.withLock { $0 = serviceGroup }
-        defer { group.withLock { $0 = nil } }
+            responder: try await responder, configuration: configuration, services: services,
+            onServerRunning: { channel in await self.onServerRunning(channel) }, logger: logger)
+        let drain = DrainService(
+            lifecycle: components.lifecycle, dispatcher: components.dispatcher,
+            timeout: components.configuration.server.drainTimeout, logger: logger)
+        // Shut down in reverse: the drain first (the server still accepts), then the server and its services.
+        let group = ServiceGroup(configuration: .init(services: [http, drain], logger: logger))
         do {
-            try await serviceGroup.run()
-        } catch {
-            await shutdownResources()
-            throw error
+            try await group.run()
+        } catch let error as IOError where error.errnoCode == EADDRINUSE {
+            let address = "\(components.configuration.server.host):\(components.configuration.server.port)"
+            throw ListenError(address: address, settings: "server.host/server.port (CHATBRIDGE_SERVER_PORT)")
         }
-        await shutdownResources()
-    }
-
-    /// Starts a graceful shutdown, as SIGTERM does.
-    public func shutdown() async {
-        let serviceGroup = group.withLock { $0 }
-        await serviceGroup?.triggerGracefulShutdown()
-    }
-
-    private func shutdownResources() async {
-        try? await httpClient.shutdown()
-        await store.close()
-    }
-
-    func makeRouter() -> Router<BasicRequestContext> {
-        let router = Router()
-        router.get("/healthz") { _, _ in
-            Response.json(.ok, ["status": "ok"])
-        }
-        router.get("/readyz") { _, _ in
-            do {
-                let version = try await self.store.schemaVersion()
-                guard version == SQLStore.latestVersion else {
-                    return Response.json(.serviceUnavailable, ["status": "migrations pending"])
-                }
-                return Response.json(.ok, ["status": "ready"])
-            } catch {
-                return Response.json(.serviceUnavailable, ["status": "database unreachable"])
-            }
-        }
-        router.get("/metrics") { _, _ in
-            if let counts = try? await self.store.counts() {
-                Metrics.Gauge(label: "chatbridge_inbox_pending").record(counts.pending)
-                Metrics.Gauge(label: "chatbridge_inbox_running").record(counts.running)
-            }
-            let text = Telemetry.registry.emitToString()
-            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
-        }
-        DingTalkCallbackController(
-            settings: configuration.dingtalk, groupScope: configuration.engine.groupScope, inbox: store,
-            maxBodyBytes: configuration.server.maxBodyBytes, lifecycle: lifecycle,
-            onAccepted: { [dispatcher] in dispatcher.wake() }, logger: logger
-        ).addRoutes(to: router)
-        return router
     }
 }
 
-/// Runs the dispatcher; on graceful shutdown it stops claiming and waits for the answers in flight.
+/// A listen address is taken.
+public struct ListenError: Error, CustomStringConvertible {
+    public var address: String
+    public var settings: String
+    public var description: String {
+        "cannot listen on \(address): the address is already in use; choose a free one with \(settings), or stop the other process"
+    }
+}
+
+/// Runs the dispatcher until the group shuts down; on graceful shutdown anything still in flight (the drain
+/// ran before) is abandoned and resumes at the next start.
 struct DispatcherService: Service {
     let dispatcher: Dispatcher
     func run() async throws {
-        await withGracefulShutdownHandler {
-            await dispatcher.run()
-        } onGracefulShutdown: {
-            dispatcher.beginDrain()
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { await self.dispatcher.run() }
+            try? await gracefulShutdown()
+            dispatcher.abandon()
         }
     }
 }
 
-/// The first service told to shut down: it makes the callback route answer 503 while answers drain.
-struct DrainStarter: Service {
+/// The first service told to shut down: turns `/readyz` to 503 and lets the answers in flight finish while
+/// the HTTP server keeps accepting callbacks (they wait in the inbox for the next start).
+struct DrainService: Service {
     let lifecycle: LifecycleState
+    let dispatcher: Dispatcher
+    let timeout: Duration
     let logger: Logger
+
+    func run() async throws {
+        // Cancelled (the group failed or was cancelled): nothing to drain in order.
+        do { try await gracefulShutdown() } catch { return }
+        lifecycle.beginDraining()
+        let inFlight = dispatcher.inFlightCount
+        logger.info("shutting down: /readyz answers 503; callbacks are still accepted and kept for the next start; answers in flight finish", metadata: ["in_flight": "\(inFlight)"])
+        dispatcher.beginDrain()
+        let drained = await SystemClock().withTimeout(timeout) { await dispatcher.waitUntilStopped() } != nil
+        if !drained {
+            logger.warning("drain timed out; answers still in flight resume at the next start", metadata: ["in_flight": "\(dispatcher.inFlightCount)", "server.drain_timeout": "\(timeout)"])
+        }
+    }
+}
+
+/// Serves `/metrics` on its own address (`server.metrics_address`).
+struct MetricsServer: Service {
+    let address: ChatBridgeConfiguration.ListenAddress
+    let registry: PrometheusCollectorRegistry
+    let store: SQLStore
+    let ports: BoundPorts
+    let logger: Logger
+
+    func run() async throws {
+        let router = Router()
+        MetricsRoute(registry: registry, store: store).add(to: router)
+        let app = Application(
+            router: router, configuration: .init(address: .hostname(address.host, port: address.port), serverName: "chatbridge-metrics"),
+            onServerRunning: { channel in
+                let port = channel.localAddress?.port ?? 0
+                ports.setMetrics(port)
+                logger.notice("metrics listening on http://\(address.host):\(port)/metrics", metadata: ["port": "\(port)"])
+            }, logger: logger)
+        do {
+            try await app.run()
+        } catch let error as IOError where error.errnoCode == EADDRINUSE {
+            throw ListenError(address: address.description, settings: "server.metrics_address (CHATBRIDGE_SERVER_METRICS_ADDRESS)")
+        }
+    }
+}
+
+/// `GET /metrics`: the application's registry in Prometheus text, with the inbox gauges refreshed.
+struct MetricsRoute: Sendable {
+    let registry: PrometheusCollectorRegistry
+    let store: SQLStore
+    private let pending: Metrics.Gauge
+    private let running: Metrics.Gauge
+
+    init(registry: PrometheusCollectorRegistry, store: SQLStore) {
+        self.registry = registry
+        self.store = store
+        let factory = PrometheusMetricsFactory(registry: registry)
+        pending = Metrics.Gauge(label: "chatbridge_inbox_pending", factory: factory)
+        running = Metrics.Gauge(label: "chatbridge_inbox_running", factory: factory)
+    }
+
+    func add(to router: Router<BasicRequestContext>) {
+        router.get("/metrics") { _, _ in
+            if let counts = try? await store.counts() {
+                pending.record(counts.pending)
+                running.record(counts.running)
+            }
+            return Response(
+                status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+                body: .init(byteBuffer: ByteBuffer(string: registry.emitToString())))
+        }
+    }
+}
+
+/// Closes the shared resources when the application stops: the HTTP client, then the store.
+struct ResourcesService: Service {
+    let httpClient: HTTPClient
+    let store: SQLStore
     func run() async throws {
         try? await gracefulShutdown()
-        lifecycle.beginDraining()
-        logger.info("shutting down: callbacks now answer 503 while answers in flight finish")
+        // A task of its own, so closing completes also when the group was cancelled.
+        await Task { [httpClient, store] in
+            try? await httpClient.shutdown()
+            await store.close()
+        }.value
     }
 }
 
@@ -149,32 +224,79 @@ public struct StartupError: Error, CustomStringConvertible {
     public var description: String
 }
 
-/// Opens the store, builds the model client, the DingTalk reply channel, the engine and the dispatcher.
-public func buildApplication(configuration: ChatBridgeConfiguration, logger: Logger) async throws -> ChatBridgeApp {
+/// Builds the application: opens the store (resuming what a previous run left), the model client, the
+/// DingTalk ingress and reply channel, the engine and the dispatcher, the routes and the services.
+///
+/// `metrics` is the registry to record into and render at `/metrics`; `main` bootstraps the global metrics
+/// system with the same registry once. Each application without one gets a registry of its own.
+public func buildApplication(
+    configuration: ChatBridgeConfiguration, logger: Logger, metrics: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+    clock: any WallClock = SystemClock(), onListening: @escaping @Sendable (Int) async -> Void = { _ in }
+) async throws -> ChatBridgeApplication {
     if let problem = configuration.errors.first {
         throw StartupError(description: "invalid configuration: \(problem)")
     }
     let location = try DatabaseLocation.parse(configuration.databaseURL)
-    _ = Telemetry.registry
     let store = try await SQLStore.open(location, logger: logger)
-    let reclaimed = try await store.reclaimRunning(now: Date())
-    if reclaimed > 0 {
-        logger.notice("resuming answers interrupted by the previous run", metadata: ["count": "\(reclaimed)"])
+    let factory = PrometheusMetricsFactory(registry: metrics)
+    let reclaimed = try await store.reclaimRunning(now: clock.now, maxAttempts: configuration.worker.maxAttempts)
+    if reclaimed.requeued > 0 {
+        logger.notice("resuming answers interrupted by the previous run", metadata: ["count": "\(reclaimed.requeued)"])
     }
-    var clientConfiguration = HTTPClient.Configuration()
-    clientConfiguration.timeout = .init(connect: .seconds(10), read: .seconds(Int64(max(configuration.llm.timeout.seconds, 30))))
-    clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: max(configuration.worker.concurrency, 8))
-    let httpClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
-    let model = OpenAIChatModel(settings: configuration.llm, client: httpClient, logger: logger)
-    let engine = Engine(settings: configuration.engine, model: model, conversations: store)
+    if reclaimed.gaveUp > 0 {
+        logger.error("gave up on messages whose last allowed attempt was interrupted by the previous run", metadata: ["count": "\(reclaimed.gaveUp)"])
+    }
+    let httpClient = OutboundHTTP.makeClient(
+        readTimeout: .seconds(Int64(max(configuration.llm.timeout.seconds, 30))),
+        connectionsPerHost: max(configuration.worker.concurrency, 8))
+    let model = OpenAIChatModel(settings: configuration.llm, client: httpClient, metrics: factory, logger: logger)
+    let engine = Engine(settings: configuration.engine, model: model, conversations: store, clock: clock)
     let replies = DingTalkReplyChannel(settings: configuration.dingtalk, client: httpClient, logger: logger)
     let owner = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     let dispatcher = Dispatcher(
         inbox: store, engine: engine, replies: replies,
         settings: DispatcherSettings(
             concurrency: configuration.worker.concurrency,
-            retry: RetryPolicy(maxAttempts: configuration.worker.maxAttempts),
+            retry: RetryPolicy(maxAttempts: configuration.worker.maxAttempts, maxRetryWait: configuration.worker.maxRetryWait),
             lease: configuration.worker.lease),
-        owner: owner, logger: logger)
-    return ChatBridgeApp(configuration: configuration, store: store, dispatcher: dispatcher, engine: engine, httpClient: httpClient, logger: logger)
+        owner: owner, clock: clock, metrics: factory, logger: logger)
+    let ingress = DingTalkIngress(
+        settings: configuration.dingtalk, groupScope: configuration.engine.groupScope, inbox: store, clock: clock,
+        metrics: factory, logger: logger, onAccepted: { [dispatcher] in dispatcher.wake() })
+    let components = ChatBridgeComponents(
+        configuration: configuration, store: store, engine: engine, dispatcher: dispatcher, ingress: ingress, httpClient: httpClient,
+        metrics: metrics, lifecycle: LifecycleState(), ports: BoundPorts())
+
+    let router = Router()
+    router.get("/healthz") { _, _ in Response.json(.ok, ["status": "ok"]) }
+    router.get("/readyz") { _, _ in
+        if components.lifecycle.isDraining { return Response.json(.serviceUnavailable, ["status": "draining"]) }
+        do {
+            let version = try await store.schemaVersion()
+            guard version == SQLStore.latestVersion else {
+                return Response.json(.serviceUnavailable, ["status": "migrations pending"])
+            }
+            return Response.json(.ok, ["status": "ready"])
+        } catch {
+            return Response.json(.serviceUnavailable, ["status": "database unreachable"])
+        }
+    }
+    if configuration.server.metricsAddress == nil {
+        MetricsRoute(registry: metrics, store: store).add(to: router)
+    }
+    DingTalkCallbackController(
+        ingress: ingress, maxBodyBytes: configuration.server.maxBodyBytes, metrics: factory, logger: logger
+    ).addRoutes(to: router)
+
+    var app = ChatBridgeApplication(
+        components: components, router: router,
+        configuration: .init(address: .hostname(configuration.server.host, port: configuration.server.port), serverName: "chatbridge"),
+        logger: logger, onListening: onListening)
+    // Registered first so it shuts down last, after the dispatcher stopped using them.
+    app.addServices(ResourcesService(httpClient: httpClient, store: store))
+    if let address = configuration.server.metricsAddress {
+        app.addServices(MetricsServer(address: address, registry: metrics, store: store, ports: components.ports, logger: logger))
+    }
+    app.addServices(DispatcherService(dispatcher: dispatcher))
+    return app
 }

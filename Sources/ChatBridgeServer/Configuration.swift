@@ -14,12 +14,41 @@ public struct ChatBridgeConfiguration: Sendable {
         public var port = 8080
         public var maxBodyBytes = 1 << 20
         public var drainTimeout: Duration = .seconds(30)
+        /// Where `/metrics` is served instead of the main address; nil serves it on the main address.
+        public var metricsAddress: ListenAddress?
+    }
+
+    /// A `host:port` to listen on (`[::1]:9090` for IPv6).
+    public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
+        public var host: String
+        public var port: Int
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+        public static func parse(_ text: String) -> ListenAddress? {
+            let trimmed = text.trimmingCharacters(in: .whitespaces)
+            let host: Substring
+            let port: Substring
+            if trimmed.hasPrefix("["), let close = trimmed.firstIndex(of: "]") {
+                host = trimmed[trimmed.index(after: trimmed.startIndex)..<close]
+                let rest = trimmed[trimmed.index(after: close)...]
+                guard rest.hasPrefix(":") else { return nil }
+                port = rest.dropFirst()
+            } else {
+                guard let colon = trimmed.lastIndex(of: ":") else { return nil }
+                host = trimmed[..<colon]
+                port = trimmed[trimmed.index(after: colon)...]
+            }
+            guard !host.isEmpty, let number = Int(port), (0...65535).contains(number) else { return nil }
+            return ListenAddress(host: String(host), port: number)
+        }
     }
 
     public struct Worker: Sendable, Equatable {
         public var concurrency = 64
         public var maxAttempts = 5
         public var lease: Duration = .seconds(30)
+        /// The longest `Retry-After` waited for; a provider asking for longer gets the busy reply sent.
+        public var maxRetryWait: Duration = .seconds(600)
     }
 
     public struct Log: Sendable, Equatable {
@@ -104,6 +133,11 @@ public struct ChatBridgeConfiguration: Sendable {
         server.port = r.int("server.port", range: 0...65535) ?? server.port
         server.maxBodyBytes = r.size("server.max_body_bytes") ?? server.maxBodyBytes
         server.drainTimeout = r.duration("server.drain_timeout") ?? server.drainTimeout
+        if let raw = r.string("server.metrics_address") {
+            if let address = ListenAddress.parse(raw) { server.metricsAddress = address } else {
+                r.error("server.metrics_address", "must be host:port such as 127.0.0.1:9090 or [::1]:9090, got '\(raw.prefix(60))'")
+            }
+        }
 
         databaseURL = r.string("database.url") ?? databaseURL
         do {
@@ -145,6 +179,7 @@ public struct ChatBridgeConfiguration: Sendable {
         settings.systemPrompt = r.string("llm.system_prompt") ?? settings.systemPrompt
         settings.maxTurns = r.int("conversation.max_turns", range: 0...1000) ?? settings.maxTurns
         settings.maxContextTokens = r.int("conversation.max_context_tokens", range: 100...10_000_000) ?? settings.maxContextTokens
+        settings.maxQuestionChars = r.int("conversation.max_question_chars", range: 1...1_000_000) ?? settings.maxQuestionChars
         settings.idleReset = r.duration("conversation.idle_reset") ?? settings.idleReset
         if let scope = r.string("conversation.group_scope") {
             if let value = GroupScope(rawValue: scope.lowercased()) { settings.groupScope = value } else {
@@ -159,6 +194,7 @@ public struct ChatBridgeConfiguration: Sendable {
             clientID: r.string("dingtalk.client_id") ?? "",
             clientSecret: r.string("dingtalk.client_secret", secret: true) ?? "",
             robotCode: r.string("dingtalk.robot_code"),
+            corpID: r.string("dingtalk.corp_id"),
             apiBaseURL: r.string("dingtalk.api_base_url") ?? "https://api.dingtalk.com",
             webhookHosts: r.list("dingtalk.webhook_hosts") ?? ["oapi.dingtalk.com", "api.dingtalk.com"],
             maxMessageChars: r.int("dingtalk.max_message_chars", range: 200...20000) ?? 4000
@@ -166,6 +202,8 @@ public struct ChatBridgeConfiguration: Sendable {
         while dingtalk.apiBaseURL.hasSuffix("/") { dingtalk.apiBaseURL.removeLast() }
         if dingtalk.clientSecret.isEmpty {
             r.warning("dingtalk.client_secret", "not set (CHATBRIDGE_DINGTALK_CLIENT_SECRET); DingTalk callbacks are refused with 503 until it is")
+        } else if dingtalk.robotCode.isEmpty {
+            r.warning("dingtalk.client_id", "not set (CHATBRIDGE_DINGTALK_CLIENT_ID); DingTalk callbacks are refused with 503 until it is, since a message must name this robot")
         } else if dingtalk.clientID.isEmpty {
             r.warning("dingtalk.client_id", "not set; replies can only go through sessionWebhooks, not the OpenAPI fallback")
         }
@@ -174,6 +212,7 @@ public struct ChatBridgeConfiguration: Sendable {
         worker.maxAttempts = r.int("worker.max_attempts", range: 1...100) ?? worker.maxAttempts
         worker.lease = r.duration("worker.lease") ?? worker.lease
         if worker.lease < .seconds(1) { r.error("worker.lease", "must be at least 1s") }
+        worker.maxRetryWait = r.duration("worker.max_retry_wait") ?? worker.maxRetryWait
 
         if let level = r.string("log.level") {
             if let value = Logger.Level(rawValue: level.lowercased()) { log.level = value } else {
@@ -190,13 +229,12 @@ public struct ChatBridgeConfiguration: Sendable {
 
     /// The effective settings, one `key = value` line each, with secrets masked.
     public func effectiveSettings() -> [(key: String, value: String)] {
-        func mask(_ secret: String) -> String {
-            secret.isEmpty ? "(not set)" : (secret.count > 8 ? "\(secret.prefix(3))…\(secret.suffix(2)) (set, \(secret.count) chars)" : "*** (set)")
-        }
+        func mask(_ secret: String) -> String { Self.masked(secret) }
         func seconds(_ d: Duration) -> String { "\(Int(d.seconds))s" }
         return [
             ("server.host", server.host), ("server.port", "\(server.port)"), ("server.max_body_bytes", "\(server.maxBodyBytes)"),
             ("server.drain_timeout", seconds(server.drainTimeout)),
+            ("server.metrics_address", server.metricsAddress.map(\.description) ?? "(on the main address)"),
             ("database.url", databaseURL),
             ("llm.provider", llm.provider.rawValue), ("llm.base_url", llm.baseURL), ("llm.api_key", mask(llm.apiKey)),
             ("llm.model", llm.model), ("llm.api_version", llm.apiVersion),
@@ -204,17 +242,33 @@ public struct ChatBridgeConfiguration: Sendable {
             ("llm.max_tokens", llm.maxTokens.map { "\($0)" } ?? "(model default)"),
             ("llm.timeout", seconds(llm.timeout)), ("llm.system_prompt", engine.systemPrompt),
             ("conversation.max_turns", "\(engine.maxTurns)"), ("conversation.max_context_tokens", "\(engine.maxContextTokens)"),
+            ("conversation.max_question_chars", "\(engine.maxQuestionChars)"),
             ("conversation.idle_reset", seconds(engine.idleReset)), ("conversation.group_scope", engine.groupScope.rawValue),
             ("conversation.reset_commands", engine.resetCommands.joined(separator: ", ")),
             ("conversation.help_commands", engine.helpCommands.joined(separator: ", ")),
             ("bot.language", engine.language.rawValue),
             ("dingtalk.client_id", dingtalk.clientID.isEmpty ? "(not set)" : dingtalk.clientID),
             ("dingtalk.client_secret", mask(dingtalk.clientSecret)), ("dingtalk.robot_code", dingtalk.robotCode.isEmpty ? "(not set)" : dingtalk.robotCode),
+            ("dingtalk.corp_id", dingtalk.corpID ?? "(not checked)"),
             ("dingtalk.api_base_url", dingtalk.apiBaseURL), ("dingtalk.webhook_hosts", dingtalk.webhookHosts.joined(separator: ", ")),
             ("dingtalk.max_message_chars", "\(dingtalk.maxMessageChars)"),
             ("worker.concurrency", "\(worker.concurrency)"), ("worker.max_attempts", "\(worker.maxAttempts)"), ("worker.lease", seconds(worker.lease)),
+            ("worker.max_retry_wait", seconds(worker.maxRetryWait)),
             ("log.level", log.level.rawValue), ("log.format", log.format.rawValue),
         ]
+    }
+}
+
+extension ChatBridgeConfiguration {
+    /// How a secret is shown: never any of its characters, only that it is set and its length class.
+    public static func masked(_ secret: String) -> String {
+        switch secret.count {
+        case 0: "(not set)"
+        case ..<16: "(set, fewer than 16 characters)"
+        case ..<32: "(set, 16 to 31 characters)"
+        case ..<64: "(set, 32 to 63 characters)"
+        default: "(set, 64 characters or more)"
+        }
     }
 }
 
@@ -247,7 +301,7 @@ private struct Reader {
     mutating func int(_ key: String, range: ClosedRange<Int>) -> Int? {
         guard let raw = string(key) else { return nil }
         guard let value = Int(raw.trimmingCharacters(in: .whitespaces).replacingOccurrences(of: "_", with: "")) else {
-            error(key, "must be a whole number, got '\(raw)'")
+            error(key, "must be a whole number, got '\(raw.prefix(60))'")
             return nil
         }
         guard range.contains(value) else {
@@ -260,7 +314,7 @@ private struct Reader {
     mutating func double(_ key: String, range: ClosedRange<Double>) -> Double? {
         guard let raw = string(key) else { return nil }
         guard let value = Double(raw.trimmingCharacters(in: .whitespaces)), range.contains(value) else {
-            error(key, "must be a number between \(range.lowerBound) and \(range.upperBound), got '\(raw)'")
+            error(key, "must be a number between \(range.lowerBound) and \(range.upperBound), got '\(raw.prefix(60))'")
             return nil
         }
         return value
@@ -269,7 +323,7 @@ private struct Reader {
     mutating func duration(_ key: String) -> Duration? {
         guard let raw = string(key) else { return nil }
         guard let value = DurationParser.parse(raw), value >= .zero else {
-            error(key, "must be a duration such as 30s, 5m, 1h or 500ms; got '\(raw)'")
+            error(key, "must be a duration between 0 and 1000 days, such as 30s, 5m, 1h or 500ms; got '\(raw.prefix(60))'")
             return nil
         }
         return value
@@ -278,19 +332,23 @@ private struct Reader {
     mutating func size(_ key: String) -> Int? {
         guard let raw = string(key) else { return nil }
         guard let value = SizeParser.parse(raw), value > 0 else {
-            error(key, "must be a size such as 1048576, 512KiB or 1MiB; got '\(raw)'")
+            error(key, "must be a size between 1 byte and 1 GiB, such as 1048576, 512KiB or 1MiB; got '\(raw.prefix(60))'")
             return nil
         }
         return value
     }
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`, `1h30m` or a bare number of seconds.
+/// Parses `500ms`, `30s`, `5m`, `1h`, `1h30m` or a bare number of seconds. Anything that is not a finite,
+/// non-negative duration of at most 1000 days (`1e300`, `inf`, `nan`, `-5s`) is nil, never a crash.
 public enum DurationParser {
+    static let maxMilliseconds = 1000.0 * 86_400_000
+
     public static func parse(_ text: String) -> Duration? {
         let s = text.trimmingCharacters(in: .whitespaces).lowercased()
-        if let seconds = Double(s) { return .milliseconds(Int64(seconds * 1000)) }
-        var total: Duration = .zero
+        guard !s.isEmpty, s.count <= 64 else { return nil }
+        if let seconds = Double(s) { return milliseconds(seconds * 1000) }
+        var total = 0.0
         var number = ""
         var unit = ""
         var matched = false
@@ -305,32 +363,41 @@ public enum DurationParser {
             case "d": ms = value * 86_400_000
             default: return false
             }
-            total += .milliseconds(Int64(ms))
+            total += ms
             number = ""
             unit = ""
             matched = true
             return true
         }
         for char in s {
-            if char.isNumber || char == "." {
+            if char.isASCII && (char.isNumber || char == ".") {
                 if !unit.isEmpty { guard flush() else { return nil } }
                 number.append(char)
-            } else if char.isLetter {
+            } else if char.isASCII && char.isLetter {
                 unit.append(char)
             } else {
                 return nil
             }
         }
         if !number.isEmpty || !unit.isEmpty { guard flush() else { return nil } }
-        return matched ? total : nil
+        return matched ? milliseconds(total) : nil
+    }
+
+    private static func milliseconds(_ value: Double) -> Duration? {
+        guard value.isFinite, value >= 0, value <= maxMilliseconds else { return nil }
+        return .milliseconds(Int64(value))
     }
 }
 
-/// Parses a byte count: `1048576`, `512KiB`, `1MiB`, `1MB`, `2k`.
+/// Parses a byte count: `1048576`, `512KiB`, `1MiB`, `1MB`, `2k`. Anything that is not a finite size
+/// between 0 and 1 GiB is nil, never a crash.
 public enum SizeParser {
+    static let maxBytes = Double(1 << 30)
+
     public static func parse(_ text: String) -> Int? {
         let s = text.trimmingCharacters(in: .whitespaces).lowercased().replacingOccurrences(of: "_", with: "")
-        let digits = s.prefix(while: { $0.isNumber || $0 == "." })
+        guard s.count <= 64 else { return nil }
+        let digits = s.prefix(while: { $0.isASCII && ($0.isNumber || $0 == ".") })
         guard let value = Double(digits) else { return nil }
         let multiplier: Double
         switch s.dropFirst(digits.count).trimmingCharacters(in: .whitespaces) {
@@ -340,6 +407,8 @@ public enum SizeParser {
         case "g", "gb", "gib": multiplier = 1024 * 1024 * 1024
         default: return nil
         }
-        return Int(value * multiplier)
+        let bytes = value * multiplier
+        guard bytes.isFinite, bytes >= 0, bytes <= maxBytes else { return nil }
+        return Int(bytes)
     }
 }

@@ -6,23 +6,22 @@ import Logging
 import Metrics
 import NIOCore
 import NIOFoundationCompat
-import NIOHTTP1
 
-/// `POST /callbacks/dingtalk`: verifies, normalises and stores a robot message, then acknowledges.
-/// The acknowledgement is sent only after the message is committed, and never waits for the model.
+/// `POST /callbacks/dingtalk`: the HTTP adapter of ``DingTalkIngress``. It verifies the signature headers
+/// before reading the body, caps the body, and answers 200 `{"msgtype":"empty"}` only after the message
+/// is committed to the inbox; it never waits for the model.
 struct DingTalkCallbackController: Sendable {
-    let settings: DingTalkSettings
-    let groupScope: GroupScope
-    let inbox: any Inbox
+    let ingress: DingTalkIngress
     let maxBodyBytes: Int
-    let lifecycle: LifecycleState
-    let onAccepted: @Sendable () -> Void
     let logger: Logger
+    private let ackTimer: Metrics.Timer
 
-    private let received = Counter(label: "chatbridge_messages_received_total", dimensions: [("platform", "dingtalk")])
-    private let duplicates = Counter(label: "chatbridge_messages_deduplicated_total", dimensions: [("platform", "dingtalk")])
-    private let rejected = Counter(label: "chatbridge_callbacks_rejected_total", dimensions: [("platform", "dingtalk")])
-    private let ackTimer = Metrics.Timer(label: "chatbridge_ack_seconds", dimensions: [("platform", "dingtalk")])
+    init(ingress: DingTalkIngress, maxBodyBytes: Int, metrics: any MetricsFactory, logger: Logger) {
+        self.ingress = ingress
+        self.maxBodyBytes = maxBodyBytes
+        self.logger = logger
+        ackTimer = Metrics.Timer(label: "chatbridge_ack_seconds", dimensions: [("platform", "dingtalk")], factory: metrics)
+    }
 
     func addRoutes(to router: Router<BasicRequestContext>) {
         router.post("/callbacks/dingtalk") { request, context in
@@ -32,45 +31,26 @@ struct DingTalkCallbackController: Sendable {
 
     func handle(_ request: Request, context: BasicRequestContext) async throws -> Response {
         let started = ContinuousClock.now
-        if lifecycle.isDraining {
-            return .json(.serviceUnavailable, ["error": "shutting down; DingTalk will deliver this message again"])
-        }
-        guard !settings.clientSecret.isEmpty else {
-            return .json(.serviceUnavailable, ["error": "DingTalk is not configured: set dingtalk.client_secret (CHATBRIDGE_DINGTALK_CLIENT_SECRET) to the robot's AppSecret"])
-        }
         do {
-            try DingTalkSignature.verify(
-                timestamp: request.headers[.init("timestamp")!], sign: request.headers[.init("sign")!],
-                secret: settings.clientSecret, now: Date())
+            try ingress.authenticate(timestamp: request.headers[.init("timestamp")!], sign: request.headers[.init("sign")!])
+            let buffer: ByteBuffer
+            do {
+                buffer = try await request.body.collect(upTo: maxBodyBytes)
+            } catch is NIOTooManyBytesError {
+                ingress.noteRejected("body larger than server.max_body_bytes")
+                return .json(.contentTooLarge, ["error": "body larger than server.max_body_bytes (\(maxBodyBytes) bytes)"])
+            }
+            _ = try await ingress.receive(Data(buffer: buffer))
+        } catch let rejection as IngressRejection {
+            switch rejection.kind {
+            case .unauthorized: return .json(.unauthorized, ["error": rejection.reason])
+            case .badRequest: return .json(.badRequest, ["error": rejection.reason])
+            case .notConfigured: return .json(.serviceUnavailable, ["error": rejection.reason])
+            }
         } catch {
-            rejected.increment()
-            logger.notice("rejected DingTalk callback", metadata: ["reason": "\(error)"])
-            return .json(.unauthorized, ["error": "invalid signature: \(error)"])
-        }
-        let buffer: ByteBuffer
-        do {
-            buffer = try await request.body.collect(upTo: maxBodyBytes)
-        } catch let error as HTTPError where error.status == .contentTooLarge {
-            rejected.increment()
-            return .json(.contentTooLarge, ["error": "body larger than server.max_body_bytes (\(maxBodyBytes) bytes)"])
-        }
-        let payload: DingTalkMessage
-        do {
-            payload = try DingTalkMessage.decode(Data(buffer: buffer))
-        } catch {
-            rejected.increment()
-            return .json(.badRequest, ["error": error.description])
-        }
-        let message = payload.normalised(botID: settings.robotCode, receivedAt: Date())
-        let key = ConversationKey(for: message, groupScope: groupScope)
-        let outcome = try await inbox.accept(message, conversation: key, now: Date())
-        switch outcome {
-        case .accepted:
-            received.increment()
-            onAccepted()
-        case .duplicate:
-            duplicates.increment()
-            logger.info("re-delivery acknowledged", metadata: ["message_id": "\(message.messageID)"])
+            // Not stored, so not acknowledged: DingTalk delivers it again.
+            logger.error("could not store a DingTalk message; answering 503", metadata: ["error": "\(error)"])
+            return .json(.serviceUnavailable, ["error": "the message could not be stored; deliver it again later"])
         }
         ackTimer.recordNanoseconds((ContinuousClock.now - started).nanoseconds)
         return Response(

@@ -4,19 +4,14 @@ import Metrics
 import Prometheus
 import Synchronization
 
-/// Process-wide metrics: swift-metrics backed by a Prometheus registry, bootstrapped once.
+/// Process-wide logging and metrics, bootstrapped once by the program (never by the application or tests).
 public enum Telemetry {
-    private static let bootstrapped = Mutex<PrometheusCollectorRegistry?>(nil)
-
-    /// The registry `/metrics` renders. The first call bootstraps swift-metrics with it.
-    public static var registry: PrometheusCollectorRegistry {
-        bootstrapped.withLock { current in
-            if let current { return current }
-            let registry = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            current = registry
-            return registry
-        }
+    /// Bootstraps swift-metrics with a Prometheus registry and returns it, for `buildApplication(metrics:)`
+    /// to record into and render at `/metrics`. Call once, at program start.
+    public static func bootstrapMetrics() -> PrometheusCollectorRegistry {
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        return registry
     }
 
     /// Bootstraps process-wide logging in the configured format (once, at program start).

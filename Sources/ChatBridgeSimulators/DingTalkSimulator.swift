@@ -24,6 +24,45 @@ public final class DingTalkSimulator: Sendable {
         public var receivedAt: Double = Date().timeIntervalSince1970
     }
 
+    /// A canned answer for the next request to an endpoint.
+    public struct Scripted: Sendable {
+        public var status: Int
+        public var body: String
+        public var headers: [String: String]
+        /// DingTalk accepted the message: record it as delivered before answering.
+        public var delivers: Bool
+        /// After recording, hold the answer until ``releaseHeld()`` (a send whose outcome the bot cannot know).
+        public var hold: Bool
+
+        public init(status: Int = 200, body: String, headers: [String: String] = [:], delivers: Bool = false, hold: Bool = false) {
+            self.status = status
+            self.body = body
+            self.headers = headers
+            self.delivers = delivers
+            self.hold = hold
+        }
+
+        /// A legacy `{"errcode":…}` answer with HTTP 200.
+        public static func errcode(_ code: Int, _ message: String = "simulated") -> Scripted {
+            Scripted(body: #"{"errcode":\#(code),"errmsg":"\#(message)"}"#)
+        }
+        /// HTTP 200 with a body that is not JSON (a proxy's page).
+        public static let notJSON = Scripted(body: "<html>ok</html>")
+        /// A new-OpenAPI error: `{"code":…,"message":…}` with the given status.
+        public static func failure(_ status: Int, code: String, message: String = "simulated") -> Scripted {
+            Scripted(status: status, body: #"{"code":"\#(code)","message":"\#(message)","requestid":"sim"}"#)
+        }
+        /// A redirect to the simulator's `/_simulator/stolen`, which records anything that follows it.
+        public static let redirect = Scripted(status: 302, body: "", headers: ["location": "/_simulator/stolen"])
+        /// Delivered, but the answer never comes back until released.
+        public static let deliveredThenHeld = Scripted(body: #"{"errcode":0,"errmsg":"ok"}"#, delivers: true, hold: true)
+    }
+
+    /// One request that followed a redirect to `/_simulator/stolen`.
+    public struct StolenRequest: Sendable {
+        public var headers: [String: String]
+    }
+
     private struct State {
         var deliveries: [Delivery] = []
         var tokensIssued = 0
@@ -32,6 +71,14 @@ public final class DingTalkSimulator: Sendable {
         var webhookFailures = 0
         var webhookSuccessesBeforeFailure = 0
         var webhookDelay: Duration = .zero
+        var webhookScript: [Scripted] = []
+        var sendScript: [Scripted] = []
+        var tokenScript: [Scripted] = []
+        var webhookRequests = 0
+        var sendRequests = 0
+        var stolen: [StolenRequest] = []
+        var held: [CheckedContinuation<Void, Never>] = []
+        var released = false
     }
 
     private let state = Mutex(State())
@@ -48,6 +95,14 @@ public final class DingTalkSimulator: Sendable {
         router.post("/v1.0/oauth2/accessToken") { request, _ in try await box.simulator!.accessToken(request) }
         router.post("/v1.0/robot/groupMessages/send") { request, _ in try await box.simulator!.send(request, channel: .group) }
         router.post("/v1.0/robot/oToMessages/batchSend") { request, _ in try await box.simulator!.send(request, channel: .direct) }
+        let stolen: @Sendable (Request, BasicRequestContext) async throws -> Response = { request, _ in
+            var headers: [String: String] = [:]
+            for field in request.headers { headers[field.name.canonicalName] = field.value }
+            box.simulator!.state.withLock { $0.stolen.append(StolenRequest(headers: headers)) }
+            return .json(.ok, ["errcode": 0, "errmsg": "ok", "processQueryKey": "stolen"])
+        }
+        router.post("/_simulator/stolen", use: stolen)
+        router.get("/_simulator/stolen", use: stolen)
         router.get("/_simulator/deliveries") { _, _ in
             let data = try JSONEncoder().encode(box.simulator!.deliveries)
             return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
@@ -70,6 +125,49 @@ public final class DingTalkSimulator: Sendable {
 
     public var deliveries: [Delivery] { state.withLock { $0.deliveries } }
     public var tokensIssued: Int { state.withLock { $0.tokensIssued } }
+    /// sessionWebhook posts received, whatever they were answered.
+    public var webhookRequests: Int { state.withLock { $0.webhookRequests } }
+    /// OpenAPI robot sends received, whatever they were answered.
+    public var sendRequests: Int { state.withLock { $0.sendRequests } }
+    /// Requests that followed a redirect (none should).
+    public var stolenRequests: [StolenRequest] { state.withLock { $0.stolen } }
+
+    /// Answers the next sessionWebhook posts with these, in order.
+    public func scriptWebhook(_ replies: Scripted...) { state.withLock { $0.webhookScript.append(contentsOf: replies) } }
+    /// Answers the next OpenAPI robot sends (group and one-to-one) with these, in order.
+    public func scriptSend(_ replies: Scripted...) { state.withLock { $0.sendScript.append(contentsOf: replies) } }
+    /// Answers the next access-token requests with these, in order.
+    public func scriptToken(_ replies: Scripted...) { state.withLock { $0.tokenScript.append(contentsOf: replies) } }
+    /// Lets held answers (``Scripted/deliveredThenHeld``) return, now and from now on.
+    public func releaseHeld() {
+        let held = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.released = true
+            defer { state.held = [] }
+            return state.held
+        }
+        for continuation in held { continuation.resume() }
+    }
+
+    /// Answers a scripted reply: records a delivery when it says so, holds when it says so.
+    private func answer(_ scripted: Scripted, delivery: @autoclosure () -> Delivery) async -> Response {
+        if scripted.delivers {
+            let delivery = delivery()
+            state.withLock { $0.deliveries.append(delivery) }
+        }
+        if scripted.hold {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let now = state.withLock { state -> Bool in
+                    if state.released { return true }
+                    state.held.append(continuation)
+                    return false
+                }
+                if now { continuation.resume() }
+            }
+        }
+        var headers: HTTPFields = [.contentType: scripted.body.hasPrefix("{") ? "application/json" : "text/html"]
+        for (name, value) in scripted.headers { headers[HTTPField.Name(name)!] = value }
+        return Response(status: .init(code: scripted.status), headers: headers, body: .init(byteBuffer: ByteBuffer(string: scripted.body)))
+    }
 
     /// The next `count` OpenAPI sends answer 401 InvalidAuthentication (as for a revoked token).
     public func rejectNextSends(_ count: Int) { state.withLock { $0.rejectNextSends = count } }
@@ -90,6 +188,17 @@ public final class DingTalkSimulator: Sendable {
 
     private func webhook(_ request: Request) async throws -> Response {
         let body = try await json(request)
+        let session = request.uri.queryParameters.get("session") ?? ""
+        let markdown = body["markdown"] as? [String: Any]
+        let text = (markdown?["text"] as? String) ?? ((body["text"] as? [String: Any])?["content"] as? String) ?? ""
+        let at = (body["at"] as? [String: Any])?["atUserIds"] as? [String] ?? []
+        let scripted = state.withLock { state -> Scripted? in
+            state.webhookRequests += 1
+            return state.webhookScript.isEmpty ? nil : state.webhookScript.removeFirst()
+        }
+        if let scripted {
+            return await answer(scripted, delivery: Delivery(channel: .webhook, target: session, title: markdown?["title"] as? String ?? "", text: text, atUserIds: at))
+        }
         let (fail, delay) = state.withLock { state -> (Bool, Duration) in
             if state.webhookFailures > 0 {
                 if state.webhookSuccessesBeforeFailure > 0 {
@@ -103,10 +212,6 @@ public final class DingTalkSimulator: Sendable {
         }
         if delay > .zero { try await Task.sleep(for: delay) }
         if fail { return .json(.internalServerError, ["errcode": 500, "errmsg": "simulated failure"]) }
-        let session = request.uri.queryParameters.get("session") ?? ""
-        let markdown = body["markdown"] as? [String: Any]
-        let text = (markdown?["text"] as? String) ?? ((body["text"] as? [String: Any])?["content"] as? String) ?? ""
-        let at = (body["at"] as? [String: Any])?["atUserIds"] as? [String] ?? []
         state.withLock {
             $0.deliveries.append(Delivery(channel: .webhook, target: session, title: markdown?["title"] as? String ?? "", text: text, atUserIds: at))
         }
@@ -115,6 +220,9 @@ public final class DingTalkSimulator: Sendable {
 
     private func accessToken(_ request: Request) async throws -> Response {
         let body = try await json(request)
+        if let scripted = state.withLock({ $0.tokenScript.isEmpty ? nil : $0.tokenScript.removeFirst() }) {
+            return await answer(scripted, delivery: Delivery(channel: .direct, target: "", title: "", text: "", atUserIds: []))
+        }
         guard let key = body["appKey"] as? String, !key.isEmpty, let secret = body["appSecret"] as? String, !secret.isEmpty else {
             return .json(.badRequest, ["code": "MissingParameter", "message": "appKey and appSecret are required"])
         }
@@ -130,6 +238,15 @@ public final class DingTalkSimulator: Sendable {
     private func send(_ request: Request, channel: Delivery.Channel) async throws -> Response {
         let token = request.headers[HTTPField.Name("x-acs-dingtalk-access-token")!] ?? ""
         let body = try await json(request)
+        let scripted = state.withLock { state -> Scripted? in
+            state.sendRequests += 1
+            return state.sendScript.isEmpty ? nil : state.sendScript.removeFirst()
+        }
+        if let scripted {
+            let param = (body["msgParam"] as? String).flatMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: String] } ?? [:]
+            let target = channel == .group ? (body["openConversationId"] as? String ?? "") : ((body["userIds"] as? [String]) ?? []).joined(separator: ",")
+            return await answer(scripted, delivery: Delivery(channel: channel, target: target, title: param["title"] ?? "", text: param["text"] ?? "", atUserIds: []))
+        }
         let authorised = state.withLock { state -> Bool in
             if state.rejectNextSends > 0 {
                 state.rejectNextSends -= 1

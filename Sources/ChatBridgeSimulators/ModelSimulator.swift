@@ -29,11 +29,30 @@ public final class ModelSimulator: Sendable {
         public var body: String
         /// When set, a 200 stream that sends this text and then breaks with an error event.
         public var midStreamError: String?
+        /// When set, a 200 `text/event-stream` of exactly these `data:` payloads, then the end of the body.
+        public var events: [String]?
 
         public init(status: Int, headers: [String: String] = [:], body: String) {
             self.status = status
             self.headers = headers
             self.body = body
+        }
+
+        /// A stream of exactly these `data:` payloads (JSON chunks, `[DONE]`, error objects), as given.
+        public static func stream(_ events: [String]) -> Scripted {
+            var scripted = Scripted(status: 200, body: "")
+            scripted.events = events
+            return scripted
+        }
+
+        /// One streamed chunk carrying `content` (and `finish_reason`, when given).
+        public static func chunk(_ content: String?, finish: String? = nil, refusal: String? = nil) -> String {
+            var delta: [String: Any] = [:]
+            if let content { delta["content"] = content }
+            if let refusal { delta["refusal"] = refusal }
+            let choice: [String: Any] = ["index": 0, "delta": delta, "finish_reason": finish ?? NSNull()]
+            let object: [String: Any] = ["id": "chatcmpl-sim", "object": "chat.completion.chunk", "created": 1, "model": "sim", "choices": [choice]]
+            return String(decoding: (try? JSONSerialization.data(withJSONObject: object)) ?? Data(), as: UTF8.self)
         }
 
         public static func error(_ status: Int, code: String? = nil, message: String = "simulated error", retryAfter: String? = nil) -> Scripted {
@@ -52,6 +71,8 @@ public final class ModelSimulator: Sendable {
         public var path: String
         public var query: String
         public var stream: Bool
+        /// The `user` field of the request.
+        public var user: String?
     }
 
     private struct State {
@@ -133,8 +154,12 @@ public final class ModelSimulator: Sendable {
             state.received.append(Received(
                 messages: messages, authorization: request.headers[.authorization],
                 apiKeyHeader: request.headers[HTTPField.Name("api-key")!], path: request.uri.path,
-                query: request.uri.query ?? "", stream: json["stream"] as? Bool ?? false))
+                query: request.uri.query ?? "", stream: json["stream"] as? Bool ?? false, user: json["user"] as? String))
             return (state.behaviour, state.scripted.isEmpty ? nil : state.scripted.removeFirst())
+        }
+        if let events = scripted?.events {
+            let body = events.map { "data: \($0)\n\n" }.joined()
+            return Response(status: .ok, headers: [.contentType: "text/event-stream"], body: .init(byteBuffer: ByteBuffer(string: body)))
         }
         if let scripted, scripted.midStreamError == nil {
             var headers: HTTPFields = [.contentType: "application/json"]

@@ -1,3 +1,5 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -7,7 +9,7 @@ import Darwin
 /// An exclusive advisory lock on a file, held for the life of the process, so that only one process
 /// uses an SQLite database at a time.
 final class ProcessLock: Sendable {
-    private let descriptor: Int32
+    private let descriptor: Mutex<Int32?>
     let path: String
 
     struct HeldElsewhere: Error, CustomStringConvertible {
@@ -30,12 +32,19 @@ final class ProcessLock: Sendable {
             close(fd)
             throw HeldElsewhere(path: path)
         }
-        self.descriptor = fd
+        self.descriptor = Mutex(fd)
         self.path = path
     }
 
-    deinit {
-        flock(descriptor, LOCK_UN)
-        close(descriptor)
+    /// Releases the lock (once), so another process, or a later open in this one, may use the database.
+    func release() {
+        descriptor.withLock { descriptor in
+            guard let fd = descriptor else { return }
+            flock(fd, LOCK_UN)
+            close(fd)
+            descriptor = nil
+        }
     }
+
+    deinit { release() }
 }

@@ -5,11 +5,16 @@ import NIOCore
 import NIOPosix
 import SQLKit
 import SQLiteKit
+import Synchronization
 
 /// The SQL implementation of ``Inbox`` and ``ConversationStore``, written once against SQLKit.
 ///
 /// With SQLite one connection serves the process and one lock file keeps other processes away; every
 /// operation runs as one serialised transaction. Timestamps are stored as integer milliseconds.
+///
+/// Every write on a claimed row is conditional on the claim's lease token and must change exactly one
+/// row, else it throws ``LeaseLost``. Statements are never logged with their bound values (they carry
+/// message text and webhook tokens).
 public final class SQLStore: Inbox, ConversationStore, Sendable {
     public struct StoreError: Error, CustomStringConvertible {
         public var description: String
@@ -18,6 +23,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     private let connection: SQLiteConnection
     private let database: any SQLDatabase
     private let mutex = AsyncMutex()
+    private let closed = Atomic<Bool>(false)
     private let lock: ProcessLock?
     private let logger: Logger
     public let location: DatabaseLocation
@@ -36,7 +42,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     private init(connection: SQLiteConnection, lock: ProcessLock?, location: DatabaseLocation, logger: Logger) {
         self.connection = connection
-        self.database = connection.sql(queryLogLevel: .trace)
+        // No query logging: SQLKit would log bound values, which carry message text and webhook tokens.
+        self.database = connection.sql(queryLogLevel: nil)
         self.lock = lock
         self.location = location
         self.logger = logger
@@ -78,8 +85,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         return store
     }
 
+    /// Closes the connection (once; later calls do nothing), also from a cancelled task.
     public func close() async {
-        try? await connection.close()
+        let connection = self.connection
+        guard closed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
+        // A task of its own, so a cancelled caller still closes the connection.
+        await Task { try? await connection.close() }.value
+        lock?.release()
     }
 
     private func configure() async throws {
@@ -163,6 +175,14 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             )
             """,
         ]),
+        // Each claim's own lease token; the reply's kind and its effect on the conversation, applied when it
+        // has been delivered; sends of the next part whose outcome is unknown.
+        (2, [
+            "ALTER TABLE inbox ADD COLUMN lease_token TEXT",
+            "ALTER TABLE inbox ADD COLUMN reply_kind TEXT",
+            "ALTER TABLE inbox ADD COLUMN reply_effect TEXT",
+            "ALTER TABLE inbox ADD COLUMN uncertain_sends INTEGER NOT NULL DEFAULT 0",
+        ]),
     ]
 
     /// The newest schema version this build knows.
@@ -214,127 +234,211 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         }
     }
 
-    public func claim(limit: Int, owner: String, leaseUntil: Date, now: Date) async throws -> [InboxItem] {
+    public func claim(limit: Int, owner: String, leaseUntil: Date, maxAttempts: Int, now: Date) async throws -> [ClaimedRow] {
         guard limit > 0 else { return [] }
         let nowMillis = now.millis
         let leaseMillis = leaseUntil.millis
+        // Every row of this claim gets its own token: one random value for the statement plus the row id.
+        let batch = UUID().uuidString.lowercased()
         // One statement: take the oldest ready message of each idle conversation and return it.
         let rows = try await single { db in
             try await db.raw("""
                 UPDATE inbox SET state = 'running', attempts = attempts + 1, lease_owner = \(bind: owner),
+                    lease_token = \(bind: batch) || '-' || CAST(id AS TEXT),
                     lease_expires_at = \(bind: leaseMillis), updated_at = \(bind: nowMillis)
                 WHERE id IN (
                     SELECT i.id FROM inbox i
-                    WHERE i.state = 'pending' AND i.not_before <= \(bind: nowMillis)
+                    WHERE i.state = 'pending' AND i.not_before <= \(bind: nowMillis) AND i.attempts < \(bind: maxAttempts)
                       AND NOT EXISTS (
                         SELECT 1 FROM inbox j
                         WHERE j.conversation_key = i.conversation_key AND j.state IN ('pending', 'running') AND j.id < i.id)
                     ORDER BY i.id
                     LIMIT \(bind: limit))
-                RETURNING id, payload, conversation_key, attempts, answer, delivered_parts
+                RETURNING id, lease_token, payload, conversation_key, attempts, answer, reply_kind, reply_effect,
+                    delivered_parts, uncertain_sends
                 """).all()
         }
-        var items: [InboxItem] = []
-        items.reserveCapacity(rows.count)
+        var claimed: [ClaimedRow] = []
+        claimed.reserveCapacity(rows.count)
         for row in rows {
-            let payload = try row.decode(column: "payload", as: String.self)
-            items.append(InboxItem(
-                id: try row.decode(column: "id", as: Int64.self),
-                message: try Self.decoder.decode(InboundMessage.self, from: Data(payload.utf8)),
-                conversation: ConversationKey(rawValue: try row.decode(column: "conversation_key", as: String.self)),
-                attempts: try row.decode(column: "attempts", as: Int.self),
-                storedAnswer: try row.decode(column: "answer", as: String?.self),
-                deliveredParts: try row.decode(column: "delivered_parts", as: Int.self)
-            ))
+            // A row that cannot be read is handed out as such, to be failed; it never holds up the rest.
+            guard let id = try? row.decode(column: "id", as: Int64.self),
+                let token = try? row.decode(column: "lease_token", as: String.self)
+            else { continue }
+            let lease = Lease(id: id, token: token)
+            do {
+                claimed.append(.ready(try Self.item(from: row, lease: lease)))
+            } catch {
+                claimed.append(.unreadable(lease, reason: "\(error)"))
+            }
         }
-        return items.sorted { $0.id < $1.id }
+        return claimed.sorted { $0.lease.id < $1.lease.id }
     }
 
-    public func releaseExpiredLeases(now: Date) async throws -> Int {
+    private static func item(from row: any SQLRow, lease: Lease) throws -> InboxItem {
+        let payload = try row.decode(column: "payload", as: String.self)
+        let message: InboundMessage
+        do {
+            message = try decoder.decode(InboundMessage.self, from: Data(payload.utf8))
+        } catch {
+            throw StoreError(description: "the stored message payload does not decode (\(type(of: error)))")
+        }
+        var reply: StoredReply?
+        if let text = try row.decode(column: "answer", as: String?.self) {
+            let kind = try row.decode(column: "reply_kind", as: String?.self).flatMap(StoredReply.Kind.init(rawValue:)) ?? .answer
+            var effect = ConversationEffect.none
+            if let json = try row.decode(column: "reply_effect", as: String?.self) {
+                do {
+                    effect = try decoder.decode(ConversationEffect.self, from: Data(json.utf8))
+                } catch {
+                    throw StoreError(description: "the stored reply's effect does not decode (\(type(of: error)))")
+                }
+            }
+            reply = StoredReply(text: text, kind: kind, effect: effect)
+        }
+        return InboxItem(
+            lease: lease, message: message,
+            conversation: ConversationKey(rawValue: try row.decode(column: "conversation_key", as: String.self)),
+            attempts: try row.decode(column: "attempts", as: Int.self), reply: reply,
+            deliveredParts: try row.decode(column: "delivered_parts", as: Int.self),
+            uncertainSends: try row.decode(column: "uncertain_sends", as: Int.self))
+    }
+
+    public func renewLeases(_ leases: [Lease], until: Date) async throws -> Int {
+        var renewed = 0
+        let untilMillis = until.millis
+        // Tokens embed their row id, so matching both lists matches each row's own token (and uses the key).
+        for chunk in stride(from: 0, to: leases.count, by: 400).map({ leases[$0..<min($0 + 400, leases.count)] }) {
+            let ids: [any Encodable & Sendable] = chunk.map(\.id)
+            let tokens: [any Encodable & Sendable] = chunk.map(\.token)
+            renewed += try await single(priority: .urgent) { db in
+                try await db.raw("""
+                    UPDATE inbox SET lease_expires_at = \(bind: untilMillis)
+                    WHERE id IN (\(binds: ids)) AND lease_token IN (\(binds: tokens)) AND state = 'running'
+                    RETURNING id
+                    """).all().count
+            }
+        }
+        return renewed
+    }
+
+    /// Why a row is given up when its last allowed attempt was interrupted.
+    private static let interruptedLastAttempt = "gave up: the last allowed attempt was interrupted (process stopped or lease lost) before it finished"
+
+    public func releaseExpiredLeases(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {
         let nowMillis = now.millis
         return try await single { db in
-            try await db.raw("""
-                UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
+            Self.released(try await db.raw("""
+                UPDATE inbox SET
+                    state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
+                    last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: Self.interruptedLastAttempt) ELSE last_error END,
+                    answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: nowMillis) ELSE answered_at END,
+                    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
                 WHERE state = 'running' AND lease_expires_at < \(bind: nowMillis)
-                RETURNING id
-                """).all().count
+                RETURNING state
+                """).all())
         }
     }
 
-    public func storeAnswer(id: Int64, owner: String, resolution: Resolution, key: ConversationKey, now: Date) async throws {
+    public func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {
+        let nowMillis = now.millis
+        return try await single { db in
+            Self.released(try await db.raw("""
+                UPDATE inbox SET
+                    state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
+                    last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: Self.interruptedLastAttempt) ELSE last_error END,
+                    answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: nowMillis) ELSE answered_at END,
+                    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
+                WHERE state = 'running' OR (state = 'pending' AND attempts >= \(bind: maxAttempts))
+                RETURNING state
+                """).all())
+        }
+    }
+
+    private static func released(_ rows: [any SQLRow]) -> ReleasedClaims {
+        var result = ReleasedClaims()
+        for row in rows {
+            if (try? row.decode(column: "state", as: String.self)) == "failed" { result.gaveUp += 1 } else { result.requeued += 1 }
+        }
+        return result
+    }
+
+    public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, now: Date) async throws {
+        let effect = String(decoding: try Self.encoder.encode(reply.effect), as: UTF8.self)
+        try await conditional(lease) { db in
+            db.raw("""
+                UPDATE inbox SET answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
+                    last_error = COALESCE(\(bind: error), last_error), updated_at = \(bind: now.millis)
+                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
+                RETURNING id
+                """)
+        }
+    }
+
+    public func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
+        try await conditional(lease) { db in
+            db.raw("""
+                UPDATE inbox SET uncertain_sends = uncertain_sends + 1, lease_expires_at = \(bind: leaseUntil.millis),
+                    updated_at = \(bind: now.millis)
+                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
+                RETURNING id
+                """)
+        }
+    }
+
+    public func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
+        try await conditional(lease) { db in
+            db.raw("""
+                UPDATE inbox SET delivered_parts = \(bind: parts), uncertain_sends = 0, updated_at = \(bind: now.millis)
+                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
+                RETURNING id
+                """)
+        }
+    }
+
+    public func finish(_ lease: Lease, reply: StoredReply, conversation: ConversationKey, now: Date) async throws {
+        let state = reply.kind == .answer ? "answered" : "failed"
         let millis = now.millis
         try await transaction { db in
             let updated = try await db.raw("""
-                UPDATE inbox SET answer = \(bind: resolution.text), updated_at = \(bind: millis)
-                WHERE id = \(bind: id) AND state = 'running' AND lease_owner = \(bind: owner)
-                RETURNING id
-                """).first()
-            guard updated != nil else {
-                throw StoreError(description: "message \(id) is no longer claimed by this worker; its answer was not stored")
-            }
-            try await Self.apply(resolution.effect, to: key, on: db)
-        }
-    }
-
-    public func markPartsDelivered(id: Int64, owner: String, count: Int) async throws {
-        try await single { db in
-            try await db.raw("""
-                UPDATE inbox SET delivered_parts = \(bind: count) WHERE id = \(bind: id) AND lease_owner = \(bind: owner)
-                """).run()
-        }
-    }
-
-    public func markAnswered(id: Int64, owner: String, now: Date) async throws {
-        try await finish(id: id, owner: owner, state: "answered", error: nil, now: now)
-    }
-
-    public func markFailed(id: Int64, owner: String, error: String, now: Date) async throws {
-        try await finish(id: id, owner: owner, state: "failed", error: error, now: now)
-    }
-
-    private func finish(id: Int64, owner: String, state: String, error: String?, now: Date) async throws {
-        let millis = now.millis
-        try await single { db in
-            try await db.raw("""
-                UPDATE inbox SET state = \(bind: state), lease_owner = NULL, lease_expires_at = NULL,
-                    last_error = COALESCE(\(bind: error), last_error), updated_at = \(bind: millis), answered_at = \(bind: millis)
-                WHERE id = \(bind: id) AND lease_owner = \(bind: owner)
-                """).run()
-        }
-    }
-
-    public func scheduleRetry(id: Int64, owner: String, notBefore: Date, error: String, now: Date) async throws {
-        let millis = now.millis
-        try await single { db in
-            try await db.raw("""
-                UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-                    not_before = \(bind: notBefore.millis), last_error = \(bind: error), updated_at = \(bind: millis)
-                WHERE id = \(bind: id) AND lease_owner = \(bind: owner)
-                """).run()
-        }
-    }
-
-    public func reclaimRunning(now: Date) async throws -> Int {
-        let millis = now.millis
-        return try await single { db in
-            let rows = try await db.raw("""
-                UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = \(bind: millis)
-                WHERE state = 'running'
+                UPDATE inbox SET state = \(bind: state), uncertain_sends = 0, lease_owner = NULL, lease_token = NULL,
+                    lease_expires_at = NULL, updated_at = \(bind: millis), answered_at = \(bind: millis)
+                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
                 RETURNING id
                 """).all()
-            return rows.count
+            guard updated.count == 1 else { throw LeaseLost(lease) }
+            if reply.kind == .answer { try await Self.apply(reply.effect, to: conversation, on: db) }
         }
     }
 
-    public func renewLeases(ids: [Int64], owner: String, leaseUntil: Date) async throws {
-        guard !ids.isEmpty else { return }
-        let binds: [any Encodable & Sendable] = ids
-        try await single { db in
-            try await db.raw("""
-                UPDATE inbox SET lease_expires_at = \(bind: leaseUntil.millis)
-                WHERE lease_owner = \(bind: owner) AND state = 'running' AND id IN (\(binds: binds))
-                """).run()
+    public func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws {
+        try await conditional(lease) { db in
+            db.raw("""
+                UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+                    not_before = \(bind: notBefore.millis), last_error = \(bind: error),
+                    uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0), updated_at = \(bind: now.millis)
+                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
+                RETURNING id
+                """)
         }
+    }
+
+    public func markFailed(_ lease: Lease, error: String, lastSendFailed: Bool, now: Date) async throws {
+        try await conditional(lease) { db in
+            db.raw("""
+                UPDATE inbox SET state = 'failed', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+                    last_error = \(bind: error), uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0),
+                    updated_at = \(bind: now.millis), answered_at = \(bind: now.millis)
+                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
+                RETURNING id
+                """)
+        }
+    }
+
+    /// Runs one conditional write on a claimed row; it must change exactly that row.
+    private func conditional(_ lease: Lease, _ statement: @Sendable @escaping (any SQLDatabase) -> SQLRawBuilder) async throws {
+        let changed = try await single { db in try await statement(db).all().count }
+        guard changed == 1 else { throw LeaseLost(lease) }
     }
 
     public func nextWakeup() async throws -> Date? {
@@ -364,23 +468,45 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     /// A row of the inbox as stored, for tests and diagnostics.
     public struct InboxRow: Sendable, Equatable {
+        public var id: Int64
         public var messageID: String
         public var state: String
         public var attempts: Int
         public var answer: String?
         public var lastError: String?
+        public var leaseToken: String?
+        public var deliveredParts: Int
+        public var uncertainSends: Int
+        public var notBefore: Date
     }
 
     public func inboxRows() async throws -> [InboxRow] {
         try await single { db in
-            try await db.raw("SELECT message_id, state, attempts, answer, last_error FROM inbox ORDER BY id").all().map { row in
+            try await db.raw("""
+                SELECT id, message_id, state, attempts, answer, last_error, lease_token, delivered_parts, uncertain_sends, not_before
+                FROM inbox ORDER BY id
+                """).all().map { row in
                 InboxRow(
+                    id: try row.decode(column: "id", as: Int64.self),
                     messageID: try row.decode(column: "message_id", as: String.self),
                     state: try row.decode(column: "state", as: String.self),
                     attempts: try row.decode(column: "attempts", as: Int.self),
                     answer: try row.decode(column: "answer", as: String?.self),
-                    lastError: try row.decode(column: "last_error", as: String?.self)
+                    lastError: try row.decode(column: "last_error", as: String?.self),
+                    leaseToken: try row.decode(column: "lease_token", as: String?.self),
+                    deliveredParts: try row.decode(column: "delivered_parts", as: Int.self),
+                    uncertainSends: try row.decode(column: "uncertain_sends", as: Int.self),
+                    notBefore: Date(millis: try row.decode(column: "not_before", as: Int64.self))
                 )
+            }
+        }
+    }
+
+    /// The stored messages as normalised at the door, oldest first, for tests and diagnostics.
+    public func storedMessages() async throws -> [InboundMessage] {
+        try await single { db in
+            try await db.raw("SELECT payload FROM inbox ORDER BY id").all().map { row in
+                try Self.decoder.decode(InboundMessage.self, from: Data(try row.decode(column: "payload", as: String.self).utf8))
             }
         }
     }

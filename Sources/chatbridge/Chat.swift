@@ -1,6 +1,7 @@
 import ArgumentParser
 import AsyncHTTPClient
 import ChatBridgeCore
+import ChatBridgeHTTP
 import ChatBridgeLLM
 import ChatBridgeServer
 import ChatBridgeStore
@@ -27,9 +28,9 @@ struct Chat: AsyncParsableCommand {
         } catch {
             throw CleanExit.failure("\(error)")
         }
-        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        let client = OutboundHTTP.makeClient(readTimeout: .seconds(Int64(max(configuration.llm.timeout.seconds, 30))))
         let model = OpenAIChatModel(settings: configuration.llm, client: client, logger: logger)
-        let engine = Engine(settings: configuration.engine, model: model, conversations: store)
+        let engine = Engine(settings: configuration.engine, model: model, conversations: store, clock: SystemClock())
         let user = ProcessInfo.processInfo.environment["USER"] ?? ProcessInfo.processInfo.userName
         let interactive = isatty(STDIN_FILENO) == 1
         var failed = false
@@ -59,7 +60,7 @@ struct Chat: AsyncParsableCommand {
             body: .text(text), sentAt: Date())
         let streamed = Atomic<Bool>(false)
         do {
-            let resolution = try await engine.resolve(message, now: Date()) { delta in
+            let resolution = try await engine.resolve(message) { delta in
                 streamed.store(true, ordering: .relaxed)
                 FileHandle.standardOutput.write(Data(delta.utf8))
             }
@@ -69,8 +70,14 @@ struct Chat: AsyncParsableCommand {
             return true
         } catch {
             if streamed.load(ordering: .relaxed) { FileHandle.standardOutput.write(Data("\n".utf8)) }
-            let reply = engine.settings.messages.reply(for: error)
-            FileHandle.standardError.write(Data("error: \(reply) (\(error))\n".utf8))
+            // The person at the terminal is the operator: an unreachable model is reported as exactly that.
+            let line: String
+            if let error = error as? ModelError, error.kind == .connection {
+                line = "error: \(error)"
+            } else {
+                line = "error: \(engine.settings.messages.reply(for: error)) (\(error))"
+            }
+            FileHandle.standardError.write(Data((line + "\n").utf8))
             return false
         }
     }

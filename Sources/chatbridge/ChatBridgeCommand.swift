@@ -6,6 +6,7 @@ import ChatBridgeLLM
 import ChatBridgeServer
 import ChatBridgeStore
 import Foundation
+import Hummingbird
 import Logging
 
 @main
@@ -45,7 +46,7 @@ enum CleanExit {
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the server: DingTalk callbacks at POST /callbacks/dingtalk, /healthz, /readyz, /metrics.",
-        discussion: "With no configuration it listens on 0.0.0.0:8080 with its database at ./data/chatbridge.sqlite and logs what is still to configure. SIGTERM or SIGINT stops accepting callbacks (503), lets answers in flight finish for up to server.drain_timeout (30s) and exits 0."
+        discussion: "With no configuration it listens on 0.0.0.0:8080 with its database at ./data/chatbridge.sqlite and logs what is still to configure. /metrics moves to its own address with server.metrics_address. SIGTERM or SIGINT turns /readyz to 503 and lets answers in flight finish for up to server.drain_timeout (30s) while callbacks are still accepted (they are answered at the next start), then exits 0."
     )
 
     @OptionGroup var options: ConfigOption
@@ -53,6 +54,7 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         let configuration = try await options.load()
         Telemetry.bootstrapLogging(format: configuration.log.format, level: configuration.log.level)
+        let metrics = Telemetry.bootstrapMetrics()
         let logger = Logger(label: "chatbridge")
         guard configuration.errors.isEmpty else {
             for problem in configuration.errors { logger.error("\(problem)") }
@@ -61,17 +63,21 @@ struct Serve: AsyncParsableCommand {
         for problem in configuration.warnings {
             logger.warning("to configure: \(problem.key): \(problem.message)")
         }
-        let app: ChatBridgeApp
+        let host = configuration.server.host
+        let app: ChatBridgeApplication
         do {
-            app = try await buildApplication(configuration: configuration, logger: logger)
+            app = try await buildApplication(configuration: configuration, logger: logger, metrics: metrics) { port in
+                logger.notice("chatbridge listening on http://\(host):\(port)", metadata: [
+                    "port": "\(port)", "database": "\(configuration.databaseURL)", "model": "\(configuration.llm.model)",
+                ])
+            }
         } catch {
             throw CleanExit.failure("\(error)")
         }
-        let host = configuration.server.host
-        try await app.run { port in
-            logger.notice("chatbridge listening on http://\(host):\(port)", metadata: [
-                "port": "\(port)", "database": "\(configuration.databaseURL)", "model": "\(configuration.llm.model)",
-            ])
+        do {
+            try await app.runService()
+        } catch let error as ListenError {
+            throw CleanExit.failure(error.description)
         }
         logger.info("chatbridge stopped")
     }

@@ -2,6 +2,7 @@ import ArgumentParser
 import AsyncHTTPClient
 import ChatBridgeCore
 import ChatBridgeDingTalk
+import ChatBridgeHTTP
 import ChatBridgeLLM
 import ChatBridgeServer
 import Foundation
@@ -33,7 +34,7 @@ struct Check: AsyncParsableCommand {
         }
         var failed = !configuration.errors.isEmpty
         if probe {
-            let client = HTTPClient(eventLoopGroupProvider: .singleton)
+            let client = OutboundHTTP.makeClient()
             var logger = Logger(label: "chatbridge")
             logger.logLevel = .critical
             var llm = configuration.llm

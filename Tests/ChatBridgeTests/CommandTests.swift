@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 import ChatBridgeCore
+import ChatBridgeHTTP
 import ChatBridgeLLM
 import ChatBridgeSimulators
 import Foundation
@@ -64,8 +65,9 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         ]
         let ok = try runChatbridge(["check", "--probe"], environment: good, directory: directory)
         #expect(ok.status == 0, "\(ok.stdout)")
-        #expect(!ok.stdout.contains("sk-very-secret-value"))
-        #expect(!ok.stdout.contains("app-secret-value"))
+        #expect(!ok.stdout.contains("sk-v"))
+        #expect(!ok.stdout.contains("app-"))
+        #expect(!ok.stdout.contains("lue"))
         #expect(ok.stdout.contains("probe model: ok"))
         #expect(ok.stdout.contains("probe dingtalk: ok"))
         model.script(.error(404, code: "model_not_found", message: "The model does not exist"))
@@ -87,14 +89,50 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         let directory = temporaryDirectory()
         let result = try runChatbridge(["migrate"], environment: [:], directory: directory)
         #expect(result.status == 0)
-        #expect(result.stdout.contains("schema version 1"))
+        #expect(result.stdout.contains("schema version 2 (latest 2)"))
         #expect(FileManager.default.fileExists(atPath: directory + "/data/chatbridge.sqlite"))
+    }
+
+    @Test func anUnreachableModelIsReportedAsUnreachable() async throws {
+        let directory = temporaryDirectory()
+        let refused = ["CHATBRIDGE_LLM_BASE_URL": "http://127.0.0.1:1/v1", "CHATBRIDGE_LLM_API_KEY": "sk-x", "CHATBRIDGE_BOT_LANGUAGE": "en"]
+        let chat = try runChatbridge(["chat"], environment: refused, input: "hello\n", directory: directory)
+        #expect(chat.status == 1)
+        #expect(chat.stderr == "error: cannot reach 127.0.0.1:1: connection refused; check llm.base_url and the network\n")
+        let probe = try runChatbridge(["check", "--probe"], environment: refused, directory: directory)
+        #expect(probe.status == 1)
+        #expect(probe.stdout.contains("probe model: failed: cannot reach 127.0.0.1:1: connection refused; check llm.base_url and the network"))
+        let unknownHost = ["CHATBRIDGE_LLM_BASE_URL": "http://nonexistent.invalid/v1", "CHATBRIDGE_LLM_API_KEY": "sk-x"]
+        let dns = try runChatbridge(["chat"], environment: unknownHost, input: "hello\n", directory: directory)
+        #expect(dns.stderr.hasPrefix("error: cannot reach nonexistent.invalid: "), "\(dns.stderr)")
+        #expect(dns.stderr.contains("check llm.base_url and the network"))
+        #expect(!dns.stderr.contains("模型服务繁忙"))
+    }
+
+    @Test func aTakenListenAddressEndsServeWithOneLineNamingTheSetting() async throws {
+        let occupier = try await ModelSimulator.start()
+        let directory = temporaryDirectory()
+        let result = try runChatbridge(
+            ["serve"], environment: ["CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "\(occupier.port)", "CHATBRIDGE_LOG_LEVEL": "critical"],
+            directory: directory)
+        #expect(result.status == 1)
+        #expect(result.stderr == "error: cannot listen on 127.0.0.1:\(occupier.port): the address is already in use; choose a free one with server.host/server.port (CHATBRIDGE_SERVER_PORT), or stop the other process\n")
+        #expect(!result.stderr.contains("bind(descriptor"))
+        let metrics = try runChatbridge(
+            ["serve"], environment: [
+                "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0", "CHATBRIDGE_LOG_LEVEL": "critical",
+                "CHATBRIDGE_SERVER_METRICS_ADDRESS": "127.0.0.1:\(occupier.port)",
+            ], directory: directory)
+        #expect(metrics.status == 1)
+        #expect(metrics.stderr.contains("server.metrics_address"))
+        await occupier.stop()
     }
 
     @Test func helpExplainsCommands() throws {
         let result = try runChatbridge(["serve", "--help"], environment: [:], directory: temporaryDirectory())
         #expect(result.stdout.contains("--config"))
         #expect(result.stdout.contains("SIGTERM"))
+        #expect(result.stdout.contains("server.metrics_address"))
     }
 }
 
@@ -133,12 +171,76 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         await model.stop()
     }
 
+    func model(_ simulator: ModelSimulator, _ client: HTTPClient) -> OpenAIChatModel {
+        OpenAIChatModel(settings: LLMSettings(baseURL: simulator.baseURL, apiKey: "sk-key-123456"), client: client, logger: Logger(label: "t"))
+    }
+
+    func ask(_ chat: OpenAIChatModel) async throws -> ChatCompletion {
+        try await chat.complete(ChatRequest(messages: [ChatMessage(role: .user, content: "q")], user: "dingtalk/bot/cid/$:LWCP_v1:$abc")) { _ in }
+    }
+
+    @Test func aStreamIsFinishedOnlyWhenItSaysSo() async throws {
+        let simulator = try await ModelSimulator.start()
+        let client = OutboundHTTP.makeClient()
+        let chat = model(simulator, client)
+        typealias S = ModelSimulator.Scripted
+        // Neither [DONE] nor a finish_reason: not an answer, and worth another try.
+        simulator.script(.stream([S.chunk("Hel"), S.chunk("lo")]))
+        await #expect { try await ask(chat) } throws: { error in
+            guard let error = error as? ModelError else { return false }
+            return error.kind == .invalidResponse && error.isRetryable && error.detail.contains("ended before")
+        }
+        // A finish_reason without [DONE] is finished (some servers omit [DONE]).
+        simulator.script(.stream([S.chunk("Hello"), S.chunk(nil, finish: "stop")]))
+        #expect(try await ask(chat).text == "Hello")
+        // Cut off at the token limit.
+        simulator.script(.stream([S.chunk("Hal"), S.chunk(nil, finish: "length"), "[DONE]"]))
+        let cut = try await ask(chat)
+        #expect(cut.text == "Hal" && cut.finishReason == "length")
+        // A refusal is an answer of its own.
+        simulator.script(.stream([S.chunk(nil, refusal: "I can't "), S.chunk(nil, refusal: "help with that."), S.chunk(nil, finish: "stop"), "[DONE]"]))
+        let refusal = try await ask(chat)
+        #expect(refusal.text.isEmpty && refusal.refusal == "I can't help with that.")
+        // An error object mid-stream is classified like the same error before the stream.
+        simulator.script(.stream([S.chunk("partial"), #"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#]))
+        await #expect { try await ask(chat) } throws: { error in
+            guard let error = error as? ModelError else { return false }
+            return error.kind == .quotaExceeded && !error.isRetryable
+        }
+        // A server that ignores stream: true and answers with one JSON object.
+        simulator.script(ModelSimulator.Scripted(status: 200, body: #"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Whole answer"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#))
+        let whole = try await ask(chat)
+        #expect(whole.text == "Whole answer" && whole.completionTokens == 2)
+        // The provider sees a stable hash of the conversation, never its ids.
+        let users = Set(simulator.received.compactMap(\.user))
+        #expect(users.count == 1)
+        #expect(users.first?.hasPrefix("cb-") == true)
+        #expect(users.first?.contains("LWCP") == false)
+        try await client.shutdown()
+        await simulator.stop()
+    }
+
+    @Test func aRedirectFromTheModelServerIsNotFollowed() async throws {
+        let simulator = try await ModelSimulator.start()
+        let elsewhere = try await DingTalkSimulator.start()
+        let client = OutboundHTTP.makeClient()
+        simulator.script(ModelSimulator.Scripted(status: 307, headers: ["location": elsewhere.baseURL + "/_simulator/stolen"], body: ""))
+        await #expect { try await ask(model(simulator, client)) } throws: { error in
+            guard let error = error as? ModelError else { return false }
+            return !error.isRetryable && error.detail.contains("redirect")
+        }
+        #expect(elsewhere.stolenRequests.isEmpty)
+        try await client.shutdown()
+        await simulator.stop()
+        await elsewhere.stop()
+    }
+
     @Test func connectionRefusedIsARetryableConnectionError() async throws {
-        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        let client = OutboundHTTP.makeClient()
         let chat = OpenAIChatModel(settings: LLMSettings(baseURL: "http://127.0.0.1:1/v1", apiKey: "k"), client: client, logger: Logger(label: "t"))
         await #expect { try await chat.complete(ChatRequest(messages: [ChatMessage(role: .user, content: "x")])) { _ in } } throws: { error in
             guard let error = error as? ModelError else { return false }
-            return error.kind == .connection && error.isRetryable
+            return error.kind == .connection && error.isRetryable && error.description == "cannot reach 127.0.0.1:1: connection refused; check llm.base_url and the network"
         }
         try await client.shutdown()
     }

@@ -1,4 +1,6 @@
 import ChatBridgeSimulators
+import ChatBridgeStore
+import Logging
 import Foundation
 import Testing
 import AsyncHTTPClient
@@ -52,7 +54,9 @@ func chatbridgeExecutable() -> String {
         let second = try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
         _ = try await second.waitUntilListening()
         #expect(await eventually(seconds: 60) { Set(dingtalk.deliveries.map(\.target)).count == 12 })
-        try await Task.sleep(for: .milliseconds(500))
+        // SIGTERM drains and exits 0; after that nothing more can be sent.
+        second.signal(SIGTERM)
+        #expect(await second.wait() == 0)
         let perMessage = Dictionary(grouping: dingtalk.deliveries, by: \.target).mapValues(\.count)
         #expect(perMessage.count == 12)
         #expect(perMessage.values.allSatisfy { $0 == 1 }, "duplicates: \(perMessage.filter { $0.value > 1 })")
@@ -60,9 +64,54 @@ func chatbridgeExecutable() -> String {
             let index = id.split(separator: "-").last!
             #expect(dingtalk.deliveries.first { $0.target == id }?.text == ModelSimulator.answer(to: "q\(index)"))
         }
-        // SIGTERM drains and exits 0.
+        let store = try await SQLStore.open(.sqliteFile(path: "\(directory)/chatbridge.sqlite"), logger: Logger(label: "t"))
+        #expect(try await store.inboxRows().allSatisfy { $0.state == "answered" })
+        await store.close()
+        try? await client.shutdown()
+        await model.stop()
+        await dingtalk.stop()
+    }
+
+    /// The window that remains: DingTalk has accepted a reply, but the process dies before the statement
+    /// recording it commits. The sessionWebhook has no idempotency key, so the next attempt cannot know;
+    /// it sends the reply once more, logged as a possible duplicate, and never a third time.
+    @Test func killedBetweenDeliveryAndItsRecordTheReplyIsSentOnceMoreAndFlagged() async throws {
+        let model = try await ModelSimulator.start()
+        let dingtalk = try await DingTalkSimulator.start()
+        let directory = temporaryDirectory()
+        let environment = [
+            "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
+            "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/chatbridge.sqlite",
+            "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-test",
+            "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbot", "CHATBRIDGE_DINGTALK_CLIENT_SECRET": testSecret,
+            "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL, "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1",
+        ]
+        // DingTalk takes the reply, but its answer does not come back before the process dies.
+        dingtalk.scriptWebhook(.deliveredThenHeld)
+        let first = try ChildServer(executable: chatbridgeExecutable(), environment: environment, logPath: directory + "/first.log")
+        let port = try await first.waitUntilListening()
+        let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
+        let client = HTTPClientFactory.make()
+        let body = sender.body(messageID: "window-1", text: "in the window", webhook: dingtalk.webhookURL(session: "window-1"))
+        #expect(try await sender.post(body, client: client).status == 200)
+        #expect(await eventually { dingtalk.deliveries.count == 1 })
+        first.signal(SIGKILL)
+        _ = await first.wait()
+        dingtalk.releaseHeld()
+
+        let second = try ChildServer(executable: chatbridgeExecutable(), environment: environment, logPath: directory + "/second.log")
+        _ = try await second.waitUntilListening()
+        #expect(await eventually { dingtalk.deliveries.count == 2 })
+        #expect(await eventually { ((try? String(contentsOfFile: directory + "/second.log", encoding: .utf8)) ?? "").contains("may appear twice") })
         second.signal(SIGTERM)
         #expect(await second.wait() == 0)
+        #expect(dingtalk.deliveries.map(\.target) == ["window-1", "window-1"])
+        #expect(model.requestCount == 1)
+        let store = try await SQLStore.open(.sqliteFile(path: "\(directory)/chatbridge.sqlite"), logger: Logger(label: "t"))
+        let rows = try await store.inboxRows()
+        #expect(rows.map(\.state) == ["answered"])
+        #expect(rows.map(\.attempts) == [2])
+        await store.close()
         try? await client.shutdown()
         await model.stop()
         await dingtalk.stop()

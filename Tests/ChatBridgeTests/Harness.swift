@@ -7,6 +7,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
+import ServiceLifecycle
 
 let testSecret = "test-app-secret"
 
@@ -26,16 +27,29 @@ func temporaryDirectory() -> String {
     return path
 }
 
-/// The real application on port 0 with a fresh SQLite file, against the loopback simulators.
+/// The value of one sample in Prometheus text, e.g. `chatbridge_messages_received_total{platform="dingtalk"}`.
+func metricValue(_ text: String, _ sample: String) -> Double? {
+    for line in text.split(separator: "\n") where line.hasPrefix(sample + " ") {
+        return Double(line.dropFirst(sample.count + 1).trimmingCharacters(in: .whitespaces))
+    }
+    return nil
+}
+
+/// The real application on port 0 with a fresh SQLite file, against the loopback simulators, run in a
+/// service group the test shuts down.
 final class Harness: @unchecked Sendable {
     let model: ModelSimulator
     let dingtalk: DingTalkSimulator
-    let app: ChatBridgeApp
     let client: HTTPClient
-    let sender: CallbackSender
-    let port: Int
     let directory: String
-    private let task: Task<Void, any Error>
+    let configuration: ChatBridgeConfiguration
+    private(set) var app: ChatBridgeApplication
+    private(set) var sender: CallbackSender
+    private(set) var port: Int
+    private var group: ServiceGroup
+    private var task: Task<Void, any Error>
+
+    var store: SQLStore { app.components.store }
 
     static func start(_ overrides: [String: String] = [:], behaviour: ModelSimulator.Behaviour = .init()) async throws -> Harness {
         let model = try await ModelSimulator.start(behaviour: behaviour)
@@ -50,28 +64,45 @@ final class Harness: @unchecked Sendable {
         values.merge(overrides) { $1 }
         let configuration = ChatBridgeConfiguration.from(values: values)
         precondition(configuration.errors.isEmpty, "\(configuration.errors)")
-        var logger = Logger(label: "test")
-        logger.logLevel = .critical
-        let app = try await buildApplication(configuration: configuration, logger: logger)
-        let (stream, continuation) = AsyncStream.makeStream(of: Int.self)
-        let task = Task {
-            try await app.run(gracefulShutdownSignals: []) { port in continuation.yield(port) }
-        }
-        var iterator = stream.makeAsyncIterator()
-        guard let port = await iterator.next() else { throw SimulatorError(description: "app did not start") }
         let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        let (app, group, task, port) = try await launch(configuration)
         let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
-        return Harness(model: model, dingtalk: dingtalk, app: app, client: client, sender: sender, port: port, directory: directory, task: task)
+        return Harness(
+            model: model, dingtalk: dingtalk, client: client, directory: directory, configuration: configuration, app: app, sender: sender,
+            port: port, group: group, task: task)
     }
 
-    private init(model: ModelSimulator, dingtalk: DingTalkSimulator, app: ChatBridgeApp, client: HTTPClient, sender: CallbackSender, port: Int, directory: String, task: Task<Void, any Error>) {
+    private static func launch(_ configuration: ChatBridgeConfiguration) async throws -> (ChatBridgeApplication, ServiceGroup, Task<Void, any Error>, Int) {
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        let (stream, continuation) = AsyncStream.makeStream(of: Int.self)
+        let app = try await buildApplication(configuration: configuration, logger: logger) { port in continuation.yield(port) }
+        let group = ServiceGroup(configuration: .init(services: [app], logger: logger))
+        let task = Task {
+            defer { continuation.finish() }
+            try await group.run()
+        }
+        var iterator = stream.makeAsyncIterator()
+        guard let port = await iterator.next() else {
+            try await task.value
+            throw SimulatorError(description: "app did not start")
+        }
+        return (app, group, task, port)
+    }
+
+    private init(
+        model: ModelSimulator, dingtalk: DingTalkSimulator, client: HTTPClient, directory: String, configuration: ChatBridgeConfiguration,
+        app: ChatBridgeApplication, sender: CallbackSender, port: Int, group: ServiceGroup, task: Task<Void, any Error>
+    ) {
         self.model = model
         self.dingtalk = dingtalk
-        self.app = app
         self.client = client
+        self.directory = directory
+        self.configuration = configuration
+        self.app = app
         self.sender = sender
         self.port = port
-        self.directory = directory
+        self.group = group
         self.task = task
     }
 
@@ -84,14 +115,44 @@ final class Harness: @unchecked Sendable {
         return try await sender.post(body, client: client)
     }
 
-    func get(_ path: String) async throws -> (status: Int, body: String) {
-        let response = try await client.execute(HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)"), timeout: .seconds(10))
+    func get(_ path: String, port: Int? = nil) async throws -> (status: Int, body: String) {
+        let response = try await client.execute(HTTPClientRequest(url: "http://127.0.0.1:\(port ?? self.port)\(path)"), timeout: .seconds(10))
         return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
     }
 
-    func stop() async {
-        await app.shutdown()
+    func metric(_ sample: String) async throws -> Double {
+        metricValue(try await get("/metrics").body, sample) ?? 0
+    }
+
+    /// Starts a graceful shutdown, as SIGTERM does.
+    func beginShutdown() async { await group.triggerGracefulShutdown() }
+
+    /// Shuts the application down and waits for it.
+    func stopApp() async {
+        await group.triggerGracefulShutdown()
         _ = try? await task.value
+    }
+
+    /// The inbox as stored, read while the application is stopped (it closes its store when it stops).
+    func inboxRowsWhileStopped() async throws -> [SQLStore.InboxRow] {
+        let store = try await SQLStore.open(try DatabaseLocation.parse(configuration.databaseURL), logger: Logger(label: "test"))
+        let rows = try await store.inboxRows()
+        await store.close()
+        return rows
+    }
+
+    /// Starts the application again on the same database and simulators.
+    func restart() async throws {
+        let (app, group, task, port) = try await Self.launch(configuration)
+        self.app = app
+        self.group = group
+        self.task = task
+        self.port = port
+        sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
+    }
+
+    func stop() async {
+        await stopApp()
         try? await client.shutdown()
         await model.stop()
         await dingtalk.stop()

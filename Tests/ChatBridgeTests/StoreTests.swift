@@ -1,7 +1,9 @@
 import ChatBridgeCore
-import ChatBridgeStore
+@testable import ChatBridgeStore
 import Foundation
 import Logging
+import SQLKit
+import Synchronization
 import Testing
 
 @Suite struct StoreTests {
@@ -10,26 +12,120 @@ import Testing
                        sender: .init(id: user, name: user), body: .text("q \(id)"), sentAt: Date())
     }
 
-    @Test func claimsOneMessagePerConversationInOrder() async throws {
-        let directory = temporaryDirectory()
-        let store = try await SQLStore.open(.sqliteFile(path: directory + "/db.sqlite"), logger: Logger(label: "t"))
-        for id in ["a1", "a2", "b1"] {
+    func items(_ rows: [ClaimedRow]) -> [InboxItem] {
+        rows.compactMap { if case .ready(let item) = $0 { item } else { nil } }
+    }
+
+    func accept(_ store: SQLStore, _ ids: [String], now: Date = Date()) async throws {
+        for id in ids {
             let m = message(id, chat: String(id.prefix(1)))
-            #expect(try await store.accept(m, conversation: ConversationKey(for: m, groupScope: .user), now: Date()) == .accepted)
+            #expect(try await store.accept(m, conversation: ConversationKey(for: m, groupScope: .user), now: now) == .accepted)
         }
+    }
+
+    @Test func claimsOneMessagePerConversationInOrderEachWithItsOwnToken() async throws {
+        let store = try await SQLStore.open(.sqliteFile(path: temporaryDirectory() + "/db.sqlite"), logger: Logger(label: "t"))
+        try await accept(store, ["a1", "a2", "b1"])
         let lease = Date().addingTimeInterval(30)
-        let first = try await store.claim(limit: 10, owner: "w", leaseUntil: lease, now: Date())
+        let first = items(try await store.claim(limit: 10, owner: "w", leaseUntil: lease, maxAttempts: 5, now: Date()))
         #expect(first.map(\.message.messageID) == ["a1", "b1"])
-        #expect(try await store.claim(limit: 10, owner: "w", leaseUntil: lease, now: Date()).isEmpty)
-        try await store.storeAnswer(id: first[0].id, owner: "w", resolution: Resolution(text: "x", effect: .none), key: first[0].conversation, now: Date())
-        try await store.markAnswered(id: first[0].id, owner: "w", now: Date())
-        #expect(try await store.claim(limit: 10, owner: "w", leaseUntil: lease, now: Date()).map(\.message.messageID) == ["a2"])
-        // An expired lease is taken over by another worker, with the stored answer.
+        #expect(Set(first.map(\.lease.token)).count == 2)
+        #expect(try await store.claim(limit: 10, owner: "w", leaseUntil: lease, maxAttempts: 5, now: Date()).isEmpty)
+        let reply = StoredReply(text: "x", kind: .answer, effect: .none)
+        try await store.storeReply(reply, for: first[0].lease, error: nil, now: Date())
+        try await store.finish(first[0].lease, reply: reply, conversation: first[0].conversation, now: Date())
+        #expect(items(try await store.claim(limit: 10, owner: "w", leaseUntil: lease, maxAttempts: 5, now: Date())).map(\.message.messageID) == ["a2"])
+        // An expired lease is taken over by another worker, with the stored reply.
         let later = Date().addingTimeInterval(60)
-        #expect(try await store.releaseExpiredLeases(now: later) == 2)
-        let reclaimed = try await store.claim(limit: 10, owner: "w2", leaseUntil: later.addingTimeInterval(30), now: later)
+        #expect(try await store.releaseExpiredLeases(now: later, maxAttempts: 5) == ReleasedClaims(requeued: 2))
+        let reclaimed = items(try await store.claim(limit: 10, owner: "w2", leaseUntil: later.addingTimeInterval(30), maxAttempts: 5, now: later))
         #expect(Set(reclaimed.map(\.message.messageID)) == ["a2", "b1"])
         #expect(reclaimed.map(\.attempts) == [2, 2])
+        await store.close()
+    }
+
+    @Test func aWriteWithAStaleLeaseTokenChangesNothing() async throws {
+        let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "t"))
+        try await accept(store, ["a1"])
+        let now = Date()
+        let old = try #require(items(try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 5, now: now)).first)
+        _ = try await store.releaseExpiredLeases(now: now.addingTimeInterval(31), maxAttempts: 5)
+        let current = try #require(items(try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(90), maxAttempts: 5, now: now.addingTimeInterval(31))).first)
+        #expect(old.lease.id == current.lease.id && old.lease.token != current.lease.token)
+        let before = try await store.inboxRows()
+        let reply = StoredReply(text: "stale", kind: .answer, effect: .appendExchange(
+            question: Turn(role: .user, content: "q", createdAt: now), answer: Turn(role: .assistant, content: "stale", createdAt: now)))
+        let writes: [(String, () async throws -> Void)] = [
+            ("storeReply", { try await store.storeReply(reply, for: old.lease, error: nil, now: now) }),
+            ("beginSend", { try await store.beginSend(old.lease, leaseUntil: now.addingTimeInterval(300), now: now) }),
+            ("recordDelivered", { try await store.recordDelivered(old.lease, parts: 3, now: now) }),
+            ("finish", { try await store.finish(old.lease, reply: reply, conversation: old.conversation, now: now) }),
+            ("scheduleRetry", { try await store.scheduleRetry(old.lease, notBefore: now, error: "x", lastSendFailed: true, now: now) }),
+            ("markFailed", { try await store.markFailed(old.lease, error: "x", lastSendFailed: false, now: now) }),
+        ]
+        for (name, write) in writes {
+            await #expect(throws: LeaseLost.self, "\(name)") { try await write() }
+        }
+        #expect(try await store.renewLeases([old.lease], until: now.addingTimeInterval(600)) == 0)
+        #expect(try await store.inboxRows() == before)
+        #expect(try await store.recentTurns(old.conversation, limit: 10).isEmpty)
+        // The current claim still works.
+        try await store.beginSend(current.lease, leaseUntil: now.addingTimeInterval(120), now: now)
+        #expect(try await store.inboxRows()[0].uncertainSends == 1)
+        await store.close()
+    }
+
+    @Test func anUnreadableRowIsHandedOutAsSuchAndTheRestOfTheBatchProceeds() async throws {
+        let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "t"))
+        try await accept(store, ["a1", "b1", "c1"])
+        try await store.single { db in try await db.raw("UPDATE inbox SET payload = '{broken' WHERE message_id = 'b1'").run() }
+        let claimed = try await store.claim(limit: 10, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        #expect(claimed.count == 3)
+        #expect(items(claimed).map(\.message.messageID) == ["a1", "c1"])
+        guard case .unreadable(let lease, let reason) = claimed[1] else {
+            Issue.record("expected the broken row to be unreadable")
+            return
+        }
+        #expect(reason.contains("does not decode"))
+        try await store.markFailed(lease, error: "unreadable: \(reason)", lastSendFailed: false, now: Date())
+        #expect(try await store.inboxRows().map(\.state) == ["running", "failed", "running"])
+        await store.close()
+    }
+
+    @Test func rowsPastTheAttemptLimitAreNeverClaimedAndGiveUpWhenReleased() async throws {
+        let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "t"))
+        try await accept(store, ["a1", "b1"])
+        var now = Date()
+        for _ in 0..<2 {
+            #expect(items(try await store.claim(limit: 10, owner: "dead", leaseUntil: now.addingTimeInterval(30), maxAttempts: 2, now: now)).count == 2)
+            now = now.addingTimeInterval(31)
+            _ = try await store.releaseExpiredLeases(now: now, maxAttempts: 5)
+        }
+        // Both have used two attempts: with a limit of two, neither is claimed again.
+        #expect(try await store.claim(limit: 10, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 2, now: now).isEmpty)
+        // Start-up gives up on them (and on interrupted last attempts) instead of leaving them to block their conversations.
+        #expect(try await store.reclaimRunning(now: now, maxAttempts: 2) == ReleasedClaims(gaveUp: 2))
+        let rows = try await store.inboxRows()
+        #expect(rows.map(\.state) == ["failed", "failed"])
+        #expect(rows[0].lastError?.contains("last allowed attempt") == true)
+        // A lease that expires on the last attempt gives up too.
+        try await accept(store, ["c1"])
+        _ = try await store.claim(limit: 10, owner: "dead", leaseUntil: now.addingTimeInterval(30), maxAttempts: 1, now: now)
+        #expect(try await store.releaseExpiredLeases(now: now.addingTimeInterval(31), maxAttempts: 1) == ReleasedClaims(gaveUp: 1))
+        await store.close()
+    }
+
+    @Test func theExchangeIsStoredWhenTheReplyIsFinishedNotBefore() async throws {
+        let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "t"))
+        try await accept(store, ["a1"])
+        let now = Date()
+        let item = try #require(items(try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 5, now: now)).first)
+        let reply = StoredReply(text: "ans", kind: .answer, effect: .appendExchange(
+            question: Turn(role: .user, content: "q", createdAt: now), answer: Turn(role: .assistant, content: "ans", createdAt: now)))
+        try await store.storeReply(reply, for: item.lease, error: nil, now: now)
+        #expect(try await store.recentTurns(item.conversation, limit: 10).isEmpty)
+        try await store.finish(item.lease, reply: reply, conversation: item.conversation, now: now)
+        #expect(try await store.recentTurns(item.conversation, limit: 10).map(\.content) == ["q", "ans"])
         await store.close()
     }
 
@@ -62,15 +158,46 @@ import Testing
         await store.close()
     }
 
-    @Test func secondProcessIsRefusedWithAClearError() async throws {
+    @Test func aSecondOpenOfTheSameDatabaseIsRefusedWithAClearError() async throws {
         let path = temporaryDirectory() + "/locked.sqlite"
         let first = try await SQLStore.open(.sqliteFile(path: path), logger: Logger(label: "t"))
-        let child = Process()
-        child.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
-        child.arguments = ["-n", path + ".lock", "true"]
-        try child.run()
-        child.waitUntilExit()
-        #expect(child.terminationStatus != 0)
+        await #expect {
+            _ = try await SQLStore.open(.sqliteFile(path: path), logger: Logger(label: "t"))
+        } throws: { error in
+            "\(error)".contains("another chatbridge process is already using this database") && "\(error)".contains(path + ".lock")
+        }
         await first.close()
     }
+
+    @Test func statementsAreNeverLoggedWithTheirValues() async throws {
+        let lines = LogCapture()
+        var logger = Logger(label: "t") { _ in lines }
+        logger.logLevel = .trace
+        let store = try await SQLStore.open(.sqliteMemory, logger: logger)
+        var m = message("secret-1")
+        m.body = .text("a very private question")
+        m.reply = .init(webhookURL: "https://oapi.dingtalk.com/robot/sendBySession?session=TOKEN-abc123", webhookExpiresAt: Date())
+        _ = try await store.accept(m, conversation: ConversationKey(rawValue: "k"), now: Date())
+        let item = try #require(items(try await store.claim(limit: 1, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())).first)
+        try await store.storeReply(StoredReply(text: "a very private answer", kind: .answer, effect: .none), for: item.lease, error: nil, now: Date())
+        await store.close()
+        let text = lines.all.joined(separator: "\n")
+        #expect(!text.contains("private"))
+        #expect(!text.contains("TOKEN-abc123"))
+    }
+}
+
+/// Collects every log line (message and metadata) at every level.
+final class LogCapture: LogHandler, @unchecked Sendable {
+    private let lines = Mutex<[String]>([])
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) {
+        lines.withLock { $0.append("\(event.message) \(event.metadata ?? [:]) \(metadata)") }
+    }
+    var all: [String] { lines.withLock { $0 } }
 }

@@ -66,16 +66,22 @@ import Testing
         }
     }
 
-    @Test func webhookAllowlistAndHTTPSRule() {
+    @Test func webhookAllowlistHTTPSAndPathRule() {
         let settings = DingTalkSettings(webhookHosts: ["oapi.dingtalk.com", "127.0.0.1"])
         #expect(settings.allowsWebhook("https://oapi.dingtalk.com/robot/sendBySession?session=1"))
         #expect(!settings.allowsWebhook("http://oapi.dingtalk.com/robot/sendBySession?session=1"))
         #expect(!settings.allowsWebhook("https://evil.example.com/robot/sendBySession"))
-        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com.evil.example/x"))
-        #expect(!settings.allowsWebhook("https://user@oapi.dingtalk.com/x"))
-        #expect(settings.allowsWebhook("http://127.0.0.1:9000/robot/sendBySession"))
-        #expect(!DingTalkSettings(webhookHosts: ["oapi.dingtalk.com"]).allowsWebhook("http://127.0.0.1:9000/x"))
+        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com.evil.example/robot/sendBySession"))
+        #expect(!settings.allowsWebhook("https://user@oapi.dingtalk.com/robot/sendBySession"))
+        #expect(settings.allowsWebhook("http://127.0.0.1:9000/robot/sendBySession?session=1"))
+        #expect(!DingTalkSettings(webhookHosts: ["oapi.dingtalk.com"]).allowsWebhook("http://127.0.0.1:9000/robot/sendBySession"))
         #expect(!settings.allowsWebhook("file:///etc/passwd"))
+        // Only the documented path, never another API on an allowed host.
+        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com/robot/send?access_token=x"))
+        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com/topapi/message/corpconversation/asyncsend_v2"))
+        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com/robot/sendBySession/../send"))
+        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com/robot/%73endBySession"))
+        #expect(!settings.allowsWebhook("https://oapi.dingtalk.com/robot/sendBySession#x"))
     }
 }
 
@@ -84,16 +90,26 @@ import Testing
         var parser = SSEParser()
         var events: [SSEParser.Event] = []
         for piece in [": keep-alive\r", "\n\r\ndata: {\"a\"", ":1}\r", "\n\r", "\ndata:x\ndata: y\n\nevent: e\ndata: z\r\r"] {
-            events += parser.feed(Array(piece.utf8))
+            events += try! parser.feed(Array(piece.utf8))
         }
         #expect(events.map(\.data) == ["{\"a\":1}", "x\ny", "z"])
         #expect(events.last?.event == "e")
     }
 
-    @Test func lastEventWithoutBlankLineIsDelivered() {
+    @Test func lastEventWithoutBlankLineIsDelivered() throws {
         var parser = SSEParser()
-        #expect(parser.feed(Array("data: [DONE]".utf8)).isEmpty)
-        #expect(parser.finish()?.data == "[DONE]")
+        #expect(try parser.feed(Array("data: [DONE]".utf8)).isEmpty)
+        #expect(try parser.finish()?.data == "[DONE]")
+    }
+
+    @Test func aLineOrAnEventOverTheLimitIsRefused() throws {
+        var parser = SSEParser(maxLineBytes: 64)
+        #expect(throws: SSEParser.TooLarge.self) { try parser.feed(Array(String(repeating: "x", count: 100).utf8)) }
+        var events = SSEParser(maxLineBytes: 64)
+        let lines = String(repeating: "data: 0123456789\n", count: 10)
+        #expect(throws: SSEParser.TooLarge.self) { try events.feed(Array(lines.utf8)) }
+        var fine = SSEParser(maxLineBytes: 64)
+        #expect(try fine.feed(Array("data: short\n\n".utf8)).map(\.data) == ["short"])
     }
 
     @Test func accumulatorHandlesDoneUsageEmptyChoicesAndErrors() throws {
@@ -113,6 +129,35 @@ import Testing
         #expect(try acc.consume(.init(data: "[DONE]"), apiKey: "") == .done)
         #expect(throws: ModelError.self) { try acc.consume(.init(data: #"{"error":{"message":"boom"}}"#), apiKey: "") }
         #expect(throws: ModelError.self) { try acc.consume(.init(data: "{not json"), apiKey: "") }
+    }
+
+    @Test func inStreamErrorsAreClassifiedLikeTheSameErrorBeforeTheStream() {
+        func error(_ json: String) -> ModelError? {
+            var acc = StreamAccumulator()
+            do {
+                _ = try acc.consume(.init(data: json), apiKey: "sk-key-123456")
+                return nil
+            } catch {
+                return error as? ModelError
+            }
+        }
+        let quota = error(#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#)
+        #expect(quota?.kind == .quotaExceeded && quota?.isRetryable == false)
+        #expect(error(#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#)?.kind == .rateLimited)
+        #expect(error(#"{"error":{"message":"maximum context length is 8192 tokens"}}"#)?.kind == .contextTooLong)
+        #expect(error(#"{"error":{"code":"429","message":"Please retry after 6 seconds"}}"#)?.kind == .rateLimited)
+        #expect(error(#"{"error":{"message":"Incorrect API key sk-key-123456","code":"invalid_api_key"}}"#)?.kind == .invalidAPIKey)
+        #expect(error(#"{"error":{"message":"Incorrect API key sk-key-123456","code":"invalid_api_key"}}"#)?.description.contains("sk-key-123456") == false)
+        let server = error(#"{"error":{"message":"stream interrupted","type":"server_error"}}"#)
+        #expect(server?.kind == .serverError && server?.isRetryable == true)
+    }
+
+    @Test func anAnswerOverTheSizeLimitIsRefused() throws {
+        var acc = StreamAccumulator(maxAnswerBytes: 10)
+        #expect(try acc.consume(.init(data: #"{"choices":[{"delta":{"content":"12345"}}]}"#), apiKey: "") == .more)
+        #expect { try acc.consume(.init(data: #"{"choices":[{"delta":{"content":"678901"}}]}"#), apiKey: "") } throws: { error in
+            (error as? ModelError)?.isRetryable == false
+        }
     }
 }
 
@@ -200,7 +245,7 @@ import Testing
     }
 
     @Test func commandsAreRecognised() {
-        let engine = Engine(settings: EngineSettings(language: .en), model: NoModel(), conversations: NoStore())
+        let engine = Engine(settings: EngineSettings(language: .en), model: NoModel(), conversations: NoStore(), clock: ManualClock())
         #expect(engine.intent(of: .text(" /RESET ")) == .reset)
         #expect(engine.intent(of: .text("清空会话")) == .reset)
         #expect(engine.intent(of: .text("帮助")) == .help)
@@ -209,17 +254,45 @@ import Testing
         #expect(engine.helpText.contains("/reset /clear /new"))
     }
 
-    @Test func retryPolicyBacksOffWithJitterAndHonoursRetryAfter() {
-        let policy = RetryPolicy(maxAttempts: 5, baseDelay: .seconds(1), maxDelay: .seconds(8))
-        #expect(policy.delay(afterAttempt: 1, random: 0) == .seconds(1))
-        #expect(policy.delay(afterAttempt: 3, random: 0) == .seconds(4))
-        #expect(policy.delay(afterAttempt: 3, random: 1) == .seconds(3))
-        #expect(policy.delay(afterAttempt: 10, random: 0) == .seconds(8))
-        #expect(policy.delay(afterAttempt: 1, retryAfter: .seconds(7), random: 0.5) == .seconds(7))
-        #expect(policy.delay(afterAttempt: 1, retryAfter: .seconds(600), random: 0.5) == .seconds(120))
-        #expect(policy.shouldRetry(afterAttempt: 4, retryable: true))
-        #expect(!policy.shouldRetry(afterAttempt: 5, retryable: true))
-        #expect(!policy.shouldRetry(afterAttempt: 1, retryable: false))
+    @Test func retryPolicyBacksOffWithJitterAndNeverRetriesEarlierThanAsked() {
+        let policy = RetryPolicy(maxAttempts: 5, baseDelay: .seconds(1), maxDelay: .seconds(8), maxRetryWait: .seconds(600))
+        #expect(policy.backoff(afterAttempt: 1, random: 0) == .seconds(1))
+        #expect(policy.backoff(afterAttempt: 3, random: 0) == .seconds(4))
+        #expect(policy.backoff(afterAttempt: 3, random: 1) == .seconds(3))
+        #expect(policy.backoff(afterAttempt: 10, random: 0) == .seconds(8))
+        #expect(policy.decision(afterAttempt: 1, retryable: true, random: 0) == .retry(after: .seconds(1)))
+        #expect(policy.decision(afterAttempt: 1, retryable: true, retryAfter: .seconds(7), random: 0.5) == .retry(after: .seconds(7)))
+        // Longer than the backoff cap is still waited for, in full.
+        #expect(policy.decision(afterAttempt: 1, retryable: true, retryAfter: .seconds(300), random: 0.5) == .retry(after: .seconds(300)))
+        #expect(policy.decision(afterAttempt: 1, retryable: true, retryAfter: .seconds(3600), random: 0.5) == .giveUp(.waitTooLong(.seconds(3600))))
+        #expect(policy.decision(afterAttempt: 4, retryable: true, random: 0) == .retry(after: .seconds(8)))
+        #expect(policy.decision(afterAttempt: 5, retryable: true, random: 0) == .giveUp(.attemptsExhausted))
+        #expect(policy.decision(afterAttempt: 1, retryable: false, random: 0) == .giveUp(.notRetryable))
+    }
+
+    @Test func theEngineCapsQuestionsNotesCutOffAnswersAndDeliversRefusals() async throws {
+        let model = CannedModel()
+        let engine = Engine(settings: EngineSettings(maxQuestionChars: 10, language: .en), model: model, conversations: NoStore(), clock: ManualClock())
+        let message = { (text: String) in
+            InboundMessage(platform: "p", botID: "b", messageID: "m", chat: .init(id: "c", kind: .direct), sender: .init(id: "u", name: "u"),
+                           body: .text(text), sentAt: Date())
+        }
+        let long = try await engine.resolve(message("12345678901"))
+        #expect(long.text.contains("11") && long.text.contains("10"))
+        #expect(long.effect == .none)
+        #expect(model.calls == 0)
+
+        model.next = ChatCompletion(text: "half an ans", finishReason: "length")
+        let cut = try await engine.resolve(message("question"))
+        #expect(cut.text == "half an ans\n\n" + BotMessages.defaults(for: .en).truncated)
+        guard case .appendExchange(_, let answer) = cut.effect else { Issue.record("expected an exchange"); return }
+        #expect(answer.content == "half an ans")
+
+        model.next = ChatCompletion(text: "", finishReason: "stop", refusal: "I can't help with that.")
+        #expect(try await engine.resolve(message("question")).text == "I can't help with that.")
+
+        model.next = ChatCompletion(text: "", finishReason: "stop")
+        await #expect(throws: ModelError.self) { try await engine.resolve(message("question")) }
     }
 
     @Test func splitterKeepsEverythingAndAvoidsCodeBlocks() {
@@ -282,6 +355,46 @@ import Testing
         #expect(config.errors.first { $0.key == "database.url" }?.message.contains("not supported yet") == true)
     }
 
+    @Test func hostileValuesAreErrorsNamingTheKeyNeverCrashes() async throws {
+        let hostile = ["1e300", "-1e300", "inf", "-inf", "nan", "-5", "1e18s", "99999999999999999999", "1e300MiB", "-1KiB", "..", "1.5.5h"]
+        for value in hostile {
+            let config = ChatBridgeConfiguration.from(values: [
+                "server.port": value, "server.max_body_bytes": value, "server.drain_timeout": value, "llm.timeout": value,
+                "llm.temperature": value, "llm.max_tokens": value, "worker.lease": value, "worker.max_retry_wait": value,
+                "conversation.idle_reset": value, "conversation.max_question_chars": value,
+            ])
+            for key in ["server.port", "server.max_body_bytes", "server.drain_timeout", "llm.timeout", "llm.temperature", "llm.max_tokens",
+                        "worker.lease", "worker.max_retry_wait", "conversation.idle_reset", "conversation.max_question_chars"] {
+                // A negative number of seconds is no duration; everything else here is out of range or not a number.
+                #expect(config.errors.contains { $0.key == key }, "\(key) = \(value) was accepted")
+            }
+        }
+        // The same through a YAML file, where some of these are numbers rather than strings.
+        let path = temporaryDirectory() + "/hostile.yaml"
+        try """
+        server:
+          port: 1e300
+          max_body_bytes: .inf
+          drain_timeout: -5
+          metrics_address: nowhere
+        llm:
+          timeout: .nan
+          temperature: 1e300
+        worker:
+          lease: 1e300
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        let config = try await ChatBridgeConfiguration.load(file: path, environment: [:])
+        #expect(Set(config.errors.map(\.key)).isSuperset(of: ["server.port", "server.max_body_bytes", "server.drain_timeout", "server.metrics_address", "llm.timeout", "llm.temperature", "worker.lease"]))
+    }
+
+    @Test func secretsShowNoCharactersOnlyALengthClass() {
+        #expect(ChatBridgeConfiguration.masked("") == "(not set)")
+        #expect(ChatBridgeConfiguration.masked("sk-abcdefghijklmnopqrstuvwxyz") == "(set, 16 to 31 characters)")
+        let config = ChatBridgeConfiguration.from(values: ["llm.api_key": "sk-proj-AbCdEfGh1234", "dingtalk.client_secret": "Zx9-secret-value"])
+        let printed = config.effectiveSettings().map(\.value).joined(separator: " ")
+        for fragment in ["sk-", "1234", "AbC", "Zx9", "lue"] { #expect(!printed.contains(fragment), "\(fragment)") }
+    }
+
     @Test func missingFileIsAnError() async {
         await #expect(throws: ChatBridgeConfiguration.LoadError.self) {
             _ = try await ChatBridgeConfiguration.load(file: "/nonexistent/chatbridge.yaml", environment: [:])
@@ -293,9 +406,23 @@ import Testing
         #expect(DurationParser.parse("500ms") == .milliseconds(500))
         #expect(DurationParser.parse("45") == .seconds(45))
         #expect(DurationParser.parse("1x") == nil)
+        #expect(DurationParser.parse("1e300") == nil)
+        #expect(DurationParser.parse("inf") == nil)
+        #expect(DurationParser.parse("99999999999d") == nil)
+        #expect(SizeParser.parse("1e300") == nil)
+        #expect(SizeParser.parse("inf") == nil)
         #expect(SizeParser.parse("1MiB") == 1 << 20)
         #expect(SizeParser.parse("512k") == 512 * 1024)
         #expect(SizeParser.parse("lots") == nil)
+    }
+}
+
+final class CannedModel: ChatModel, @unchecked Sendable {
+    var next = ChatCompletion(text: "ok", finishReason: "stop")
+    var calls = 0
+    func complete(_ request: ChatRequest, onDelta: @escaping @Sendable (String) async -> Void) async throws -> ChatCompletion {
+        calls += 1
+        return next
     }
 }
 

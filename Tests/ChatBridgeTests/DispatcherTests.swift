@@ -1,0 +1,226 @@
+import ChatBridgeCore
+import Foundation
+import Logging
+import Testing
+
+/// The dispatcher against in-memory twins and a manual clock: every exactly-once rule, with time driven
+/// by the test.
+final class DispatcherFixture: @unchecked Sendable {
+    let clock = ManualClock()
+    let inbox = InMemoryInbox()
+    let model = ScriptedModel()
+    let replies = RecordingReplies()
+    let settings: DispatcherSettings
+    let dispatcher: Dispatcher
+    private var task: Task<Void, Never>?
+
+    init(maxAttempts: Int = 3, maxRetryWait: Duration = .seconds(600)) {
+        settings = DispatcherSettings(
+            concurrency: 4, retry: RetryPolicy(maxAttempts: maxAttempts, maxRetryWait: maxRetryWait), lease: .seconds(30),
+            pollInterval: .seconds(1), uncertainRetryDelay: .seconds(30))
+        var logger = Logger(label: "dispatcher-test")
+        logger.logLevel = .critical
+        let engine = Engine(settings: EngineSettings(language: .en), model: model, conversations: NoConversations(), clock: clock)
+        dispatcher = Dispatcher(
+            inbox: inbox, engine: engine, replies: replies, settings: settings, owner: "test", clock: clock, logger: logger,
+            random: { 0 })
+    }
+
+    @discardableResult
+    func accept(_ id: String, _ text: String, chat: String = "c1") async throws -> Int64 {
+        let message = textMessage(id, text, chat: chat, user: "u-\(chat)")
+        _ = try await inbox.accept(message, conversation: ConversationKey(for: message, groupScope: .user), now: clock.now)
+        dispatcher.wake()  // as the ingress does after an accept
+        return await inbox.rows.last!.id
+    }
+
+    func start() { task = Task { await dispatcher.run() } }
+
+    func stop() async {
+        dispatcher.abandon()
+        await task?.value
+    }
+
+    func state(_ id: Int64) async -> String? { await inbox.row(id)?.state }
+
+    /// Advances the clock in steps until `condition` holds (each step lets the dispatcher run).
+    func advance(by step: Duration, until condition: @escaping () async -> Bool) async -> Bool {
+        await eventually {
+            if await condition() { return true }
+            self.clock.advance(by: step)
+            return await condition()
+        }
+    }
+}
+
+@Suite struct DispatcherTests {
+    @Test func anAttemptThatLostItsLeaseSendsNothing() async throws {
+        let f = DispatcherFixture()
+        let gate = OneTimeEvent()
+        f.model.script(.held(gate, "first attempt's answer"), .answer("second attempt's answer"))
+        let id = try await f.accept("m1", "question")
+        await f.inbox.setRenewalsFail(true)  // renewal starved, as under a burst of callbacks
+        f.start()
+        #expect(await eventually { f.model.calls == 1 })
+        // The lease runs out while the first attempt waits for the model; its own process takes the row over.
+        f.clock.advance(by: .seconds(31))
+        #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "answered" })
+        #expect(f.replies.delivered == ["second attempt's answer"])
+        // The first attempt gets its answer now, but its lease token is stale: it stops without sending.
+        gate.signal()
+        #expect(await eventually { await f.inbox.refusedWrites == [.storeReply] })
+        #expect(await eventually { f.dispatcher.inFlightCount == 0 })
+        #expect(f.replies.attempts == ["second attempt's answer"])
+        #expect(await f.inbox.row(id)?.attempts == 2)
+        await f.stop()
+    }
+
+    @Test func aFailedRecordAfterASuccessfulSendIsRetriedWithoutSendingAgain() async throws {
+        let f = DispatcherFixture()
+        f.model.script(.answer("part one|part two"))
+        let id = try await f.accept("m1", "question")
+        await f.inbox.failNext(.recordDelivered, count: 2)
+        await f.inbox.failNext(.finish, count: 3)
+        f.start()
+        #expect(await f.advance(by: .milliseconds(500)) { await f.state(id) == "answered" })
+        #expect(f.replies.attempts == ["part one", "part two"])
+        #expect(f.model.calls == 1)
+        #expect(await f.inbox.effects.count == 1)
+        await f.stop()
+    }
+
+    @Test func anUnreadableRowFailsAndItsNeighboursAreAnswered() async throws {
+        let f = DispatcherFixture()
+        let bad = await f.inbox.insertUnreadable(conversation: ConversationKey(rawValue: "dingtalk/bot/c1/u-c1"), now: f.clock.now)
+        let sameConversation = try await f.accept("m2", "after the bad one", chat: "c1")
+        let other = try await f.accept("m3", "elsewhere", chat: "c2")
+        f.start()
+        #expect(await eventually { await f.state(sameConversation) == "answered" && f.dispatcher.inFlightCount == 0 })
+        #expect(await f.state(other) == "answered")
+        #expect(await f.state(bad) == "failed")
+        #expect(await f.inbox.row(bad)?.lastError?.contains("unreadable") == true)
+        #expect(Set(f.replies.delivered) == ["Answer to: after the bad one", "Answer to: elsewhere"])
+        await f.stop()
+    }
+
+    @Test func attemptsNeverExceedTheMaximum() async throws {
+        let f = DispatcherFixture(maxAttempts: 3)
+        f.model.alwaysFail(ModelError(.serverError, status: 503, detail: "overloaded"))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(5)) { await f.state(id) == "failed" })
+        #expect(f.model.calls == 3)
+        #expect(await f.inbox.claims[id] == 3)
+        #expect(f.replies.delivered == [BotMessages.defaults(for: .en).busy])
+        #expect(await f.inbox.effects.isEmpty)
+        await f.stop()
+    }
+
+    @Test func aSendThatMayHaveBeenDeliveredGetsOneMoreTryAfterADelayThenStops() async throws {
+        let f = DispatcherFixture(maxAttempts: 5)
+        f.replies.script(.uncertain, .uncertain)
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await eventually {
+            let state = await f.state(id)
+            return f.replies.attempts.count == 1 && state == "pending"
+        })
+        let failedAt = f.clock.now
+        let row = try #require(await f.inbox.row(id))
+        #expect(row.notBefore >= failedAt.adding(.seconds(30)))
+        #expect(row.uncertainSends == 1)
+        #expect(f.replies.attempts.count == 1)
+        #expect(await f.advance(by: .seconds(5)) { await f.state(id) == "failed" })
+        #expect(f.replies.attempts.count == 2)
+        #expect(f.model.calls == 1)
+        #expect(await f.inbox.row(id)?.lastError?.contains("uncertain") == true)
+        #expect(await f.inbox.effects.isEmpty)
+        await f.stop()
+    }
+
+    @Test func aCrashWhileSendingCountsAsAnUncertainSend() async throws {
+        let f = DispatcherFixture()
+        let id = try await f.accept("m1", "question")
+        // A previous process stored the reply, began the send and died.
+        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 3, now: f.clock.now)
+        let lease = claimed[0].lease
+        try await f.inbox.storeReply(StoredReply(text: "stored", kind: .answer, effect: .none), for: lease, error: nil, now: f.clock.now)
+        try await f.inbox.beginSend(lease, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
+        _ = try await f.inbox.reclaimRunning(now: f.clock.now, maxAttempts: 3)
+        // The one more try is allowed (and logged as a possible duplicate); the model is not asked again.
+        f.start()
+        #expect(await eventually { await f.state(id) == "answered" })
+        #expect(f.replies.attempts == ["stored"])
+        #expect(f.model.calls == 0)
+        await f.stop()
+    }
+
+    @Test func aDefiniteDeliveryFailureResumesAtTheFirstUndeliveredPart() async throws {
+        let f = DispatcherFixture()
+        f.model.script(.answer("one|two|three"))
+        f.replies.script(.delivered, .failed(retryable: true))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "answered" })
+        #expect(f.replies.attempts == ["one", "two", "two", "three"])
+        #expect(f.replies.delivered == ["one", "two", "three"])
+        #expect(await f.inbox.row(id)?.attempts == 2)
+        await f.stop()
+    }
+
+    @Test func theContextGainsAnExchangeOnlyWhenItWasDelivered() async throws {
+        let f = DispatcherFixture(maxAttempts: 2)
+        f.replies.script(.failed(retryable: false))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await eventually { await f.state(id) == "failed" })
+        #expect(await f.inbox.effects.isEmpty)
+        let next = try await f.accept("m2", "again")
+        #expect(await eventually { await f.state(next) == "answered" })
+        let effects = await f.inbox.effects
+        #expect(effects.count == 1)
+        guard case .appendExchange(let question, _) = effects.first?.1 else {
+            Issue.record("expected an exchange")
+            await f.stop()
+            return
+        }
+        #expect(question.content == "again")
+        await f.stop()
+    }
+
+    @Test func aRetryAfterIsHonouredAndOneTooLongGivesUpWithTheBusyReply() async throws {
+        let f = DispatcherFixture(maxAttempts: 5, maxRetryWait: .seconds(600))
+        f.model.script(.fail(ModelError(.rateLimited, status: 429, detail: "slow down", retryAfter: .seconds(90))))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await eventually { await f.inbox.row(id)?.state == "pending" && f.model.calls == 1 })
+        // Never earlier than asked.
+        #expect(try #require(await f.inbox.row(id)).notBefore >= f.clock.now.adding(.seconds(90)))
+        #expect(await f.advance(by: .seconds(10)) { await f.state(id) == "answered" })
+        #expect(f.model.calls == 2)
+
+        f.model.script(.fail(ModelError(.rateLimited, status: 429, detail: "come back tomorrow", retryAfter: .seconds(86_400))))
+        let later = try await f.accept("m2", "another")
+        #expect(await eventually { await f.state(later) == "failed" })
+        #expect(f.model.calls == 3)
+        #expect(f.replies.delivered.last == BotMessages.defaults(for: .en).busy)
+        await f.stop()
+    }
+
+    @Test func drainingFinishesInFlightAnswersAndClaimsNothingNew() async throws {
+        let f = DispatcherFixture()
+        let gate = OneTimeEvent()
+        f.model.script(.held(gate, "slow answer"))
+        let first = try await f.accept("m1", "first", chat: "c1")
+        f.start()
+        #expect(await eventually { f.model.calls == 1 })
+        f.dispatcher.beginDrain()
+        let waiting = try await f.accept("m2", "second", chat: "c2")
+        f.dispatcher.wake()
+        gate.signal()
+        await f.dispatcher.waitUntilStopped()
+        #expect(await f.state(first) == "answered")
+        #expect(await f.state(waiting) == "pending")
+        #expect(f.model.calls == 1)
+    }
+}

@@ -1,0 +1,336 @@
+import ChatBridgeCore
+import Foundation
+import Synchronization
+
+/// A clock the test moves: `sleep` returns when `advance` has moved time past its deadline.
+final class ManualClock: WallClock {
+    private struct Sleeper {
+        var deadline: Date
+        var continuation: CheckedContinuation<Void, any Error>
+    }
+    private struct State {
+        var now: Date
+        var nextID = 0
+        var sleepers: [Int: Sleeper] = [:]
+    }
+    private let state: Mutex<State>
+
+    init(start: Date = Date(timeIntervalSince1970: 1_800_000_000)) {
+        state = Mutex(State(now: start))
+    }
+
+    var now: Date { state.withLock { $0.now } }
+
+    /// How many tasks are sleeping on this clock.
+    var sleeping: Int { state.withLock { $0.sleepers.count } }
+
+    func sleep(for duration: Duration) async throws {
+        let id = state.withLock { state -> Int in
+            state.nextID += 1
+            return state.nextID
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                enum Now { case wait, done, cancelled }
+                let decision = state.withLock { state -> Now in
+                    if Task.isCancelled { return .cancelled }
+                    if duration <= .zero { return .done }
+                    state.sleepers[id] = Sleeper(deadline: state.now.adding(duration), continuation: continuation)
+                    return .wait
+                }
+                switch decision {
+                case .wait: break
+                case .done: continuation.resume()
+                case .cancelled: continuation.resume(throwing: CancellationError())
+                }
+            }
+        } onCancel: {
+            state.withLock { $0.sleepers.removeValue(forKey: id) }?.continuation.resume(throwing: CancellationError())
+        }
+    }
+
+    /// Moves time forward and wakes every sleeper whose deadline has come.
+    func advance(by duration: Duration) {
+        let due = state.withLock { state -> [CheckedContinuation<Void, any Error>] in
+            state.now = state.now.adding(duration)
+            let now = state.now
+            let ids = state.sleepers.filter { $0.value.deadline <= now }.map(\.key)
+            return ids.compactMap { state.sleepers.removeValue(forKey: $0)?.continuation }
+        }
+        for continuation in due { continuation.resume() }
+    }
+}
+
+/// An in-memory twin of the SQL inbox with the same rules (one open message per conversation in flight,
+/// lease tokens, conditional writes) plus failure injection.
+actor InMemoryInbox: Inbox {
+    struct Row: Sendable {
+        var id: Int64
+        var payload: Data
+        var conversation: ConversationKey
+        var state = "pending"
+        var attempts = 0
+        var notBefore: Date
+        var leaseToken: String?
+        var leaseExpires: Date?
+        var reply: StoredReply?
+        var deliveredParts = 0
+        var uncertainSends = 0
+        var lastError: String?
+    }
+
+    enum Operation: Hashable, Sendable { case storeReply, beginSend, recordDelivered, finish, scheduleRetry, markFailed, renew }
+    struct Injected: Error, CustomStringConvertible { var description: String { "injected database failure" } }
+
+    private(set) var rows: [Row] = []
+    private(set) var effects: [(ConversationKey, ConversationEffect)] = []
+    /// Writes refused because their lease token was stale.
+    private(set) var refusedWrites: [Operation] = []
+    private(set) var claims: [Int64: Int] = [:]
+    private var failures: [Operation: Int] = [:]
+    private var nextID: Int64 = 0
+    private var claimBatch = 0
+    var renewalsFail = false
+
+    static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .millisecondsSince1970
+        return encoder
+    }()
+    static let decoder: JSONDecoder = {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .millisecondsSince1970
+        return decoder
+    }()
+
+    /// The next `count` calls of `operation` fail with a transient error.
+    func failNext(_ operation: Operation, count: Int = 1) { failures[operation] = count }
+    func setRenewalsFail(_ fail: Bool) { renewalsFail = fail }
+
+    func row(_ id: Int64) -> Row? { rows.first { $0.id == id } }
+
+    /// Stores a row whose payload cannot be decoded.
+    @discardableResult
+    func insertUnreadable(conversation: ConversationKey, now: Date) -> Int64 {
+        nextID += 1
+        rows.append(Row(id: nextID, payload: Data("{not a message".utf8), conversation: conversation, notBefore: now))
+        return nextID
+    }
+
+    private func maybeFail(_ operation: Operation) throws {
+        if let count = failures[operation], count > 0 {
+            failures[operation] = count - 1
+            throw Injected()
+        }
+    }
+
+    private func index(_ lease: Lease, _ operation: Operation) throws -> Int {
+        try maybeFail(operation)
+        guard let index = rows.firstIndex(where: { $0.id == lease.id && $0.leaseToken == lease.token && $0.state == "running" }) else {
+            refusedWrites.append(operation)
+            throw LeaseLost(lease)
+        }
+        return index
+    }
+
+    func accept(_ message: InboundMessage, conversation: ConversationKey, now: Date) async throws -> AcceptOutcome {
+        let payload = try Self.encoder.encode(message)
+        if rows.contains(where: { (try? Self.decoder.decode(InboundMessage.self, from: $0.payload))?.messageID == message.messageID }) {
+            return .duplicate
+        }
+        nextID += 1
+        rows.append(Row(id: nextID, payload: payload, conversation: conversation, notBefore: now))
+        return .accepted
+    }
+
+    func claim(limit: Int, owner: String, leaseUntil: Date, maxAttempts: Int, now: Date) async throws -> [ClaimedRow] {
+        claimBatch += 1
+        var seen: Set<ConversationKey> = []
+        var result: [ClaimedRow] = []
+        for index in rows.indices where result.count < limit {
+            let row = rows[index]
+            guard row.state == "pending" || row.state == "running" else { continue }
+            guard seen.insert(row.conversation).inserted else { continue }
+            guard row.state == "pending", row.notBefore <= now, row.attempts < maxAttempts else { continue }
+            rows[index].state = "running"
+            rows[index].attempts += 1
+            rows[index].leaseToken = "b\(claimBatch)-\(row.id)"
+            rows[index].leaseExpires = leaseUntil
+            claims[row.id, default: 0] += 1
+            let lease = Lease(id: row.id, token: rows[index].leaseToken!)
+            if let message = try? Self.decoder.decode(InboundMessage.self, from: row.payload) {
+                result.append(.ready(InboxItem(
+                    lease: lease, message: message, conversation: row.conversation, attempts: rows[index].attempts,
+                    reply: row.reply, deliveredParts: row.deliveredParts, uncertainSends: row.uncertainSends)))
+            } else {
+                result.append(.unreadable(lease, reason: "the stored message payload does not decode"))
+            }
+        }
+        return result
+    }
+
+    func renewLeases(_ leases: [Lease], until: Date) async throws -> Int {
+        if renewalsFail { throw Injected() }
+        var renewed = 0
+        for lease in leases {
+            if let index = rows.firstIndex(where: { $0.id == lease.id && $0.leaseToken == lease.token && $0.state == "running" }) {
+                rows[index].leaseExpires = until
+                renewed += 1
+            }
+        }
+        return renewed
+    }
+
+    private func release(where condition: (Row) -> Bool, now: Date, maxAttempts: Int) -> ReleasedClaims {
+        var released = ReleasedClaims()
+        for index in rows.indices where condition(rows[index]) {
+            rows[index].leaseToken = nil
+            rows[index].leaseExpires = nil
+            if rows[index].attempts >= maxAttempts {
+                rows[index].state = "failed"
+                rows[index].lastError = "gave up: the last allowed attempt was interrupted"
+                released.gaveUp += 1
+            } else {
+                rows[index].state = "pending"
+                released.requeued += 1
+            }
+        }
+        return released
+    }
+
+    func releaseExpiredLeases(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {
+        release(where: { $0.state == "running" && ($0.leaseExpires ?? .distantFuture) < now }, now: now, maxAttempts: maxAttempts)
+    }
+
+    func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {
+        release(where: { $0.state == "running" || ($0.state == "pending" && $0.attempts >= maxAttempts) }, now: now, maxAttempts: maxAttempts)
+    }
+
+    func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, now: Date) async throws {
+        let index = try index(lease, .storeReply)
+        rows[index].reply = reply
+        if let error { rows[index].lastError = error }
+    }
+
+    func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
+        let index = try index(lease, .beginSend)
+        rows[index].uncertainSends += 1
+        rows[index].leaseExpires = leaseUntil
+    }
+
+    func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
+        let index = try index(lease, .recordDelivered)
+        rows[index].deliveredParts = parts
+        rows[index].uncertainSends = 0
+    }
+
+    func finish(_ lease: Lease, reply: StoredReply, conversation: ConversationKey, now: Date) async throws {
+        let index = try index(lease, .finish)
+        rows[index].state = reply.kind == .answer ? "answered" : "failed"
+        rows[index].uncertainSends = 0
+        rows[index].leaseToken = nil
+        if reply.kind == .answer { effects.append((conversation, reply.effect)) }
+    }
+
+    func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws {
+        let index = try index(lease, .scheduleRetry)
+        rows[index].state = "pending"
+        rows[index].leaseToken = nil
+        rows[index].notBefore = notBefore
+        rows[index].lastError = error
+        if lastSendFailed { rows[index].uncertainSends -= 1 }
+    }
+
+    func markFailed(_ lease: Lease, error: String, lastSendFailed: Bool, now: Date) async throws {
+        let index = try index(lease, .markFailed)
+        rows[index].state = "failed"
+        rows[index].leaseToken = nil
+        rows[index].lastError = error
+        if lastSendFailed { rows[index].uncertainSends -= 1 }
+    }
+
+    func nextWakeup() async throws -> Date? {
+        rows.filter { $0.state == "pending" }.map(\.notBefore).min()
+    }
+
+    func counts() async throws -> InboxCounts {
+        InboxCounts(pending: rows.filter { $0.state == "pending" }.count, running: rows.filter { $0.state == "running" }.count)
+    }
+}
+
+/// A model that answers from a script: each call takes the next step (an answer, an error, or an answer
+/// held until a gate opens); with the script empty it echoes the question.
+final class ScriptedModel: ChatModel {
+    enum Step: Sendable {
+        case answer(String)
+        case fail(ModelError)
+        case held(OneTimeEvent, String)
+    }
+    private let state = Mutex<(script: [Step], calls: Int, always: ModelError?)>(([], 0, nil))
+
+    func script(_ steps: Step...) { state.withLock { $0.script.append(contentsOf: steps) } }
+    /// Every call fails with `error`.
+    func alwaysFail(_ error: ModelError) { state.withLock { $0.always = error } }
+    var calls: Int { state.withLock { $0.calls } }
+
+    func complete(_ request: ChatRequest, onDelta: @escaping @Sendable (String) async -> Void) async throws -> ChatCompletion {
+        let step = state.withLock { state -> Step in
+            state.calls += 1
+            if let always = state.always { return .fail(always) }
+            return state.script.isEmpty ? .answer("Answer to: " + (request.messages.last?.content ?? "")) : state.script.removeFirst()
+        }
+        switch step {
+        case .answer(let text):
+            return ChatCompletion(text: text, finishReason: "stop")
+        case .fail(let error):
+            throw error
+        case .held(let gate, let text):
+            await gate.wait()
+            return ChatCompletion(text: text, finishReason: "stop")
+        }
+    }
+}
+
+/// A reply channel that records what it sent; parts are separated by `|` in the text. Sends follow a
+/// script of outcomes, then succeed.
+final class RecordingReplies: ReplyChannel {
+    enum Outcome: Sendable {
+        case delivered
+        case failed(retryable: Bool)
+        case uncertain
+    }
+    private let state = Mutex<(script: [Outcome], attempts: [String], delivered: [String])>(([], [], []))
+
+    func script(_ outcomes: Outcome...) { state.withLock { $0.script.append(contentsOf: outcomes) } }
+    /// Every part a send was attempted for, in order.
+    var attempts: [String] { state.withLock { $0.attempts } }
+    /// Every part that was delivered (an uncertain send counts: the platform got it).
+    var delivered: [String] { state.withLock { $0.delivered } }
+
+    func parts(of text: String) -> [String] { text.components(separatedBy: "|") }
+
+    func deliver(part: String, replyingTo message: InboundMessage) async throws {
+        let outcome = state.withLock { state -> Outcome in
+            state.attempts.append(part)
+            let outcome = state.script.isEmpty ? .delivered : state.script.removeFirst()
+            if case .failed = outcome {} else { state.delivered.append(part) }
+            return outcome
+        }
+        switch outcome {
+        case .delivered: return
+        case .failed(let retryable): throw DeliveryError(isRetryable: retryable, reason: "simulated failure")
+        case .uncertain: throw DeliveryError.uncertain("simulated timeout after sending")
+        }
+    }
+}
+
+struct NoConversations: ConversationStore {
+    func recentTurns(_ key: ConversationKey, limit: Int) async throws -> [Turn] { [] }
+    func apply(_ effect: ConversationEffect, to key: ConversationKey) async throws {}
+}
+
+func textMessage(_ id: String, _ text: String, chat: String = "c1", user: String = "u1", sentAt: Date = Date(timeIntervalSince1970: 1_800_000_000)) -> InboundMessage {
+    InboundMessage(
+        platform: "dingtalk", botID: "bot", messageID: id, chat: .init(id: chat, kind: .direct),
+        sender: .init(id: user, staffID: user, name: user), body: .text(text), sentAt: sentAt)
+}
