@@ -95,4 +95,22 @@ import Testing
             #expect(ready.status == .ok && healthy.status == .ok)
         }
     }
+
+    @Test func aLiveCallbackIsAcknowledgedAndAnsweredThroughRealSockets() async throws {
+        let model = try await ModelSimulator.start()
+        let dingtalk = try await DingTalkSimulator.start()
+        let app = try await makeApp([
+            "database.url": "sqlite:\(temporaryDirectory())/live.sqlite", "llm.base_url": model.baseURL,
+            "dingtalk.api_base_url": dingtalk.baseURL,
+        ])
+        try await app.test(.live) { client in
+            let body = sender.body(messageID: "live-1", text: "over a socket", webhook: dingtalk.webhookURL(session: "live-1"))
+            let ack = try await post(client, body)
+            #expect(ack.status == 200)
+            #expect(await eventually { dingtalk.deliveries.count == 1 })
+            #expect(dingtalk.deliveries.first?.text == ModelSimulator.answer(to: "over a socket"))
+        }
+        await model.stop()
+        await dingtalk.stop()
+    }
 }
