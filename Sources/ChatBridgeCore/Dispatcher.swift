@@ -65,6 +65,7 @@ public final class Dispatcher: Sendable {
     private let retried: Counter
     private let leasesLost: Counter
     private let uncertainSends: Counter
+    private let resends: Counter
     private let inFlightGauge: Gauge
     private let answerTimer: Metrics.Timer
 
@@ -86,6 +87,7 @@ public final class Dispatcher: Sendable {
         retried = Counter(label: "chatbridge_messages_retried_total", factory: metrics)
         leasesLost = Counter(label: "chatbridge_leases_lost_total", factory: metrics)
         uncertainSends = Counter(label: "chatbridge_replies_uncertain_total", factory: metrics)
+        resends = Counter(label: "chatbridge_replies_resent_total", factory: metrics)
         inFlightGauge = Gauge(label: "chatbridge_answers_in_flight", factory: metrics)
         answerTimer = Metrics.Timer(label: "chatbridge_answer_seconds", factory: metrics)
     }
@@ -207,7 +209,9 @@ public final class Dispatcher: Sendable {
         while !Task.isCancelled {
             do { try await clock.sleep(for: settings.lease / 3) } catch { return }
             do {
-                let released = try await inbox.releaseExpiredLeases(now: clock.now, maxAttempts: settings.retry.maxAttempts)
+                // Never our own answers in flight: their claims are alive even when a renewal was missed.
+                let keeping = state.withLock { $0.inFlight }
+                let released = try await inbox.releaseExpiredLeases(now: clock.now, maxAttempts: settings.retry.maxAttempts, keeping: keeping)
                 if released.gaveUp > 0 {
                     failed.increment(by: released.gaveUp)
                     logger.error("gave up on messages whose last attempt was interrupted", metadata: ["count": "\(released.gaveUp)"])
@@ -301,7 +305,7 @@ public final class Dispatcher: Sendable {
                 return false
             }
             if uncertain == 1 {
-                uncertainSends.increment()
+                resends.increment()
                 logger.warning("sending a reply part again that may already have been delivered; it may appear twice", metadata: partMetadata)
             }
             try await inbox.beginSend(item.lease, leaseUntil: clock.now.adding(settings.lease), now: clock.now)
@@ -323,28 +327,48 @@ public final class Dispatcher: Sendable {
                 }
             }
         }
-        try await recordAfterSend("the delivered reply", metadata: metadata) {
-            try await self.inbox.finish(item.lease, reply: reply, conversation: item.conversation, now: self.clock.now)
+        var withoutEffect = reply
+        withoutEffect.effect = .none
+        let inbox = self.inbox
+        let clock = self.clock
+        var finishWithoutEffect: (@Sendable () async throws -> Void)?
+        if reply.effect != .none {
+            finishWithoutEffect = { @Sendable [withoutEffect] in
+                // The context then misses this exchange, which beats a delivered answer that is never recorded.
+                try await inbox.finish(item.lease, reply: withoutEffect, conversation: item.conversation, now: clock.now)
+            }
+        }
+        try await recordAfterSend("the delivered reply", metadata: metadata, fallback: finishWithoutEffect) {
+            try await inbox.finish(item.lease, reply: reply, conversation: item.conversation, now: clock.now)
         }
         return true
     }
 
     /// A send failed. A send that may have been delivered gets one more try after a delay and no other route
     /// (none when it already was that one more try); a send known to have failed is retried by the policy.
-    /// The user gets no error reply: it would fail the same way.
+    /// The user gets no error reply: it would fail the same way. Recording the outcome is retried like any
+    /// record after a send, so a passing database hiccup cannot leave a definite failure looking uncertain.
     private func handleDeliveryFailure(
         _ failure: DeliveryError, item: InboxItem, earlierUncertainSends: Int, metadata: Logger.Metadata
     ) async throws {
         var metadata = metadata
         metadata["error"] = "\(failure)"
+        let now = clock.now
         if failure.mayHaveBeenDelivered {
             uncertainSends.increment()
             if earlierUncertainSends == 0, item.attempts < settings.retry.maxAttempts {
-                logger.warning("a reply send may or may not have been delivered; one more try later, possibly duplicated", metadata: metadata)
-                try await scheduleRetry(item, after: max(settings.uncertainRetryDelay, failure.retryAfter ?? .zero), error: "uncertain delivery: \(failure)", lastSendFailed: false, metadata: metadata)
+                let delay = max(settings.uncertainRetryDelay, failure.retryAfter ?? .zero)
+                logger.warning("a reply send may or may not have been delivered; one more try later, possibly duplicated", metadata: metadata.merging(["retry_in": "\(delay)"]) { $1 })
+                try await recordAfterSend("the uncertain send", metadata: metadata) {
+                    try await self.inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: "uncertain delivery: \(failure)", lastSendFailed: false, now: now)
+                }
+                noteRetry(at: now.adding(delay))
+                retried.increment()
             } else {
                 logger.error("a reply send may or may not have been delivered and no more tries are allowed; not sending it again", metadata: metadata)
-                try await inbox.markFailed(item.lease, error: "uncertain delivery, not sent again: \(failure)", lastSendFailed: false, now: clock.now)
+                try await recordAfterSend("the uncertain send", metadata: metadata) {
+                    try await self.inbox.markFailed(item.lease, error: "uncertain delivery, not sent again: \(failure)", lastSendFailed: false, now: now)
+                }
                 failed.increment()
             }
             return
@@ -352,10 +376,17 @@ public final class Dispatcher: Sendable {
         let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: failure.isRetryable, retryAfter: failure.retryAfter, random: random())
         switch decision {
         case .retry(let delay):
-            try await scheduleRetry(item, after: delay, error: "delivery failed: \(failure)", lastSendFailed: true, metadata: metadata)
+            logger.warning("reply could not be delivered; will retry", metadata: metadata.merging(["retry_in": "\(delay)"]) { $1 })
+            try await recordAfterSend("the failed send", metadata: metadata) {
+                try await self.inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: "delivery failed: \(failure)", lastSendFailed: true, now: now)
+            }
+            noteRetry(at: now.adding(delay))
+            retried.increment()
         case .giveUp:
             logger.error("reply could not be delivered; giving up", metadata: metadata.merging(["why": "\(decision)"]) { $1 })
-            try await inbox.markFailed(item.lease, error: "delivery failed: \(failure)", lastSendFailed: true, now: clock.now)
+            try await recordAfterSend("the failed send", metadata: metadata) {
+                try await self.inbox.markFailed(item.lease, error: "delivery failed: \(failure)", lastSendFailed: true, now: now)
+            }
             failed.increment()
         }
     }
@@ -368,23 +399,39 @@ public final class Dispatcher: Sendable {
         noteRetry(at: now.adding(delay))
     }
 
-    /// Records progress after a successful send: retried with backoff until it succeeds, the claim is lost,
-    /// or the dispatcher stops. The send itself is never repeated for a failed record.
-    private func recordAfterSend(_ what: String, metadata: Logger.Metadata, _ write: @Sendable () async throws -> Void) async throws {
+    /// Records progress after a send: retried with backoff until it succeeds, the claim is lost, or the
+    /// dispatcher stops — the send itself is never repeated for a failed record. When stopping, one last try
+    /// is made that cancellation cannot interrupt. After failing for a whole lease, `fallback` (a record that
+    /// asks less of the database) is used instead, when there is one.
+    private func recordAfterSend(
+        _ what: String, metadata: Logger.Metadata, fallback: (@Sendable () async throws -> Void)? = nil,
+        _ write: @escaping @Sendable () async throws -> Void
+    ) async throws {
+        var write = write
+        var fallback = fallback
         var pause = settings.bookkeepingBackoff.lowerBound
+        let started = clock.now
         while true {
+            if Task.isCancelled {
+                try? await Task { [write] in try await write() }.value
+                throw CancellationError()
+            }
             do {
                 try await write()
                 return
             } catch let error as LeaseLost {
                 throw error
-            } catch where Task.isCancelled || error is CancellationError {
-                throw CancellationError()
             } catch {
+                if Task.isCancelled || error is CancellationError { continue }
                 logger.error(
-                    "could not record \(what) after a successful send; retrying the record, not the send",
+                    "could not record \(what) after a send; retrying the record, not the send",
                     metadata: metadata.merging(["error": "\(error)", "retry_in": "\(pause)"]) { $1 })
-                try await clock.sleep(for: pause)
+                if let next = fallback, Duration.between(started, clock.now) >= settings.lease {
+                    logger.error("recording \(what) keeps failing; recording it without its effect on the conversation", metadata: metadata)
+                    write = next
+                    fallback = nil
+                }
+                do { try await clock.sleep(for: pause) } catch { continue }
                 pause = min(pause * 2, settings.bookkeepingBackoff.upperBound)
             }
         }

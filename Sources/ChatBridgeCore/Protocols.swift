@@ -85,8 +85,8 @@ public struct DeliveryError: Error, Sendable, CustomStringConvertible {
     public var isRetryable: Bool
     /// The platform may have accepted the message although the send did not confirm it (a timeout or a
     /// broken response after the request went out). Such a send is neither repeated at once nor tried
-    /// through another route: the dispatcher allows one more attempt after a delay, logged as a
-    /// possible duplicate.
+    /// through another route in the same attempt: the dispatcher allows one more attempt after a delay,
+    /// logged as a possible duplicate.
     public var mayHaveBeenDelivered: Bool
     public var reason: String
     public var retryAfter: Duration?
@@ -210,8 +210,9 @@ public protocol Inbox: Sendable {
     /// Extends the claims still held; returns how many were. Runs ahead of background work.
     func renewLeases(_ leases: [Lease], until: Date) async throws -> Int
     /// Returns rows whose lease expired (their worker died or lost touch) to pending, or marks them failed
-    /// when they have used `maxAttempts` attempts.
-    func releaseExpiredLeases(now: Date, maxAttempts: Int) async throws -> ReleasedClaims
+    /// when they have used `maxAttempts` attempts. Claims in `keeping` are still being worked on by the
+    /// caller and are never released by it, expired or not.
+    func releaseExpiredLeases(now: Date, maxAttempts: Int, keeping: Set<Lease>) async throws -> ReleasedClaims
     /// At single-process start-up: returns every running row to pending (or failed, past `maxAttempts`),
     /// and fails pending rows past `maxAttempts`.
     func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims

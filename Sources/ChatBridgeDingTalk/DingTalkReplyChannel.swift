@@ -114,8 +114,8 @@ public struct DingTalkReplyChannel: ReplyChannel {
             return DeliveryError(isRetryable: true, reason: reason)
         case 403 where code.contains("QpsLimit"):
             return DeliveryError(isRetryable: true, reason: reason)
-        case 504:
-            // A gateway timeout: DingTalk behind it may have sent the message.
+        case 502, 504:
+            // A gateway's answer: DingTalk behind it may have sent the message.
             return DeliveryError.uncertain(reason)
         case 500..<600:
             return DeliveryError(isRetryable: true, reason: reason)

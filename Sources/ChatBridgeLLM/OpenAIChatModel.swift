@@ -117,12 +117,7 @@ public struct OpenAIChatModel: ChatModel {
         }
         let contentType = response.headers.first(name: "content-type")?.lowercased() ?? ""
         do {
-            if contentType.contains("json") {
-                // The server ignored `stream: true`: one complete JSON answer.
-                let body = try await response.body.collect(upTo: Self.maxAnswerBytes * 4)
-                try accumulator.consumeWhole(Data(buffer: body), apiKey: settings.apiKey)
-                await flush()
-            } else {
+            if contentType.contains("event-stream") {
                 var parser = SSEParser(maxLineBytes: Self.maxLineBytes)
                 streaming: for try await chunk in response.body {
                     for event in try parser.feed(chunk.readableBytesView) {
@@ -134,11 +129,27 @@ public struct OpenAIChatModel: ChatModel {
                     _ = try accumulator.consume(event, apiKey: settings.apiKey)
                     await flush()
                 }
+            } else {
+                // The server ignored `stream: true` (or labels its stream oddly): read the whole body, bounded.
+                let body = try await response.body.collect(upTo: Self.maxAnswerBytes * 4)
+                let bytes = body.readableBytesView
+                if contentType.contains("json") || bytes.first(where: { ![0x20, 0x09, 0x0A, 0x0D].contains($0) }) == UInt8(ascii: "{") {
+                    try accumulator.consumeWhole(Data(buffer: body), apiKey: settings.apiKey)
+                    await flush()
+                } else {
+                    var parser = SSEParser(maxLineBytes: Self.maxLineBytes)
+                    for event in try parser.feed(bytes) + [try parser.finish()].compactMap({ $0 }) {
+                        if try accumulator.consume(event, apiKey: settings.apiKey) == .done { break }
+                    }
+                    await flush()
+                }
             }
         } catch let error as ModelError {
             throw error
         } catch let error as SSEParser.TooLarge {
             throw ModelError(.invalidResponse, detail: "\(error); the model server misbehaves", shouldRetry: false)
+        } catch is NIOTooManyBytesError {
+            throw ModelError(.invalidResponse, detail: "the answer exceeded \(Self.maxAnswerBytes * 4 / 1024) KiB; the model server misbehaves", shouldRetry: false)
         } catch {
             throw classifyTransport(error)
         }
@@ -174,7 +185,8 @@ public struct OpenAIChatModel: ChatModel {
         if let error = error as? HTTPClientError, error == .readTimeout || error == .deadlineExceeded {
             return ModelError(.timeout, detail: "\(host): \(failure.reason)")
         }
-        return ModelError(.connection, detail: "the connection to \(host) failed: \(ErrorClassifier.redact(failure.reason, apiKey: settings.apiKey))")
+        // Reached, but the exchange broke: the server's trouble, worth another try; not "cannot reach".
+        return ModelError(.serverError, detail: "the connection to \(host) broke: \(ErrorClassifier.redact(failure.reason, apiKey: settings.apiKey))")
     }
 
     struct RequestBody: Encodable {
@@ -406,21 +418,27 @@ public enum ErrorClassifier {
     }
 
     /// `retry-after-ms` (milliseconds) or `retry-after` (seconds, or an HTTP date).
+    /// A server's value is capped at a year (`inf` or `1e300` mean "much later", not a crash).
     public static func retryAfter(_ headers: HTTPHeaders) -> Duration? {
         if let ms = headers.first(name: "retry-after-ms").flatMap(Double.init), ms > 0 {
-            return .milliseconds(Int64(ms))
+            return milliseconds(ms)
         }
         guard let value = headers.first(name: "retry-after")?.trimmingCharacters(in: .whitespaces) else { return nil }
-        if let seconds = Double(value), seconds > 0 { return .milliseconds(Int64(seconds * 1000)) }
+        if let seconds = Double(value) { return seconds > 0 ? milliseconds(seconds * 1000) : nil }
         let formatter = DateFormatter()
         formatter.locale = Locale(identifier: "en_US_POSIX")
         formatter.timeZone = TimeZone(identifier: "GMT")
         formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss zzz"
         if let date = formatter.date(from: value) {
             let seconds = date.timeIntervalSinceNow
-            return seconds > 0 ? .milliseconds(Int64(seconds * 1000)) : nil
+            return seconds > 0 ? milliseconds(seconds * 1000) : nil
         }
         return nil
+    }
+
+    private static func milliseconds(_ value: Double) -> Duration? {
+        guard !value.isNaN else { return nil }
+        return .milliseconds(Int64(min(value, 365 * 86_400_000)))
     }
 
     /// Removes the API key, and anything shaped like one, from text meant for logs.

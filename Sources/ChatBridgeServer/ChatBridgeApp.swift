@@ -41,6 +41,10 @@ public struct ChatBridgeComponents: Sendable {
     public let metrics: PrometheusCollectorRegistry
     public let lifecycle: LifecycleState
     public let ports: BoundPorts
+    /// Happens when the HTTP server listens; the dispatcher starts claiming only then.
+    public let serverRunning: OneTimeEvent
+    /// Happens when the dispatcher service has stopped; shared resources close only then.
+    let dispatcherStopped: OneTimeEvent
 }
 
 /// The ChatBridge server as a Hummingbird application: callback, health and metrics routes, and the
@@ -68,6 +72,7 @@ public struct ChatBridgeApplication: ApplicationProtocol {
     public func onServerRunning(_ channel: any Channel) async {
         let port = channel.localAddress?.port ?? 0
         components.ports.setMain(port)
+        components.serverRunning.signal()
         await onListening(port)
     }
 
@@ -94,7 +99,7 @@ public struct ChatBridgeApplication: ApplicationProtocol {
             responder: try await responder, configuration: configuration, services: services,
             onServerRunning: { channel in await self.onServerRunning(channel) }, logger: logger)
         let drain = DrainService(
-            lifecycle: components.lifecycle, dispatcher: components.dispatcher,
+            lifecycle: components.lifecycle, dispatcher: components.dispatcher, serverRunning: components.serverRunning,
             timeout: components.configuration.server.drainTimeout, logger: logger)
         // Shut down in reverse: the drain first (the server still accepts), then the server and its services.
         let group = ServiceGroup(configuration: .init(services: [http, drain], logger: logger))
@@ -118,9 +123,24 @@ public struct ListenError: Error, CustomStringConvertible {
 
 /// Runs the dispatcher until the group shuts down; on graceful shutdown anything still in flight (the drain
 /// ran before) is abandoned and resumes at the next start.
+///
+/// It starts claiming only once the HTTP server listens, so a start that fails (a taken port) does not
+/// begin answers it cannot finish.
 struct DispatcherService: Service {
     let dispatcher: Dispatcher
+    let serverRunning: OneTimeEvent
+    let stopped: OneTimeEvent
+
     func run() async throws {
+        defer { stopped.signal() }
+        let listening = await withTaskGroup(of: Bool.self) { group in
+            group.addTask { await serverRunning.wait(); return !Task.isCancelled }
+            group.addTask { try? await gracefulShutdown(); return false }
+            let first = await group.next() ?? false
+            group.cancelAll()
+            return first
+        }
+        guard listening, !Task.isCancelled else { return }
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask { await self.dispatcher.run() }
             try? await gracefulShutdown()
@@ -134,6 +154,7 @@ struct DispatcherService: Service {
 struct DrainService: Service {
     let lifecycle: LifecycleState
     let dispatcher: Dispatcher
+    let serverRunning: OneTimeEvent
     let timeout: Duration
     let logger: Logger
 
@@ -141,6 +162,8 @@ struct DrainService: Service {
         // Cancelled (the group failed or was cancelled): nothing to drain in order.
         do { try await gracefulShutdown() } catch { return }
         lifecycle.beginDraining()
+        // The dispatcher starts with the server; before that there is nothing to drain.
+        guard serverRunning.hasHappened else { return }
         let inFlight = dispatcher.inFlightCount
         logger.info("shutting down: /readyz answers 503; callbacks are still accepted and kept for the next start; answers in flight finish", metadata: ["in_flight": "\(inFlight)"])
         dispatcher.beginDrain()
@@ -205,14 +228,18 @@ struct MetricsRoute: Sendable {
     }
 }
 
-/// Closes the shared resources when the application stops: the HTTP client, then the store.
+/// Closes the shared resources when the application stops, after the dispatcher stopped using them: the
+/// HTTP client, then the store.
 struct ResourcesService: Service {
     let httpClient: HTTPClient
     let store: SQLStore
+    let dispatcherStopped: OneTimeEvent
+
     func run() async throws {
         try? await gracefulShutdown()
         // A task of its own, so closing completes also when the group was cancelled.
-        await Task { [httpClient, store] in
+        await Task { [httpClient, store, dispatcherStopped] in
+            await dispatcherStopped.wait()
             try? await httpClient.shutdown()
             await store.close()
         }.value
@@ -265,7 +292,8 @@ public func buildApplication(
         metrics: factory, logger: logger, onAccepted: { [dispatcher] in dispatcher.wake() })
     let components = ChatBridgeComponents(
         configuration: configuration, store: store, engine: engine, dispatcher: dispatcher, ingress: ingress, httpClient: httpClient,
-        metrics: metrics, lifecycle: LifecycleState(), ports: BoundPorts())
+        metrics: metrics, lifecycle: LifecycleState(), ports: BoundPorts(), serverRunning: OneTimeEvent(),
+        dispatcherStopped: OneTimeEvent())
 
     let router = Router()
     router.get("/healthz") { _, _ in Response.json(.ok, ["status": "ok"]) }
@@ -293,10 +321,10 @@ public func buildApplication(
         configuration: .init(address: .hostname(configuration.server.host, port: configuration.server.port), serverName: "chatbridge"),
         logger: logger, onListening: onListening)
     // Registered first so it shuts down last, after the dispatcher stopped using them.
-    app.addServices(ResourcesService(httpClient: httpClient, store: store))
+    app.addServices(ResourcesService(httpClient: httpClient, store: store, dispatcherStopped: components.dispatcherStopped))
     if let address = configuration.server.metricsAddress {
         app.addServices(MetricsServer(address: address, registry: metrics, store: store, ports: components.ports, logger: logger))
     }
-    app.addServices(DispatcherService(dispatcher: dispatcher))
+    app.addServices(DispatcherService(dispatcher: dispatcher, serverRunning: components.serverRunning, stopped: components.dispatcherStopped))
     return app
 }

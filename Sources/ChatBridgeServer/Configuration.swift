@@ -211,7 +211,9 @@ public struct ChatBridgeConfiguration: Sendable {
         worker.concurrency = r.int("worker.concurrency", range: 1...100_000) ?? worker.concurrency
         worker.maxAttempts = r.int("worker.max_attempts", range: 1...100) ?? worker.maxAttempts
         worker.lease = r.duration("worker.lease") ?? worker.lease
-        if worker.lease < .seconds(1) { r.error("worker.lease", "must be at least 1s") }
+        if worker.lease < .seconds(20) {
+            r.error("worker.lease", "must be at least 20s: a claim must outlast one reply request to the platform (up to 15s)")
+        }
         worker.maxRetryWait = r.duration("worker.max_retry_wait") ?? worker.maxRetryWait
 
         if let level = r.string("log.level") {

@@ -81,6 +81,8 @@ public final class ModelSimulator: Sendable {
         var received: [Received] = []
         var inFlight = 0
         var maxInFlight = 0
+        var holding = false
+        var held: [CheckedContinuation<Void, Never>] = []
     }
 
     private let state = Mutex(State())
@@ -130,6 +132,19 @@ public final class ModelSimulator: Sendable {
         state.withLock { $0.scripted.append(contentsOf: replies) }
     }
 
+    /// From now on, requests are received but not answered until ``release()``.
+    public func hold() { state.withLock { $0.holding = true } }
+
+    /// Answers the held requests and stops holding.
+    public func release() {
+        let held = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.holding = false
+            defer { state.held = [] }
+            return state.held
+        }
+        for continuation in held { continuation.resume() }
+    }
+
     public var received: [Received] { state.withLock { $0.received } }
     public var requestCount: Int { state.withLock { $0.received.count } }
     /// The most requests that were being answered at the same time.
@@ -156,6 +171,14 @@ public final class ModelSimulator: Sendable {
                 apiKeyHeader: request.headers[HTTPField.Name("api-key")!], path: request.uri.path,
                 query: request.uri.query ?? "", stream: json["stream"] as? Bool ?? false, user: json["user"] as? String))
             return (state.behaviour, state.scripted.isEmpty ? nil : state.scripted.removeFirst())
+        }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { state -> Bool in
+                guard state.holding else { return true }
+                state.held.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
         }
         if let events = scripted?.events {
             let body = events.map { "data: \($0)\n\n" }.joined()

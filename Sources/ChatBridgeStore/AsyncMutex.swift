@@ -15,6 +15,9 @@ final class AsyncMutex: Sendable {
     }
     private let state = Mutex(State())
 
+    /// Callers waiting for the lock.
+    var waiting: Int { state.withLock { $0.urgent.count + $0.background.count } }
+
     func withLock<R: Sendable>(priority: Priority = .background, _ body: () async throws -> R) async throws -> R {
         await lock(priority)
         defer { unlock() }

@@ -85,13 +85,15 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         return store
     }
 
-    /// Closes the connection (once; later calls do nothing), also from a cancelled task.
+    /// Closes the connection (once; later calls do nothing) after the statement in progress, also from a
+    /// cancelled task.
     public func close() async {
-        let connection = self.connection
         guard closed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
         // A task of its own, so a cancelled caller still closes the connection.
-        await Task { try? await connection.close() }.value
-        lock?.release()
+        await Task { [connection, mutex, lock] in
+            _ = try? await mutex.withLock(priority: .urgent) { try? await connection.close() }
+            lock?.release()
+        }.value
     }
 
     private func configure() async throws {
@@ -246,7 +248,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 UPDATE inbox SET state = 'running', attempts = attempts + 1, lease_owner = \(bind: owner),
                     lease_token = \(bind: batch) || '-' || CAST(id AS TEXT),
                     lease_expires_at = \(bind: leaseMillis), updated_at = \(bind: nowMillis)
-                WHERE id IN (
+                WHERE state = 'pending' AND id IN (
                     SELECT i.id FROM inbox i
                     WHERE i.state = 'pending' AND i.not_before <= \(bind: nowMillis) AND i.attempts < \(bind: maxAttempts)
                       AND NOT EXISTS (
@@ -325,19 +327,42 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     /// Why a row is given up when its last allowed attempt was interrupted.
     private static let interruptedLastAttempt = "gave up: the last allowed attempt was interrupted (process stopped or lease lost) before it finished"
 
-    public func releaseExpiredLeases(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {
+    public func releaseExpiredLeases(now: Date, maxAttempts: Int, keeping: Set<Lease>) async throws -> ReleasedClaims {
         let nowMillis = now.millis
-        return try await single { db in
-            Self.released(try await db.raw("""
-                UPDATE inbox SET
-                    state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
-                    last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: Self.interruptedLastAttempt) ELSE last_error END,
-                    answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: nowMillis) ELSE answered_at END,
-                    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
-                WHERE state = 'running' AND lease_expires_at < \(bind: nowMillis)
-                RETURNING state
-                """).all())
+        // Usually nothing has expired: one indexed look, and only then the update of the rows found.
+        let expired = try await single { db in
+            try await db.raw("""
+                SELECT id, lease_token FROM inbox WHERE state = 'running' AND lease_expires_at < \(bind: nowMillis)
+                """).all().compactMap { row -> Lease? in
+                guard let id = try? row.decode(column: "id", as: Int64.self),
+                    let token = try? row.decode(column: "lease_token", as: String.self)
+                else { return nil }
+                return Lease(id: id, token: token)
+            }
         }
+        let candidates = expired.filter { !keeping.contains($0) }
+        var released = ReleasedClaims()
+        for start in stride(from: 0, to: candidates.count, by: 400) {
+            let chunk = candidates[start..<min(start + 400, candidates.count)]
+            let ids: [any Encodable & Sendable] = chunk.map(\.id)
+            let tokens: [any Encodable & Sendable] = chunk.map(\.token)
+            let rows = try await single { db in
+                try await db.raw("""
+                    UPDATE inbox SET
+                        state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
+                        last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: Self.interruptedLastAttempt) ELSE last_error END,
+                        answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: nowMillis) ELSE answered_at END,
+                        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
+                    WHERE id IN (\(binds: ids)) AND lease_token IN (\(binds: tokens)) AND state = 'running'
+                      AND lease_expires_at < \(bind: nowMillis)
+                    RETURNING state
+                    """).all()
+            }
+            let chunkReleased = Self.released(rows)
+            released.requeued += chunkReleased.requeued
+            released.gaveUp += chunkReleased.gaveUp
+        }
+        return released
     }
 
     public func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {

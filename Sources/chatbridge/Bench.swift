@@ -69,6 +69,7 @@ struct Bench: AsyncParsableCommand {
 
         var clientConfiguration = HTTPClient.Configuration()
         clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 256)
+        clientConfiguration.redirectConfiguration = .disallow
         let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
         let sender = CallbackSender(url: url, secret: secret, robotCode: "dingbench")
         let run = UUID().uuidString.prefix(8)

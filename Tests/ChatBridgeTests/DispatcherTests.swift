@@ -59,11 +59,14 @@ final class DispatcherFixture: @unchecked Sendable {
         let gate = OneTimeEvent()
         f.model.script(.held(gate, "first attempt's answer"), .answer("second attempt's answer"))
         let id = try await f.accept("m1", "question")
-        await f.inbox.setRenewalsFail(true)  // renewal starved, as under a burst of callbacks
+        await f.inbox.setRenewalsFail(true)  // the database was out of reach for a whole lease
         f.start()
         #expect(await eventually { f.model.calls == 1 })
-        // The lease runs out while the first attempt waits for the model; its own process takes the row over.
+        // The lease runs out while the first attempt waits for the model; another worker's reaper releases
+        // the row and it is claimed again (here by this dispatcher, standing in for the other worker).
         f.clock.advance(by: .seconds(31))
+        #expect(try await f.inbox.releaseExpiredLeases(now: f.clock.now, maxAttempts: 3, keeping: []) == ReleasedClaims(requeued: 1))
+        f.dispatcher.wake()
         #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "answered" })
         #expect(f.replies.delivered == ["second attempt's answer"])
         // The first attempt gets its answer now, but its lease token is stale: it stops without sending.
@@ -73,6 +76,55 @@ final class DispatcherFixture: @unchecked Sendable {
         #expect(f.replies.attempts == ["second attempt's answer"])
         #expect(await f.inbox.row(id)?.attempts == 2)
         await f.stop()
+    }
+
+    @Test func itsOwnLiveClaimIsNeverReleasedEvenOnTheLastAttempt() async throws {
+        let f = DispatcherFixture(maxAttempts: 1)
+        let gate = OneTimeEvent()
+        f.model.script(.held(gate, "a slow but good answer"))
+        let id = try await f.accept("m1", "question")
+        await f.inbox.setRenewalsFail(true)
+        f.start()
+        #expect(await eventually { f.model.calls == 1 })
+        // Well past the lease, with renewals failing: the reaper runs but keeps the live claim.
+        for _ in 0..<6 {
+            f.clock.advance(by: .seconds(11))
+            #expect(await eventually { f.clock.sleeping >= 3 })
+        }
+        #expect(await f.state(id) == "running")
+        gate.signal()
+        #expect(await eventually { await f.state(id) == "answered" })
+        #expect(f.replies.delivered == ["a slow but good answer"])
+        await f.stop()
+    }
+
+    @Test func anAttemptThatLosesItsLeaseBetweenPartsStopsBeforeTheNextPart() async throws {
+        let f = DispatcherFixture()
+        f.model.script(.answer("one|two|three"))
+        let id = try await f.accept("m1", "question")
+        // The record after the first part finds the claim gone (another worker took the row over).
+        await f.inbox.stealAfter(.recordDelivered)
+        f.start()
+        #expect(await eventually { await f.inbox.refusedWrites == [.recordDelivered] })
+        #expect(await eventually { f.dispatcher.inFlightCount == 0 })
+        #expect(f.replies.attempts == ["one"])
+        #expect(await f.inbox.row(id)?.leaseToken == "another-worker")
+        await f.stop()
+    }
+
+    @Test func stoppingDuringARecordRetryStillRecordsTheDeliveredPart() async throws {
+        let f = DispatcherFixture()
+        f.model.script(.answer("one|two"))
+        let id = try await f.accept("m1", "question")
+        await f.inbox.failNext(.recordDelivered, count: 1)
+        f.start()
+        // The first part went out; its record failed once and waits for the backoff.
+        #expect(await eventually { f.replies.attempts == ["one"] && f.clock.sleeping >= 3 })
+        #expect(await f.inbox.row(id)?.deliveredParts == 0)
+        await f.stop()
+        // Stopping made one last record, so the next attempt will not send part one again.
+        #expect(await f.inbox.row(id)?.deliveredParts == 1)
+        #expect(await f.inbox.row(id)?.uncertainSends == 0)
     }
 
     @Test func aFailedRecordAfterASuccessfulSendIsRetriedWithoutSendingAgain() async throws {

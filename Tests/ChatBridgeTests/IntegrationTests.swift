@@ -265,18 +265,19 @@ import Testing
     }
 
     @Test func shutdownDrainsInFlightAnswersWhileStillAcceptingCallbacks() async throws {
-        var behaviour = ModelSimulator.Behaviour()
-        behaviour.firstTokenLatency = .seconds(1)
-        let h = try await Harness.start(behaviour: behaviour)
+        let h = try await Harness.start()
         defer { Task { await h.stop() } }
+        h.model.hold()
         try await h.send("d1", "slow")
         #expect(await eventually { h.model.requestCount == 1 })
         #expect(try await h.get("/readyz").status == 200)
         await h.beginShutdown()
         #expect(await eventually(seconds: 5) { (try? await h.get("/readyz").status) == 503 })
-        // Still accepted: stored durably for the next start, not refused.
+        // Still accepted while the answer in flight drains: stored durably for the next start, not refused.
         let late = try await h.send("d2", "late", conversation: "cidLate==", staff: "u9")
         #expect(late.status == 200)
+        #expect(h.model.requestCount == 1)
+        h.model.release()
         await h.stopApp()
         #expect(h.dingtalk.deliveries.map(\.target) == ["d1"])
         #expect(h.dingtalk.deliveries[0].text == ModelSimulator.answer(to: "slow"))

@@ -37,7 +37,7 @@ import Testing
         #expect(items(try await store.claim(limit: 10, owner: "w", leaseUntil: lease, maxAttempts: 5, now: Date())).map(\.message.messageID) == ["a2"])
         // An expired lease is taken over by another worker, with the stored reply.
         let later = Date().addingTimeInterval(60)
-        #expect(try await store.releaseExpiredLeases(now: later, maxAttempts: 5) == ReleasedClaims(requeued: 2))
+        #expect(try await store.releaseExpiredLeases(now: later, maxAttempts: 5, keeping: []) == ReleasedClaims(requeued: 2))
         let reclaimed = items(try await store.claim(limit: 10, owner: "w2", leaseUntil: later.addingTimeInterval(30), maxAttempts: 5, now: later))
         #expect(Set(reclaimed.map(\.message.messageID)) == ["a2", "b1"])
         #expect(reclaimed.map(\.attempts) == [2, 2])
@@ -49,7 +49,7 @@ import Testing
         try await accept(store, ["a1"])
         let now = Date()
         let old = try #require(items(try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 5, now: now)).first)
-        _ = try await store.releaseExpiredLeases(now: now.addingTimeInterval(31), maxAttempts: 5)
+        _ = try await store.releaseExpiredLeases(now: now.addingTimeInterval(31), maxAttempts: 5, keeping: [])
         let current = try #require(items(try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(90), maxAttempts: 5, now: now.addingTimeInterval(31))).first)
         #expect(old.lease.id == current.lease.id && old.lease.token != current.lease.token)
         let before = try await store.inboxRows()
@@ -99,7 +99,7 @@ import Testing
         for _ in 0..<2 {
             #expect(items(try await store.claim(limit: 10, owner: "dead", leaseUntil: now.addingTimeInterval(30), maxAttempts: 2, now: now)).count == 2)
             now = now.addingTimeInterval(31)
-            _ = try await store.releaseExpiredLeases(now: now, maxAttempts: 5)
+            _ = try await store.releaseExpiredLeases(now: now, maxAttempts: 5, keeping: [])
         }
         // Both have used two attempts: with a limit of two, neither is claimed again.
         #expect(try await store.claim(limit: 10, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 2, now: now).isEmpty)
@@ -111,7 +111,7 @@ import Testing
         // A lease that expires on the last attempt gives up too.
         try await accept(store, ["c1"])
         _ = try await store.claim(limit: 10, owner: "dead", leaseUntil: now.addingTimeInterval(30), maxAttempts: 1, now: now)
-        #expect(try await store.releaseExpiredLeases(now: now.addingTimeInterval(31), maxAttempts: 1) == ReleasedClaims(gaveUp: 1))
+        #expect(try await store.releaseExpiredLeases(now: now.addingTimeInterval(31), maxAttempts: 1, keeping: []) == ReleasedClaims(gaveUp: 1))
         await store.close()
     }
 
@@ -127,6 +127,46 @@ import Testing
         try await store.finish(item.lease, reply: reply, conversation: item.conversation, now: now)
         #expect(try await store.recentTurns(item.conversation, limit: 10).map(\.content) == ["q", "ans"])
         await store.close()
+    }
+
+    @Test func aProcessNeverReleasesTheClaimsItIsStillWorkingOn() async throws {
+        let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "t"))
+        try await accept(store, ["a1", "b1"])
+        let now = Date()
+        let claimed = items(try await store.claim(limit: 10, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 1, now: now))
+        let later = now.addingTimeInterval(60)
+        // Both leases lapsed (renewal was missed), but a1's attempt is alive in this process.
+        let released = try await store.releaseExpiredLeases(now: later, maxAttempts: 1, keeping: [claimed[0].lease])
+        #expect(released == ReleasedClaims(gaveUp: 1))
+        #expect(try await store.inboxRows().map(\.state) == ["running", "failed"])
+        try await store.beginSend(claimed[0].lease, leaseUntil: later.addingTimeInterval(30), now: later)
+        await store.close()
+    }
+
+    @Test func renewalGoesAheadOfQueuedBackgroundWork() async throws {
+        let mutex = AsyncMutex()
+        let order = OrderLog()
+        let holding = OneTimeEvent()
+        let release = OneTimeEvent()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try await mutex.withLock {
+                    holding.signal()
+                    await release.wait()
+                }
+            }
+            await holding.wait()
+            // A burst of background work queues up first, then a renewal arrives.
+            for index in 0..<20 {
+                group.addTask { try await mutex.withLock { order.append("background \(index)") } }
+            }
+            #expect(await eventually { mutex.waiting == 20 })
+            group.addTask { try await mutex.withLock(priority: .urgent) { order.append("renewal") } }
+            #expect(await eventually { mutex.waiting == 21 })
+            release.signal()
+            try await group.waitForAll()
+        }
+        #expect(order.entries.first == "renewal")
     }
 
     @Test func duplicatesAreRecognisedUnderConcurrency() async throws {
@@ -185,6 +225,12 @@ import Testing
         #expect(!text.contains("private"))
         #expect(!text.contains("TOKEN-abc123"))
     }
+}
+
+final class OrderLog: Sendable {
+    private let state = Mutex<[String]>([])
+    func append(_ entry: String) { state.withLock { $0.append(entry) } }
+    var entries: [String] { state.withLock { $0 } }
 }
 
 /// Collects every log line (message and metadata) at every level.

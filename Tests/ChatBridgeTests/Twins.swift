@@ -103,6 +103,11 @@ actor InMemoryInbox: Inbox {
         return decoder
     }()
 
+    private var stealBefore: Operation?
+
+    /// The next call of `operation` finds its claim taken over by another worker, which now holds the row.
+    func stealAfter(_ operation: Operation) { stealBefore = operation }
+
     /// The next `count` calls of `operation` fail with a transient error.
     func failNext(_ operation: Operation, count: Int = 1) { failures[operation] = count }
     func setRenewalsFail(_ fail: Bool) { renewalsFail = fail }
@@ -126,6 +131,10 @@ actor InMemoryInbox: Inbox {
 
     private func index(_ lease: Lease, _ operation: Operation) throws -> Int {
         try maybeFail(operation)
+        if stealBefore == operation, let index = rows.firstIndex(where: { $0.id == lease.id }) {
+            stealBefore = nil
+            rows[index].leaseToken = "another-worker"
+        }
         guard let index = rows.firstIndex(where: { $0.id == lease.id && $0.leaseToken == lease.token && $0.state == "running" }) else {
             refusedWrites.append(operation)
             throw LeaseLost(lease)
@@ -198,8 +207,12 @@ actor InMemoryInbox: Inbox {
         return released
     }
 
-    func releaseExpiredLeases(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {
-        release(where: { $0.state == "running" && ($0.leaseExpires ?? .distantFuture) < now }, now: now, maxAttempts: maxAttempts)
+    func releaseExpiredLeases(now: Date, maxAttempts: Int, keeping: Set<Lease>) async throws -> ReleasedClaims {
+        release(
+            where: { row in
+                guard row.state == "running", (row.leaseExpires ?? .distantFuture) < now, let token = row.leaseToken else { return false }
+                return !keeping.contains(Lease(id: row.id, token: token))
+            }, now: now, maxAttempts: maxAttempts)
     }
 
     func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {

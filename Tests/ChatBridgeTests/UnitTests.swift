@@ -192,6 +192,13 @@ import Testing
         #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after-ms", "1500")])) == .milliseconds(1500))
         #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", "2.5")])) == .milliseconds(2500))
         #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", "nonsense")])) == nil)
+        // A hostile server's value means "much later", never a crash.
+        for value in ["inf", "1e300", "1e17", "9223372036854775807"] {
+            #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", value)])) == .seconds(365 * 86_400))
+            #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after-ms", value)])) != nil)
+        }
+        #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", "nan")])) == nil)
+        #expect(ErrorClassifier.retryAfter(HTTPHeaders([("retry-after", "-5")])) == nil)
         let future = Date().addingTimeInterval(30)
         let formatter = DateFormatter()
         formatter.locale = Locale(identifier: "en_US_POSIX")
