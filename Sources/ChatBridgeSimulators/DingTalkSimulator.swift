@@ -77,11 +77,10 @@ public final class DingTalkSimulator: Sendable {
         var webhookRequests = 0
         var sendRequests = 0
         var stolen: [StolenRequest] = []
-        var held: [CheckedContinuation<Void, Never>] = []
-        var released = false
     }
 
     private let state = Mutex(State())
+    private let heldAnswers = Gate(open: false)
     private let server: LoopbackServer
     public var port: Int { server.port }
     public var baseURL: String { server.baseURL }
@@ -139,14 +138,7 @@ public final class DingTalkSimulator: Sendable {
     /// Answers the next access-token requests with these, in order.
     public func scriptToken(_ replies: Scripted...) { state.withLock { $0.tokenScript.append(contentsOf: replies) } }
     /// Lets held answers (``Scripted/deliveredThenHeld``) return, now and from now on.
-    public func releaseHeld() {
-        let held = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-            state.released = true
-            defer { state.held = [] }
-            return state.held
-        }
-        for continuation in held { continuation.resume() }
-    }
+    public func releaseHeld() { heldAnswers.open() }
 
     /// Answers a scripted reply: records a delivery when it says so, holds when it says so.
     private func answer(_ scripted: Scripted, delivery: @autoclosure () -> Delivery) async -> Response {
@@ -154,16 +146,7 @@ public final class DingTalkSimulator: Sendable {
             let delivery = delivery()
             state.withLock { $0.deliveries.append(delivery) }
         }
-        if scripted.hold {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let now = state.withLock { state -> Bool in
-                    if state.released { return true }
-                    state.held.append(continuation)
-                    return false
-                }
-                if now { continuation.resume() }
-            }
-        }
+        if scripted.hold { await heldAnswers.pass() }
         var headers: HTTPFields = [.contentType: scripted.body.hasPrefix("{") ? "application/json" : "text/html"]
         for (name, value) in scripted.headers { headers[HTTPField.Name(name)!] = value }
         return Response(status: .init(code: scripted.status), headers: headers, body: .init(byteBuffer: ByteBuffer(string: scripted.body)))

@@ -81,11 +81,10 @@ public final class ModelSimulator: Sendable {
         var received: [Received] = []
         var inFlight = 0
         var maxInFlight = 0
-        var holding = false
-        var held: [CheckedContinuation<Void, Never>] = []
     }
 
     private let state = Mutex(State())
+    private let answers = Gate(open: true)
     private let server: LoopbackServer
 
     public var port: Int { server.port }
@@ -133,17 +132,10 @@ public final class ModelSimulator: Sendable {
     }
 
     /// From now on, requests are received but not answered until ``release()``.
-    public func hold() { state.withLock { $0.holding = true } }
+    public func hold() { answers.close() }
 
     /// Answers the held requests and stops holding.
-    public func release() {
-        let held = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-            state.holding = false
-            defer { state.held = [] }
-            return state.held
-        }
-        for continuation in held { continuation.resume() }
-    }
+    public func release() { answers.open() }
 
     public var received: [Received] { state.withLock { $0.received } }
     public var requestCount: Int { state.withLock { $0.received.count } }
@@ -172,14 +164,7 @@ public final class ModelSimulator: Sendable {
                 query: request.uri.query ?? "", stream: json["stream"] as? Bool ?? false, user: json["user"] as? String))
             return (state.behaviour, state.scripted.isEmpty ? nil : state.scripted.removeFirst())
         }
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let now = state.withLock { state -> Bool in
-                guard state.holding else { return true }
-                state.held.append(continuation)
-                return false
-            }
-            if now { continuation.resume() }
-        }
+        await answers.pass()
         if let events = scripted?.events {
             let body = events.map { "data: \($0)\n\n" }.joined()
             return Response(status: .ok, headers: [.contentType: "text/event-stream"], body: .init(byteBuffer: ByteBuffer(string: body)))

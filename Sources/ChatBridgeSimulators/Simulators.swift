@@ -6,6 +6,7 @@ import NIOCore
 import NIOFoundationCompat
 import NIOHTTP1
 import ServiceLifecycle
+import Synchronization
 
 /// A Hummingbird server on loopback, started in the background and stopped with `stop()`.
 public final class LoopbackServer: Sendable {
@@ -60,5 +61,34 @@ extension Response {
     static func json(_ status: HTTPResponse.Status = .ok, _ object: Any) -> Response {
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
+    }
+}
+
+/// Where a simulator holds requests: while closed, `pass()` waits until the gate opens.
+final class Gate: Sendable {
+    private let state: Mutex<(isOpen: Bool, waiting: [CheckedContinuation<Void, Never>])>
+
+    init(open: Bool) { state = Mutex((open, [])) }
+
+    func close() { state.withLock { $0.isOpen = false } }
+
+    func open() {
+        let waiting = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.isOpen = true
+            defer { state.waiting = [] }
+            return state.waiting
+        }
+        for continuation in waiting { continuation.resume() }
+    }
+
+    func pass() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { state -> Bool in
+                guard !state.isOpen else { return true }
+                state.waiting.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
     }
 }

@@ -17,6 +17,17 @@ func chatbridgeExecutable() -> String {
     return bundleDirectory.appendingPathComponent("chatbridge").path
 }
 
+/// The environment of a `chatbridge serve` child against the simulators, with its database in `directory`.
+func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingTalkSimulator) -> [String: String] {
+    [
+        "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
+        "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/chatbridge.sqlite",
+        "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-test",
+        "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbot", "CHATBRIDGE_DINGTALK_CLIENT_SECRET": testSecret,
+        "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL, "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1",
+    ]
+}
+
 @Suite(.serialized) struct CrashTests {
     @Test func killedMidAnswerEveryAcceptedMessageIsAnsweredExactlyOnce() async throws {
         var behaviour = ModelSimulator.Behaviour()
@@ -24,13 +35,7 @@ func chatbridgeExecutable() -> String {
         let model = try await ModelSimulator.start(behaviour: behaviour)
         let dingtalk = try await DingTalkSimulator.start()
         let directory = temporaryDirectory()
-        let environment = [
-            "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
-            "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/chatbridge.sqlite",
-            "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-test",
-            "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbot", "CHATBRIDGE_DINGTALK_CLIENT_SECRET": testSecret,
-            "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL, "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1",
-        ]
+        let environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
         let executable = chatbridgeExecutable()
         #expect(FileManager.default.isExecutableFile(atPath: executable), "build the chatbridge executable first (swift build)")
         let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
@@ -79,13 +84,7 @@ func chatbridgeExecutable() -> String {
         let model = try await ModelSimulator.start()
         let dingtalk = try await DingTalkSimulator.start()
         let directory = temporaryDirectory()
-        let environment = [
-            "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
-            "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/chatbridge.sqlite",
-            "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-test",
-            "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbot", "CHATBRIDGE_DINGTALK_CLIENT_SECRET": testSecret,
-            "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL, "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1",
-        ]
+        let environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
         // DingTalk takes the reply, but its answer does not come back before the process dies.
         dingtalk.scriptWebhook(.deliveredThenHeld)
         let first = try ChildServer(executable: chatbridgeExecutable(), environment: environment, logPath: directory + "/first.log")
