@@ -211,6 +211,15 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         simulator.script(ModelSimulator.Scripted(status: 200, body: #"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Whole answer"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#))
         let whole = try await ask(chat)
         #expect(whole.text == "Whole answer" && whole.completionTokens == 2)
+        // The same with a server that labels it as something else.
+        simulator.script(ModelSimulator.Scripted(status: 200, headers: ["content-type": "text/plain"], body: #"  {"choices":[{"message":{"content":"Mislabelled"},"finish_reason":"stop"}]}"#))
+        #expect(try await ask(chat).text == "Mislabelled")
+        // A whole answer too large to hold is refused for good, not retried as a connection problem.
+        simulator.script(ModelSimulator.Scripted(status: 200, body: #"{"choices":[{"message":{"content":""# + String(repeating: "x", count: 1_100_000) + #""}}]}"#))
+        await #expect { try await ask(chat) } throws: { error in
+            guard let error = error as? ModelError else { return false }
+            return error.kind == .invalidResponse && !error.isRetryable
+        }
         // The provider sees a stable hash of the conversation, never its ids.
         let users = Set(simulator.received.compactMap(\.user))
         #expect(users.count == 1)

@@ -127,6 +127,18 @@ final class DispatcherFixture: @unchecked Sendable {
         #expect(await f.inbox.row(id)?.uncertainSends == 0)
     }
 
+    @Test func aRecordThatKeepsFailingForALeaseFinishesWithoutItsEffect() async throws {
+        let f = DispatcherFixture()
+        let id = try await f.accept("m1", "question")
+        await f.inbox.setEffectsFail(true)
+        f.start()
+        #expect(await f.advance(by: .seconds(2)) { await f.state(id) == "answered" })
+        #expect(f.replies.attempts == ["Answer to: question"])
+        #expect(await f.inbox.effects.isEmpty)
+        #expect(f.clock.now.timeIntervalSince(ManualClock().now) >= 30)
+        await f.stop()
+    }
+
     @Test func aFailedRecordAfterASuccessfulSendIsRetriedWithoutSendingAgain() async throws {
         let f = DispatcherFixture()
         f.model.script(.answer("part one|part two"))

@@ -91,6 +91,8 @@ actor InMemoryInbox: Inbox {
     private var nextID: Int64 = 0
     private var claimBatch = 0
     var renewalsFail = false
+    /// `finish` fails whenever it has an effect to apply (a conversation write that keeps failing).
+    var effectsFail = false
 
     static let encoder: JSONEncoder = {
         let encoder = JSONEncoder()
@@ -111,6 +113,7 @@ actor InMemoryInbox: Inbox {
     /// The next `count` calls of `operation` fail with a transient error.
     func failNext(_ operation: Operation, count: Int = 1) { failures[operation] = count }
     func setRenewalsFail(_ fail: Bool) { renewalsFail = fail }
+    func setEffectsFail(_ fail: Bool) { effectsFail = fail }
 
     func row(_ id: Int64) -> Row? { rows.first { $0.id == id } }
 
@@ -239,10 +242,11 @@ actor InMemoryInbox: Inbox {
 
     func finish(_ lease: Lease, reply: StoredReply, conversation: ConversationKey, now: Date) async throws {
         let index = try index(lease, .finish)
+        if effectsFail, reply.effect != .none { throw Injected() }
         rows[index].state = reply.kind == .answer ? "answered" : "failed"
         rows[index].uncertainSends = 0
         rows[index].leaseToken = nil
-        if reply.kind == .answer { effects.append((conversation, reply.effect)) }
+        if reply.kind == .answer, reply.effect != .none { effects.append((conversation, reply.effect)) }
     }
 
     func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws {
