@@ -11,7 +11,7 @@ import Logging
 struct Check: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Validate the configuration and print the effective settings with secrets masked.",
-        discussion: "Prints one line per problem; exits 1 if any is an error. With --probe it also sends one tiny request to the model and, when DingTalk credentials are set, requests one access token, and reports each as ok or the exact failure."
+        discussion: "Secrets are shown only as set or not set, with a length class, never any of their characters. Prints one line per problem (a bad value names its key); exits 1 if any is an error. With --probe it also sends one tiny request to the model and, when DingTalk credentials are set, requests one access token, and reports each as ok or the exact failure (\"cannot reach HOST: why; check llm.base_url and the network\")."
     )
 
     @OptionGroup var options: ConfigOption
