@@ -353,50 +353,49 @@ public final class Dispatcher: Sendable {
     ) async throws {
         var metadata = metadata
         metadata["error"] = "\(failure)"
-        let now = clock.now
         if failure.mayHaveBeenDelivered {
             uncertainSends.increment()
             if earlierUncertainSends == 0, item.attempts < settings.retry.maxAttempts {
+                logger.warning("a reply send may or may not have been delivered; one more try later, possibly duplicated", metadata: metadata)
                 let delay = max(settings.uncertainRetryDelay, failure.retryAfter ?? .zero)
-                logger.warning("a reply send may or may not have been delivered; one more try later, possibly duplicated", metadata: metadata.merging(["retry_in": "\(delay)"]) { $1 })
-                try await recordAfterSend("the uncertain send", metadata: metadata) {
-                    try await self.inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: "uncertain delivery: \(failure)", lastSendFailed: false, now: now)
-                }
-                noteRetry(at: now.adding(delay))
-                retried.increment()
+                try await scheduleRetry(item, after: delay, error: "uncertain delivery: \(failure)", lastSendFailed: false, afterSend: true, metadata: metadata)
             } else {
                 logger.error("a reply send may or may not have been delivered and no more tries are allowed; not sending it again", metadata: metadata)
-                try await recordAfterSend("the uncertain send", metadata: metadata) {
-                    try await self.inbox.markFailed(item.lease, error: "uncertain delivery, not sent again: \(failure)", lastSendFailed: false, now: now)
-                }
-                failed.increment()
+                try await giveUp(item, error: "uncertain delivery, not sent again: \(failure)", lastSendFailed: false, metadata: metadata)
             }
             return
         }
         let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: failure.isRetryable, retryAfter: failure.retryAfter, random: random())
         switch decision {
         case .retry(let delay):
-            logger.warning("reply could not be delivered; will retry", metadata: metadata.merging(["retry_in": "\(delay)"]) { $1 })
-            try await recordAfterSend("the failed send", metadata: metadata) {
-                try await self.inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: "delivery failed: \(failure)", lastSendFailed: true, now: now)
-            }
-            noteRetry(at: now.adding(delay))
-            retried.increment()
+            try await scheduleRetry(item, after: delay, error: "delivery failed: \(failure)", lastSendFailed: true, afterSend: true, metadata: metadata)
         case .giveUp:
             logger.error("reply could not be delivered; giving up", metadata: metadata.merging(["why": "\(decision)"]) { $1 })
-            try await recordAfterSend("the failed send", metadata: metadata) {
-                try await self.inbox.markFailed(item.lease, error: "delivery failed: \(failure)", lastSendFailed: true, now: now)
-            }
-            failed.increment()
+            try await giveUp(item, error: "delivery failed: \(failure)", lastSendFailed: true, metadata: metadata)
         }
     }
 
-    private func scheduleRetry(_ item: InboxItem, after delay: Duration, error: String, lastSendFailed: Bool, metadata: Logger.Metadata) async throws {
+    /// Puts the message back to wait `delay`. After a send, the write is retried like any record after a send.
+    private func scheduleRetry(
+        _ item: InboxItem, after delay: Duration, error: String, lastSendFailed: Bool, afterSend: Bool = false, metadata: Logger.Metadata
+    ) async throws {
         let now = clock.now
         logger.warning("answer failed; will retry", metadata: metadata.merging(["retry_in": "\(delay)", "error": "\(error)"]) { $1 })
-        try await inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: error, lastSendFailed: lastSendFailed, now: now)
+        let write: @Sendable () async throws -> Void = { [inbox] in
+            try await inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: error, lastSendFailed: lastSendFailed, now: now)
+        }
+        if afterSend { try await recordAfterSend("the failed send", metadata: metadata, write) } else { try await write() }
         retried.increment()
         noteRetry(at: now.adding(delay))
+    }
+
+    /// Gives up on the message after a send failed; nothing more is sent for it.
+    private func giveUp(_ item: InboxItem, error: String, lastSendFailed: Bool, metadata: Logger.Metadata) async throws {
+        let now = clock.now
+        try await recordAfterSend("the failed send", metadata: metadata) { [inbox] in
+            try await inbox.markFailed(item.lease, error: error, lastSendFailed: lastSendFailed, now: now)
+        }
+        failed.increment()
     }
 
     /// Records progress after a send: retried with backoff until it succeeds, the claim is lost, or the

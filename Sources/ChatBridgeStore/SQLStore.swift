@@ -348,11 +348,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             let tokens: [any Encodable & Sendable] = chunk.map(\.token)
             let rows = try await single { db in
                 try await db.raw("""
-                    UPDATE inbox SET
-                        state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
-                        last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: Self.interruptedLastAttempt) ELSE last_error END,
-                        answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: nowMillis) ELSE answered_at END,
-                        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
+                    UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowMillis))
                     WHERE id IN (\(binds: ids)) AND lease_token IN (\(binds: tokens)) AND state = 'running'
                       AND lease_expires_at < \(bind: nowMillis)
                     RETURNING state
@@ -369,15 +365,21 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         let nowMillis = now.millis
         return try await single { db in
             Self.released(try await db.raw("""
-                UPDATE inbox SET
-                    state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
-                    last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: Self.interruptedLastAttempt) ELSE last_error END,
-                    answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: nowMillis) ELSE answered_at END,
-                    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: nowMillis)
+                UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowMillis))
                 WHERE state = 'running' OR (state = 'pending' AND attempts >= \(bind: maxAttempts))
                 RETURNING state
                 """).all())
         }
+    }
+
+    /// Returns an abandoned claim to the queue, or gives it up when it has used its last allowed attempt.
+    private static func releasing(maxAttempts: Int, now millis: Int64) -> SQLQueryString {
+        """
+        state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
+        last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: interruptedLastAttempt) ELSE last_error END,
+        answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: millis) ELSE answered_at END,
+        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: millis)
+        """
     }
 
     private static func released(_ rows: [any SQLRow]) -> ReleasedClaims {
@@ -390,79 +392,63 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, now: Date) async throws {
         let effect = String(decoding: try Self.encoder.encode(reply.effect), as: UTF8.self)
-        try await conditional(lease) { db in
-            db.raw("""
-                UPDATE inbox SET answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
-                    last_error = COALESCE(\(bind: error), last_error), updated_at = \(bind: now.millis)
-                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
-                RETURNING id
-                """)
-        }
+        try await update(lease, set: """
+            answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
+            last_error = COALESCE(\(bind: error), last_error), updated_at = \(bind: now.millis)
+            """)
     }
 
     public func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
-        try await conditional(lease) { db in
-            db.raw("""
-                UPDATE inbox SET uncertain_sends = uncertain_sends + 1, lease_expires_at = \(bind: leaseUntil.millis),
-                    updated_at = \(bind: now.millis)
-                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
-                RETURNING id
-                """)
-        }
+        try await update(lease, set: """
+            uncertain_sends = uncertain_sends + 1, lease_expires_at = \(bind: leaseUntil.millis), updated_at = \(bind: now.millis)
+            """)
     }
 
     public func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
-        try await conditional(lease) { db in
-            db.raw("""
-                UPDATE inbox SET delivered_parts = \(bind: parts), uncertain_sends = 0, updated_at = \(bind: now.millis)
-                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
-                RETURNING id
-                """)
-        }
+        try await update(lease, set: "delivered_parts = \(bind: parts), uncertain_sends = 0, updated_at = \(bind: now.millis)")
     }
 
     public func finish(_ lease: Lease, reply: StoredReply, conversation: ConversationKey, now: Date) async throws {
         let state = reply.kind == .answer ? "answered" : "failed"
-        let millis = now.millis
+        let statement = Self.update(lease, set: """
+            state = \(bind: state), uncertain_sends = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+            updated_at = \(bind: now.millis), answered_at = \(bind: now.millis)
+            """)
         try await transaction { db in
-            let updated = try await db.raw("""
-                UPDATE inbox SET state = \(bind: state), uncertain_sends = 0, lease_owner = NULL, lease_token = NULL,
-                    lease_expires_at = NULL, updated_at = \(bind: millis), answered_at = \(bind: millis)
-                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
-                RETURNING id
-                """).all()
-            guard updated.count == 1 else { throw LeaseLost(lease) }
+            guard try await db.raw(statement).all().count == 1 else { throw LeaseLost(lease) }
             if reply.kind == .answer { try await Self.apply(reply.effect, to: conversation, on: db) }
         }
     }
 
     public func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws {
-        try await conditional(lease) { db in
-            db.raw("""
-                UPDATE inbox SET state = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-                    not_before = \(bind: notBefore.millis), last_error = \(bind: error),
-                    uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0), updated_at = \(bind: now.millis)
-                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
-                RETURNING id
-                """)
-        }
+        try await update(lease, set: """
+            state = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+            not_before = \(bind: notBefore.millis), last_error = \(bind: error),
+            uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0), updated_at = \(bind: now.millis)
+            """)
     }
 
     public func markFailed(_ lease: Lease, error: String, lastSendFailed: Bool, now: Date) async throws {
-        try await conditional(lease) { db in
-            db.raw("""
-                UPDATE inbox SET state = 'failed', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-                    last_error = \(bind: error), uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0),
-                    updated_at = \(bind: now.millis), answered_at = \(bind: now.millis)
-                WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
-                RETURNING id
-                """)
-        }
+        try await update(lease, set: """
+            state = 'failed', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = \(bind: error),
+            uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0),
+            updated_at = \(bind: now.millis), answered_at = \(bind: now.millis)
+            """)
     }
 
-    /// Runs one conditional write on a claimed row; it must change exactly that row.
-    private func conditional(_ lease: Lease, _ statement: @Sendable @escaping (any SQLDatabase) -> SQLRawBuilder) async throws {
-        let changed = try await single { db in try await statement(db).all().count }
+    /// The statement of every write on a claimed row: it changes the row only while `lease` holds it.
+    private static func update(_ lease: Lease, set assignments: SQLQueryString) -> SQLQueryString {
+        """
+        UPDATE inbox SET \(assignments)
+        WHERE id = \(bind: lease.id) AND lease_token = \(bind: lease.token) AND state = 'running'
+        RETURNING id
+        """
+    }
+
+    /// Runs one write on a claimed row; it must change exactly that row.
+    private func update(_ lease: Lease, set assignments: SQLQueryString) async throws {
+        let statement = Self.update(lease, set: assignments)
+        let changed = try await single { db in try await db.raw(statement).all().count }
         guard changed == 1 else { throw LeaseLost(lease) }
     }
 

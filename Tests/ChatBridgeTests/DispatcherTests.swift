@@ -86,11 +86,9 @@ final class DispatcherFixture: @unchecked Sendable {
         await f.inbox.setRenewalsFail(true)
         f.start()
         #expect(await eventually { f.model.calls == 1 })
-        // Well past the lease, with renewals failing: the reaper runs but keeps the live claim.
-        for _ in 0..<6 {
-            f.clock.advance(by: .seconds(11))
-            #expect(await eventually { f.clock.sleeping >= 3 })
-        }
+        // Past the lease, with renewals failing: the reaper runs after the claim expired, and keeps it.
+        let expiry = f.clock.now.adding(.seconds(30))
+        #expect(await f.advance(by: .seconds(11)) { await f.inbox.releaseRuns.contains { $0 > expiry } })
         #expect(await f.state(id) == "running")
         gate.signal()
         #expect(await eventually { await f.state(id) == "answered" })
@@ -119,7 +117,8 @@ final class DispatcherFixture: @unchecked Sendable {
         await f.inbox.failNext(.recordDelivered, count: 1)
         f.start()
         // The first part went out; its record failed once and waits for the backoff.
-        #expect(await eventually { f.replies.attempts == ["one"] && f.clock.sleeping >= 3 })
+        #expect(await eventually { await f.inbox.failuresFired == [.recordDelivered] })
+        #expect(f.replies.attempts == ["one"])
         #expect(await f.inbox.row(id)?.deliveredParts == 0)
         await f.stop()
         // Stopping made one last record, so the next attempt will not send part one again.

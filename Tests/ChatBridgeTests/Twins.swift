@@ -21,9 +21,6 @@ final class ManualClock: WallClock {
 
     var now: Date { state.withLock { $0.now } }
 
-    /// How many tasks are sleeping on this clock.
-    var sleeping: Int { state.withLock { $0.sleepers.count } }
-
     func sleep(for duration: Duration) async throws {
         let id = state.withLock { state -> Int in
             state.nextID += 1
@@ -87,6 +84,10 @@ actor InMemoryInbox: Inbox {
     /// Writes refused because their lease token was stale.
     private(set) var refusedWrites: [Operation] = []
     private(set) var claims: [Int64: Int] = [:]
+    /// The time of every `releaseExpiredLeases` call (each run of a reaper).
+    private(set) var releaseRuns: [Date] = []
+    /// Every injected failure that fired, in order.
+    private(set) var failuresFired: [Operation] = []
     private var failures: [Operation: Int] = [:]
     private var nextID: Int64 = 0
     private var claimBatch = 0
@@ -128,6 +129,7 @@ actor InMemoryInbox: Inbox {
     private func maybeFail(_ operation: Operation) throws {
         if let count = failures[operation], count > 0 {
             failures[operation] = count - 1
+            failuresFired.append(operation)
             throw Injected()
         }
     }
@@ -211,7 +213,8 @@ actor InMemoryInbox: Inbox {
     }
 
     func releaseExpiredLeases(now: Date, maxAttempts: Int, keeping: Set<Lease>) async throws -> ReleasedClaims {
-        release(
+        releaseRuns.append(now)
+        return release(
             where: { row in
                 guard row.state == "running", (row.leaseExpires ?? .distantFuture) < now, let token = row.leaseToken else { return false }
                 return !keeping.contains(Lease(id: row.id, token: token))
