@@ -258,9 +258,9 @@ public final class Dispatcher: Sendable {
         } catch where Task.isCancelled || error is CancellationError {
             logger.info("answer abandoned at shutdown; it resumes at the next start", metadata: metadata)
         } catch {
-            // A store write before a send failed: nothing was sent in this step. The claim runs out and the
+            // Not expected (records are retried in place): nothing more is sent; the claim runs out and the
             // message is tried again.
-            logger.error("could not record progress; the message is retried after its lease", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            logger.error("could not answer; the message is retried after its lease", metadata: metadata.merging(["error": "\(error)"]) { $1 })
         }
     }
 
@@ -284,7 +284,10 @@ public final class Dispatcher: Sendable {
             reply = StoredReply(text: engine.settings.messages.reply(for: error), kind: .error, effect: .none)
             reason = "\(error)"
         }
-        try await inbox.storeReply(reply, for: item.lease, error: reason, now: clock.now)
+        let now = clock.now
+        try await record("the reply", afterSend: false, metadata: metadata) { [inbox, reason] in
+            try await inbox.storeReply(reply, for: item.lease, error: reason, now: now)
+        }
         return reply
     }
 
@@ -308,7 +311,10 @@ public final class Dispatcher: Sendable {
                 resends.increment()
                 logger.warning("sending a reply part again that may already have been delivered; it may appear twice", metadata: partMetadata)
             }
-            try await inbox.beginSend(item.lease, leaseUntil: clock.now.adding(settings.lease), now: clock.now)
+            let now = clock.now
+            try await record("the start of a send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease] in
+                try await inbox.beginSend(item.lease, leaseUntil: now.adding(lease), now: now)
+            }
             do {
                 try await replies.deliver(part: parts[index], replyingTo: item.message)
             } catch where Task.isCancelled || error is CancellationError {
@@ -322,7 +328,7 @@ public final class Dispatcher: Sendable {
             index += 1
             if index < parts.count {
                 let delivered = index
-                try await recordAfterSend("the delivered parts", metadata: partMetadata) {
+                try await record("the delivered parts", afterSend: true, metadata: partMetadata) {
                     try await self.inbox.recordDelivered(item.lease, parts: delivered, now: self.clock.now)
                 }
             }
@@ -338,7 +344,7 @@ public final class Dispatcher: Sendable {
                 try await inbox.finish(item.lease, reply: withoutEffect, conversation: item.conversation, now: clock.now)
             }
         }
-        try await recordAfterSend("the delivered reply", metadata: metadata, fallback: finishWithoutEffect) {
+        try await record("the delivered reply", afterSend: true, metadata: metadata, fallback: finishWithoutEffect) {
             try await inbox.finish(item.lease, reply: reply, conversation: item.conversation, now: clock.now)
         }
         return true
@@ -375,7 +381,7 @@ public final class Dispatcher: Sendable {
         }
     }
 
-    /// Puts the message back to wait `delay`. After a send, the write is retried like any record after a send.
+    /// Puts the message back to wait `delay`.
     private func scheduleRetry(
         _ item: InboxItem, after delay: Duration, error: String, lastSendFailed: Bool, afterSend: Bool = false, metadata: Logger.Metadata
     ) async throws {
@@ -384,7 +390,7 @@ public final class Dispatcher: Sendable {
         let write: @Sendable () async throws -> Void = { [inbox] in
             try await inbox.scheduleRetry(item.lease, notBefore: now.adding(delay), error: error, lastSendFailed: lastSendFailed, now: now)
         }
-        if afterSend { try await recordAfterSend("the failed send", metadata: metadata, write) } else { try await write() }
+        try await record(afterSend ? "the failed send" : "the retry", afterSend: afterSend, metadata: metadata, write)
         retried.increment()
         noteRetry(at: now.adding(delay))
     }
@@ -392,18 +398,19 @@ public final class Dispatcher: Sendable {
     /// Gives up on the message after a send failed; nothing more is sent for it.
     private func giveUp(_ item: InboxItem, error: String, lastSendFailed: Bool, metadata: Logger.Metadata) async throws {
         let now = clock.now
-        try await recordAfterSend("the failed send", metadata: metadata) { [inbox] in
+        try await record("the failed send", afterSend: true, metadata: metadata) { [inbox] in
             try await inbox.markFailed(item.lease, error: error, lastSendFailed: lastSendFailed, now: now)
         }
         failed.increment()
     }
 
-    /// Records progress after a send: retried with backoff until it succeeds, the claim is lost, or the
-    /// dispatcher stops — the send itself is never repeated for a failed record. When stopping, one last try
+    /// Records progress of the attempt, retried with backoff until it succeeds, the claim is lost, or the
+    /// dispatcher stops; a passing database hiccup neither drops an answer nor repeats a send. After a send
+    /// (`afterSend`) the send itself is never repeated for a failed record, and when stopping one last try
     /// is made that cancellation cannot interrupt. After failing for a whole lease, `fallback` (a record that
     /// asks less of the database) is used instead, when there is one.
-    private func recordAfterSend(
-        _ what: String, metadata: Logger.Metadata, fallback: (@Sendable () async throws -> Void)? = nil,
+    private func record(
+        _ what: String, afterSend: Bool, metadata: Logger.Metadata, fallback: (@Sendable () async throws -> Void)? = nil,
         _ write: @escaping @Sendable () async throws -> Void
     ) async throws {
         var write = write
@@ -412,7 +419,7 @@ public final class Dispatcher: Sendable {
         let started = clock.now
         while true {
             if Task.isCancelled {
-                try? await Task { [write] in try await write() }.value
+                if afterSend { try? await Task { [write] in try await write() }.value }
                 throw CancellationError()
             }
             do {
@@ -421,9 +428,9 @@ public final class Dispatcher: Sendable {
             } catch let error as LeaseLost {
                 throw error
             } catch {
-                if Task.isCancelled || error is CancellationError { continue }
+                if Task.isCancelled { continue }
                 logger.error(
-                    "could not record \(what) after a send; retrying the record, not the send",
+                    afterSend ? "could not record \(what) after a send; retrying the record, not the send" : "could not record \(what); retrying it (nothing was sent)",
                     metadata: metadata.merging(["error": "\(error)", "retry_in": "\(pause)"]) { $1 })
                 if let next = fallback, Duration.between(started, clock.now) >= settings.lease {
                     logger.error("recording \(what) keeps failing; recording it without its effect on the conversation", metadata: metadata)

@@ -157,7 +157,8 @@ public struct OpenAIChatModel: ChatModel {
         } catch is NIOTooManyBytesError {
             throw ModelError(.invalidResponse, detail: "the answer exceeded \(Self.maxAnswerBytes * 4 / 1024) KiB; the model server misbehaves", shouldRetry: false)
         } catch {
-            throw classifyTransport(error)
+            // A connection that breaks after the finish_reason (before the usage chunk or [DONE]) loses nothing.
+            guard accumulator.isComplete, !Task.isCancelled, !(error is CancellationError) else { throw classifyTransport(error) }
         }
         guard accumulator.isComplete else {
             throw ModelError(

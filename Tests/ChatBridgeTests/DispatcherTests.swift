@@ -138,6 +138,46 @@ final class DispatcherFixture: @unchecked Sendable {
         await f.stop()
     }
 
+    @Test func aFailedRecordBeforeTheSendIsRetriedInPlaceAndTheAnswerKept() async throws {
+        let f = DispatcherFixture(maxAttempts: 1)
+        let id = try await f.accept("m1", "question")
+        await f.inbox.failNext(.storeReply, count: 2)
+        await f.inbox.failNext(.beginSend, count: 2)
+        f.start()
+        #expect(await f.advance(by: .milliseconds(500)) { await f.state(id) == "answered" })
+        #expect(f.model.calls == 1)
+        #expect(f.replies.attempts == ["Answer to: question"])
+        #expect(await f.inbox.row(id)?.uncertainSends == 0)
+        await f.stop()
+    }
+
+    @Test func anUncertainSendThenAKnownFailureStillAllowsOneMoreTry() async throws {
+        let f = DispatcherFixture(maxAttempts: 5)
+        f.replies.script(.uncertain, .failed(retryable: true))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(5)) { await f.state(id) == "answered" })
+        // The second send is known not to have arrived, so the third is still "the one more try".
+        #expect(f.replies.attempts.count == 3)
+        #expect(await f.inbox.row(id)?.attempts == 3)
+        await f.stop()
+    }
+
+    @Test func aClaimThatFindsTwoUncertainSendsSendsNothing() async throws {
+        let f = DispatcherFixture()
+        let id = try await f.accept("m1", "question")
+        let lease = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 3, now: f.clock.now)[0].lease
+        try await f.inbox.storeReply(StoredReply(text: "stored", kind: .answer, effect: .none), for: lease, error: nil, now: f.clock.now)
+        try await f.inbox.beginSend(lease, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
+        try await f.inbox.beginSend(lease, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
+        _ = try await f.inbox.reclaimRunning(now: f.clock.now, maxAttempts: 3)
+        f.start()
+        #expect(await eventually { await f.state(id) == "failed" })
+        #expect(f.replies.attempts.isEmpty)
+        #expect(await f.inbox.row(id)?.lastError?.contains("uncertain after two tries") == true)
+        await f.stop()
+    }
+
     @Test func aFailedRecordAfterASuccessfulSendIsRetriedWithoutSendingAgain() async throws {
         let f = DispatcherFixture()
         f.model.script(.answer("part one|part two"))

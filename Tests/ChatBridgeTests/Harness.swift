@@ -120,8 +120,9 @@ final class Harness: @unchecked Sendable {
         return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
     }
 
-    func metric(_ sample: String) async throws -> Double {
-        metricValue(try await get("/metrics").body, sample) ?? 0
+    /// The sample's value; nil when `/metrics` does not show it.
+    func metric(_ sample: String) async throws -> Double? {
+        metricValue(try await get("/metrics").body, sample)
     }
 
     /// Starts a graceful shutdown, as SIGTERM does.
