@@ -15,6 +15,51 @@ public struct DingTalkSettings: Sendable, Equatable {
     /// Hosts a sessionWebhook may point at. Any other URL is never requested.
     public var webhookHosts: [String]
     public var maxMessageChars: Int
+    /// How messages arrive: over the outbound Stream connection as well as HTTP callbacks, or callbacks only.
+    public var mode: Mode = .stream
+    public var stream = StreamSettings()
+    public var card = CardSettings()
+
+    public enum Mode: String, Sendable, Equatable, CaseIterable {
+        /// Open the Stream connection (when the client id and secret are set); callbacks keep working.
+        case stream
+        /// HTTP callbacks only.
+        case http
+    }
+
+    /// The Stream-mode connection (protocols C).
+    public struct StreamSettings: Sendable, Equatable {
+        /// A WebSocket ping goes out this often; a connection whose ping is unanswered by the next one is
+        /// dropped and reconnected, so a silent ("zombie") connection is found within twice this.
+        public var keepaliveTimeout: Duration = .seconds(10)
+        /// The first reconnect delay; it doubles (with jitter) up to `maxBackoff`, and resets once a
+        /// connection has stayed up for `healthyAfter`.
+        public var initialBackoff: Duration = .seconds(1)
+        public var maxBackoff: Duration = .seconds(60)
+        public var healthyAfter: Duration = .seconds(60)
+        /// After a `disconnect`, how long the old connection may keep delivering once the new one is up,
+        /// before it is closed (DingTalk closes it itself about 10 s after the notice).
+        public var rotationGrace: Duration = .seconds(15)
+        /// Hosts the endpoint returned by `connections/open` may name. Any other is never connected to.
+        public var endpointHosts: [String] = ["wss-open-connection.dingtalk.com", "wss-open-connection-union.dingtalk.com"]
+        public init() {}
+    }
+
+    /// AI cards: answers that grow while the model writes them (protocols D.1).
+    public struct CardSettings: Sendable, Equatable {
+        /// The AI-card template; empty means no cards (markdown replies).
+        public var templateID: String = ""
+        /// The template's streaming markdown variable.
+        public var contentKey: String = "msgContent"
+        /// At most one streaming update per card this often.
+        public var updateInterval: Duration = .milliseconds(500)
+        /// Card API calls per second across all cards of the process.
+        public var maxQPS: Int = 20
+        /// The pause after a QPS-limit answer before the call is tried again (with a new guid).
+        public var qpsLimitPause: Duration = .seconds(2)
+        public init() {}
+        public var isEnabled: Bool { !templateID.isEmpty }
+    }
 
     /// The only path a sessionWebhook may have.
     public static let webhookPath = "/robot/sendBySession"
@@ -60,6 +105,20 @@ public struct DingTalkSettings: Sendable, Equatable {
         switch scheme {
         case "https": return true
         case "http": return ["127.0.0.1", "localhost", "::1", "[::1]"].contains(host)
+        default: return false
+        }
+    }
+
+    /// Whether a Stream endpoint returned by `connections/open` may be connected to: `wss://` to a listed
+    /// host (plain `ws://` only to a listed loopback host, for local testing), no credentials in the URL.
+    public func allowsStreamEndpoint(_ url: String) -> Bool {
+        guard let components = URLComponents(string: url), let scheme = components.scheme?.lowercased(),
+            let host = components.host?.lowercased(), !host.isEmpty, components.user == nil, components.password == nil,
+            components.fragment == nil, stream.endpointHosts.contains(where: { $0.lowercased() == host })
+        else { return false }
+        switch scheme {
+        case "wss": return true
+        case "ws": return ["127.0.0.1", "localhost", "::1", "[::1]"].contains(host)
         default: return false
         }
     }

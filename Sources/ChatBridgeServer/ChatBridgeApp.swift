@@ -36,6 +36,8 @@ public struct ChatBridgeComponents: Sendable {
     public let engine: Engine
     public let dispatcher: Dispatcher
     public let ingress: DingTalkIngress
+    /// The DingTalk Stream-mode connection (status `off` when not configured to connect).
+    public let stream: DingTalkStream
     public let httpClient: HTTPClient
     /// The registry `/metrics` renders; every metric of this application is recorded in it.
     public let metrics: PrometheusCollectorRegistry
@@ -101,8 +103,9 @@ public struct ChatBridgeApplication: ApplicationProtocol {
         let drain = DrainService(
             lifecycle: components.lifecycle, dispatcher: components.dispatcher, serverRunning: components.serverRunning,
             timeout: components.configuration.server.drainTimeout, logger: logger)
-        // Shut down in reverse: the drain first (the server still accepts), then the server and its services.
-        let group = ServiceGroup(configuration: .init(services: [http, drain], logger: logger))
+        // Shut down in reverse: the Stream connection first (no frame is read, so none is acknowledged, after
+        // this point), then the drain (the HTTP server still accepts), then the server and its services.
+        let group = ServiceGroup(configuration: .init(services: [http, drain, components.stream], logger: logger))
         do {
             try await group.run()
         } catch let error as IOError where error.errnoCode == EADDRINUSE {
@@ -290,23 +293,31 @@ public func buildApplication(
     let ingress = DingTalkIngress(
         settings: configuration.dingtalk, groupScope: configuration.engine.groupScope, inbox: store, clock: clock,
         metrics: factory, logger: logger, onAccepted: { [dispatcher] in dispatcher.wake() })
+    let stream = DingTalkStream(
+        settings: configuration.dingtalk, ingress: ingress, client: httpClient, clock: clock, metrics: factory,
+        logger: logger)
     let components = ChatBridgeComponents(
-        configuration: configuration, store: store, engine: engine, dispatcher: dispatcher, ingress: ingress, httpClient: httpClient,
+        configuration: configuration, store: store, engine: engine, dispatcher: dispatcher, ingress: ingress, stream: stream,
+        httpClient: httpClient,
         metrics: metrics, lifecycle: LifecycleState(), ports: BoundPorts(), serverRunning: OneTimeEvent(),
         dispatcherStopped: OneTimeEvent())
 
     let router = Router()
     router.get("/healthz") { _, _ in Response.json(.ok, ["status": "ok"]) }
     router.get("/readyz") { _, _ in
-        if components.lifecycle.isDraining { return Response.json(.serviceUnavailable, ["status": "draining"]) }
+        // The Stream state is reported, not required: callbacks and answers work without it.
+        let streamState = stream.status.rawValue
+        if components.lifecycle.isDraining {
+            return Response.json(.serviceUnavailable, ["status": "draining", "dingtalk_stream": streamState])
+        }
         do {
             let version = try await store.schemaVersion()
             guard version == SQLStore.latestVersion else {
-                return Response.json(.serviceUnavailable, ["status": "migrations pending"])
+                return Response.json(.serviceUnavailable, ["status": "migrations pending", "dingtalk_stream": streamState])
             }
-            return Response.json(.ok, ["status": "ready"])
+            return Response.json(.ok, ["status": "ready", "dingtalk_stream": streamState])
         } catch {
-            return Response.json(.serviceUnavailable, ["status": "database unreachable"])
+            return Response.json(.serviceUnavailable, ["status": "database unreachable", "dingtalk_stream": streamState])
         }
     }
     if configuration.server.metricsAddress == nil {

@@ -200,6 +200,37 @@ public struct ChatBridgeConfiguration: Sendable {
             maxMessageChars: r.int("dingtalk.max_message_chars", range: 200...20000) ?? 4000
         )
         while dingtalk.apiBaseURL.hasSuffix("/") { dingtalk.apiBaseURL.removeLast() }
+        if let mode = r.string("dingtalk.mode") {
+            if let value = DingTalkSettings.Mode(rawValue: mode.lowercased()) { dingtalk.mode = value } else {
+                r.error("dingtalk.mode", "must be stream or http, got '\(mode.prefix(60))'")
+            }
+        }
+        dingtalk.stream.keepaliveTimeout = r.duration("dingtalk.stream.keepalive_timeout") ?? dingtalk.stream.keepaliveTimeout
+        if dingtalk.stream.keepaliveTimeout < .milliseconds(100) {
+            r.error("dingtalk.stream.keepalive_timeout", "must be at least 100ms")
+            dingtalk.stream.keepaliveTimeout = .seconds(10)
+        }
+        dingtalk.stream.maxBackoff = r.duration("dingtalk.stream.max_backoff") ?? dingtalk.stream.maxBackoff
+        if dingtalk.stream.maxBackoff < .milliseconds(100) {
+            r.error("dingtalk.stream.max_backoff", "must be at least 100ms")
+            dingtalk.stream.maxBackoff = .seconds(60)
+        }
+        dingtalk.stream.initialBackoff = min(dingtalk.stream.initialBackoff, dingtalk.stream.maxBackoff)
+        dingtalk.stream.endpointHosts = r.list("dingtalk.stream.hosts") ?? dingtalk.stream.endpointHosts
+        dingtalk.card.templateID = r.string("dingtalk.card.template_id")?.trimmingCharacters(in: .whitespaces) ?? ""
+        dingtalk.card.contentKey = r.string("dingtalk.card.content_key")?.trimmingCharacters(in: .whitespaces) ?? dingtalk.card.contentKey
+        dingtalk.card.updateInterval = r.duration("dingtalk.card.update_interval") ?? dingtalk.card.updateInterval
+        if dingtalk.card.updateInterval < .milliseconds(50) {
+            r.error("dingtalk.card.update_interval", "must be at least 50ms (DingTalk limits card updates per app)")
+            dingtalk.card.updateInterval = .milliseconds(500)
+        }
+        dingtalk.card.maxQPS = r.int("dingtalk.card.max_qps", range: 1...1000) ?? dingtalk.card.maxQPS
+        if dingtalk.card.isEnabled && !dingtalk.hasOpenAPICredentials {
+            r.error("dingtalk.card.template_id", "cards need the OpenAPI: set dingtalk.client_id and dingtalk.client_secret too")
+        }
+        if dingtalk.mode == .stream && !dingtalk.hasOpenAPICredentials && !dingtalk.clientSecret.isEmpty {
+            r.warning("dingtalk.mode", "stream needs dingtalk.client_id as well as dingtalk.client_secret; no Stream connection until both are set")
+        }
         if dingtalk.clientSecret.isEmpty {
             r.warning("dingtalk.client_secret", "not set (CHATBRIDGE_DINGTALK_CLIENT_SECRET); DingTalk callbacks are refused with 503 until it is")
         } else if dingtalk.robotCode.isEmpty {
@@ -254,6 +285,14 @@ public struct ChatBridgeConfiguration: Sendable {
             ("dingtalk.corp_id", dingtalk.corpID ?? "(not checked)"),
             ("dingtalk.api_base_url", dingtalk.apiBaseURL), ("dingtalk.webhook_hosts", dingtalk.webhookHosts.joined(separator: ", ")),
             ("dingtalk.max_message_chars", "\(dingtalk.maxMessageChars)"),
+            ("dingtalk.mode", dingtalk.mode.rawValue),
+            ("dingtalk.stream.keepalive_timeout", "\(dingtalk.stream.keepaliveTimeout)"),
+            ("dingtalk.stream.max_backoff", seconds(dingtalk.stream.maxBackoff)),
+            ("dingtalk.stream.hosts", dingtalk.stream.endpointHosts.joined(separator: ", ")),
+            ("dingtalk.card.template_id", dingtalk.card.templateID.isEmpty ? "(none: markdown replies)" : dingtalk.card.templateID),
+            ("dingtalk.card.content_key", dingtalk.card.contentKey),
+            ("dingtalk.card.update_interval", "\(dingtalk.card.updateInterval)"),
+            ("dingtalk.card.max_qps", "\(dingtalk.card.maxQPS)"),
             ("worker.concurrency", "\(worker.concurrency)"), ("worker.max_attempts", "\(worker.maxAttempts)"), ("worker.lease", seconds(worker.lease)),
             ("worker.max_retry_wait", seconds(worker.maxRetryWait)),
             ("log.level", log.level.rawValue), ("log.format", log.format.rawValue),

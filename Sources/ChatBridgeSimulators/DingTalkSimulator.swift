@@ -2,6 +2,8 @@ import AsyncHTTPClient
 import ChatBridgeDingTalk
 import Foundation
 import Hummingbird
+import HummingbirdCore
+import HummingbirdWebSocket
 import HTTPTypes
 import NIOCore
 import NIOFoundationCompat
@@ -84,8 +86,13 @@ public final class DingTalkSimulator: Sendable {
     private let server: LoopbackServer
     public var port: Int { server.port }
     public var baseURL: String { server.baseURL }
+    /// The Stream-mode gateway on the same port (`connections/open`, `/connect`).
+    public let gateway: StreamGateway
 
-    private init(server: LoopbackServer) { self.server = server }
+    private init(server: LoopbackServer, gateway: StreamGateway) {
+        self.server = server
+        self.gateway = gateway
+    }
 
     public static func start(port: Int = 0) async throws -> DingTalkSimulator {
         let box = Box()
@@ -106,8 +113,19 @@ public final class DingTalkSimulator: Sendable {
             let data = try JSONEncoder().encode(box.simulator!.deliveries)
             return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
         }
-        let server = try await LoopbackServer.start(router: router, port: port, name: "dingtalk")
-        let simulator = DingTalkSimulator(server: server)
+        let portBox = Mutex(0)
+        let gateway = StreamGateway(endpointBase: { "ws://127.0.0.1:\(portBox.withLock { $0 })" })
+        router.post("/v1.0/gateway/connections/open") { request, _ in try await gateway.open(request) }
+        var wsConfiguration = WebSocketServerConfiguration()
+        wsConfiguration.maxFrameSize = 1 << 20
+        let server = try await LoopbackServer.start(
+            router: router, port: port, name: "dingtalk",
+            server: .http1WebSocketUpgrade(configuration: .init(ws: wsConfiguration)) { request, _, _ in
+                guard gateway.admit(request.path ?? "") else { return .dontUpgrade }
+                return .upgrade([:]) { inbound, outbound, _ in await gateway.serve(inbound: inbound, outbound: outbound) }
+            })
+        portBox.withLock { $0 = server.port }
+        let simulator = DingTalkSimulator(server: server, gateway: gateway)
         box.simulator = simulator
         return simulator
     }
@@ -117,7 +135,10 @@ public final class DingTalkSimulator: Sendable {
         var simulator: DingTalkSimulator?
     }
 
-    public func stop() async { await server.stop() }
+    public func stop() async {
+        gateway.shutdown()
+        await server.stop()
+    }
 
     /// A sessionWebhook URL on this simulator for a session name.
     public func webhookURL(session: String) -> String { baseURL + "/robot/sendBySession?session=" + session }

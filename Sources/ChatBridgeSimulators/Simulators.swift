@@ -1,5 +1,6 @@
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import HTTPTypes
 import Logging
 import NIOCore
@@ -21,12 +22,15 @@ public final class LoopbackServer: Sendable {
     }
 
     /// Starts `router` on `127.0.0.1:port` (0 picks a free port) and returns once it listens.
-    public static func start(router: Router<BasicRequestContext>, port: Int = 0, name: String) async throws -> LoopbackServer {
+    public static func start(
+        router: Router<BasicRequestContext>, port: Int = 0, name: String, server: HTTPServerBuilder = .http1()
+    ) async throws -> LoopbackServer {
         var logger = Logger(label: "chatbridge.simulator.\(name)")
         logger.logLevel = .warning
         let (stream, continuation) = AsyncStream.makeStream(of: Int.self)
         let app = Application(
             router: router,
+            server: server,
             configuration: .init(address: .hostname("127.0.0.1", port: port), serverName: name),
             onServerRunning: { channel in continuation.yield(channel.localAddress?.port ?? 0) },
             logger: logger

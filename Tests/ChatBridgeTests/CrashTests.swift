@@ -25,6 +25,7 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
         "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-test",
         "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbot", "CHATBRIDGE_DINGTALK_CLIENT_SECRET": testSecret,
         "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL, "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1",
+        "CHATBRIDGE_DINGTALK_MODE": "http", "CHATBRIDGE_DINGTALK_STREAM_HOSTS": "127.0.0.1",
     ]
 }
 

@@ -54,12 +54,14 @@ final class Harness: @unchecked Sendable {
     static func start(_ overrides: [String: String] = [:], behaviour: ModelSimulator.Behaviour = .init()) async throws -> Harness {
         let model = try await ModelSimulator.start(behaviour: behaviour)
         let dingtalk = try await DingTalkSimulator.start()
+        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
         let directory = temporaryDirectory()
         var values = [
             "server.host": "127.0.0.1", "server.port": "0", "database.url": "sqlite:\(directory)/chatbridge.sqlite",
             "llm.base_url": model.baseURL, "llm.api_key": "sk-test-secret-key-123456", "llm.model": "sim",
             "dingtalk.client_id": "dingbot", "dingtalk.client_secret": testSecret, "dingtalk.api_base_url": dingtalk.baseURL,
-            "dingtalk.webhook_hosts": "127.0.0.1", "bot.language": "en", "worker.max_attempts": "3",
+            "dingtalk.webhook_hosts": "127.0.0.1", "bot.language": "en", "worker.max_attempts": "3", "dingtalk.mode": "http",
+            "dingtalk.stream.hosts": "127.0.0.1", "dingtalk.stream.max_backoff": "300ms",
         ]
         values.merge(overrides) { $1 }
         let configuration = ChatBridgeConfiguration.from(values: values)

@@ -16,7 +16,7 @@ import Testing
     func makeApp(_ overrides: [String: String] = [:]) async throws -> ChatBridgeApplication {
         var values = [
             "database.url": "sqlite::memory:", "llm.base_url": "http://127.0.0.1:1/v1",
-            "dingtalk.client_id": "dingbot", "dingtalk.client_secret": testSecret, "dingtalk.webhook_hosts": "127.0.0.1",
+            "dingtalk.client_id": "dingbot", "dingtalk.client_secret": testSecret, "dingtalk.webhook_hosts": "127.0.0.1", "dingtalk.mode": "http",
         ]
         values.merge(overrides) { $1 }
         var logger = Logger(label: "ingress-test")

@@ -76,7 +76,7 @@ actor InMemoryInbox: Inbox {
         var lastError: String?
     }
 
-    enum Operation: Hashable, Sendable { case storeReply, beginSend, recordDelivered, finish, scheduleRetry, markFailed, renew }
+    enum Operation: Hashable, Sendable { case accept, storeReply, beginSend, recordDelivered, finish, scheduleRetry, markFailed, renew }
     struct Injected: Error, CustomStringConvertible { var description: String { "injected database failure" } }
 
     private(set) var rows: [Row] = []
@@ -147,7 +147,15 @@ actor InMemoryInbox: Inbox {
         return index
     }
 
+    /// `accept` calls begun; with ``holdAccepts(until:)`` they wait for the event before storing.
+    private(set) var acceptsBegun = 0
+    private var acceptHold: OneTimeEvent?
+    func holdAccepts(until event: OneTimeEvent?) { acceptHold = event }
+
     func accept(_ message: InboundMessage, conversation: ConversationKey, now: Date) async throws -> AcceptOutcome {
+        acceptsBegun += 1
+        if let hold = acceptHold { await hold.wait() }
+        try maybeFail(.accept)
         let payload = try Self.encoder.encode(message)
         if rows.contains(where: { (try? Self.decoder.decode(InboundMessage.self, from: $0.payload))?.messageID == message.messageID }) {
             return .duplicate

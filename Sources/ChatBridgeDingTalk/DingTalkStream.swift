@@ -1,0 +1,530 @@
+import AsyncHTTPClient
+import ChatBridgeCore
+import ChatBridgeHTTP
+import Foundation
+import HummingbirdWSClient
+import Logging
+import Metrics
+import NIOCore
+import NIOFoundationCompat
+import NIOHTTP1
+import NIOWebSocket
+import ServiceLifecycle
+import Synchronization
+
+/// DingTalk Stream mode (protocols C): an outbound WebSocket on which DingTalk pushes robot messages, so
+/// no public URL is needed. A service in the application's service group.
+///
+/// - Every connect takes a fresh ticket from `connections/open`; the returned endpoint must be an allowed
+///   host (`dingtalk.stream` hosts), never anything DingTalk's answer could point elsewhere.
+/// - A robot message goes through the same ``DingTalkIngress/receive(_:)`` as an HTTP callback and is
+///   acknowledged only after the inbox commit; when the store fails no ack is sent, so DingTalk re-delivers.
+///   A re-delivery is a duplicate in the inbox and is acknowledged again.
+/// - `disconnect` is make-before-break: a new connection is opened and confirmed first, the old one keeps
+///   delivering (and acknowledging) until DingTalk closes it or `rotationGrace` passes.
+/// - A WebSocket ping goes out every `keepaliveTimeout`; a ping still unanswered at the next one drops the
+///   connection. Failures reconnect with exponential backoff and jitter; rejected credentials wait the cap.
+public final class DingTalkStream: Service, Sendable {
+    /// What `/readyz` shows.
+    public enum Status: String, Sendable {
+        /// Not configured to connect (mode `http`, or no credentials).
+        case off
+        case connecting
+        case connected
+        /// DingTalk refused the credentials; retried at the backoff cap.
+        case rejected
+        case stopped
+    }
+
+    private let settings: DingTalkSettings
+    private let ingress: DingTalkIngress
+    private let client: HTTPClient
+    private let clock: any WallClock
+    private let logger: Logger
+    private let random: @Sendable () -> Double
+    private let state = Mutex(State())
+    private let metrics: any MetricsFactory
+    private let connectedGauge: Gauge
+
+    private struct State {
+        var status: Status = .off
+        var open = 0
+        var nextID = 0
+    }
+
+    public init(
+        settings: DingTalkSettings, ingress: DingTalkIngress, client: HTTPClient, clock: any WallClock,
+        metrics: any MetricsFactory = MetricsSystem.factory, logger: Logger,
+        random: @escaping @Sendable () -> Double = { Double.random(in: 0..<1) }
+    ) {
+        self.settings = settings
+        self.ingress = ingress
+        self.client = client
+        self.clock = clock
+        self.metrics = metrics
+        self.logger = logger
+        self.random = random
+        connectedGauge = Gauge(label: "chatbridge_stream_connected", factory: metrics)
+        connectedGauge.record(0)
+    }
+
+    public var status: Status { state.withLock { $0.status } }
+    /// Connections open now (two for a moment during a rotation).
+    public var openConnections: Int { state.withLock { $0.open } }
+
+    /// Why the stream will not connect, or nil when it will.
+    public var configurationProblem: String? {
+        if settings.mode == .http { return "dingtalk.mode is http" }
+        if !settings.hasOpenAPICredentials {
+            return "DingTalk Stream mode needs dingtalk.client_id and dingtalk.client_secret (CHATBRIDGE_DINGTALK_CLIENT_ID, CHATBRIDGE_DINGTALK_CLIENT_SECRET); set them, or dingtalk.mode: http for callbacks only"
+        }
+        return nil
+    }
+
+    public func run() async throws {
+        if let problem = configurationProblem {
+            if settings.mode == .stream { logger.warning("\(problem); running without the Stream connection") }
+            try? await gracefulShutdown()
+            return
+        }
+        setStatus(.connecting)
+        // Shutdown cancels the connections: a frame whose commit finished is still acknowledged, nothing
+        // after it is read.
+        await cancelWhenGracefulShutdown { await self.supervise() }
+        setStatus(.stopped)
+        logger.info("DingTalk Stream stopped")
+    }
+
+    private func setStatus(_ status: Status) { state.withLock { $0.status = status } }
+
+    // MARK: Supervision
+
+    private enum ConnectFailure: Error, CustomStringConvertible {
+        /// DingTalk refused the credentials (or the request): waiting the backoff cap.
+        case rejected(String)
+        case failed(String)
+        var description: String {
+            switch self {
+            case .rejected(let reason), .failed(let reason): reason
+            }
+        }
+    }
+
+    /// Keeps one connection up: reconnects with backoff, rotates make-before-break on `disconnect`.
+    private func supervise() async {
+        await withDiscardingTaskGroup { group in
+            var failures = 0
+            var current: Connection?
+            var reconnectReason = "start"
+            while !Task.isCancelled {
+                let next: Connection
+                do {
+                    next = try await connect(in: &group, reason: reconnectReason)
+                } catch let failure as ConnectFailure {
+                    failures += 1
+                    let delay: Duration
+                    switch failure {
+                    case .rejected(let reason):
+                        setStatus(.rejected)
+                        delay = settings.stream.maxBackoff
+                        logger.error("DingTalk refused the Stream connection: \(reason); check dingtalk.client_id and dingtalk.client_secret (CHATBRIDGE_DINGTALK_CLIENT_ID, CHATBRIDGE_DINGTALK_CLIENT_SECRET)", metadata: ["retry_in": "\(delay)"])
+                    case .failed(let reason):
+                        if current == nil { setStatus(.connecting) }
+                        delay = backoff(afterFailures: failures)
+                        logger.warning("could not open the DingTalk Stream connection: \(reason)", metadata: ["retry_in": "\(delay)"])
+                    }
+                    Counter(label: "chatbridge_stream_reconnects_total", dimensions: [("reason", "connect_failed")], factory: metrics).increment()
+                    do { try await clock.sleep(for: delay) } catch { break }
+                    continue
+                } catch {
+                    break  // cancelled
+                }
+                // The new connection is confirmed: now the old one (if rotating) may go.
+                if let old = current { old.retire(after: settings.stream.rotationGrace) }
+                current = next
+                setStatus(.connected)
+                let event = await next.nextEvent()
+                switch event {
+                case .rotate:
+                    reconnectReason = "disconnect"
+                    logger.info("DingTalk asked to rotate the Stream connection; opening the next one before closing this one", metadata: ["connection": "\(next.id)"])
+                    Counter(label: "chatbridge_stream_reconnects_total", dimensions: [("reason", "disconnect")], factory: metrics).increment()
+                case .ended(let reason, let kind):
+                    current = nil
+                    if Task.isCancelled { break }
+                    setStatus(.connecting)
+                    if Duration.between(next.openedAt, clock.now) >= settings.stream.healthyAfter { failures = 0 }
+                    failures += 1
+                    reconnectReason = kind
+                    let delay = backoff(afterFailures: failures)
+                    logger.info("DingTalk Stream connection ended: \(reason); reconnecting", metadata: ["connection": "\(next.id)", "retry_in": "\(delay)"])
+                    Counter(label: "chatbridge_stream_reconnects_total", dimensions: [("reason", kind)], factory: metrics).increment()
+                    do { try await clock.sleep(for: delay) } catch { break }
+                case .confirmed:
+                    break
+                }
+            }
+            group.cancelAll()
+        }
+    }
+
+    /// Exponential backoff with ±20 % jitter: 1 s, 2 s, 4 s … capped.
+    func backoff(afterFailures failures: Int) -> Duration {
+        let base = settings.stream.initialBackoff * (1 << min(max(failures - 1, 0), 20))
+        let capped = min(base, settings.stream.maxBackoff)
+        return min(capped * (0.8 + 0.4 * random()), settings.stream.maxBackoff)
+    }
+
+    // MARK: One connection
+
+    /// Takes a ticket, connects and returns once the WebSocket is open; the connection then runs in `group`.
+    private func connect(in group: inout DiscardingTaskGroup, reason: String) async throws -> Connection {
+        let (endpoint, ticket) = try await openTicket()
+        guard settings.allowsStreamEndpoint(endpoint) else {
+            throw ConnectFailure.failed(
+                "connections/open named an endpoint that is not an allowed wss:// host (\(OutboundHTTP.hostDescription(endpoint))); not connecting. Allowed hosts: dingtalk.stream.hosts")
+        }
+        var components = URLComponents(string: endpoint)!
+        var query = components.percentEncodedQueryItems ?? []
+        query.append(URLQueryItem(name: "ticket", value: ticket.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? ticket))
+        components.percentEncodedQueryItems = query
+        let url = components.string ?? endpoint
+        let id = state.withLock { state -> Int in
+            state.nextID += 1
+            return state.nextID
+        }
+        let connection = Connection(id: id, openedAt: clock.now)
+        group.addTask { await self.runConnection(connection, url: url) }
+        switch await connection.nextEvent() {
+        case .confirmed:
+            logger.info("DingTalk Stream connected", metadata: ["connection": "\(id)", "reason": "\(reason)", "host": "\(OutboundHTTP.hostDescription(endpoint))"])
+            return connection
+        case .ended(let why, _):
+            throw ConnectFailure.failed(why)
+        case .rotate:
+            throw ConnectFailure.failed("asked to rotate before it was confirmed")
+        }
+    }
+
+    /// `POST /v1.0/gateway/connections/open` (C.1): a single-use ticket and the endpoint to use it on.
+    private func openTicket() async throws -> (endpoint: String, ticket: String) {
+        struct Body: Encodable {
+            struct Subscription: Encodable {
+                var type: String
+                var topic: String
+            }
+            var clientId: String
+            var clientSecret: String
+            var subscriptions: [Subscription]
+            var ua: String
+        }
+        let body = Body(
+            clientId: settings.clientID, clientSecret: settings.clientSecret,
+            subscriptions: [.init(type: "CALLBACK", topic: DingTalkStreamFrame.botMessageTopic)], ua: "chatbridge-sdk-swift/1.0")
+        var request = HTTPClientRequest(url: settings.apiBaseURL + "/v1.0/gateway/connections/open")
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/json")
+        request.headers.add(name: "Accept", value: "application/json")
+        request.body = .bytes(ByteBuffer(data: try JSONEncoder().encode(body)))
+        let response: HTTPClientResponse
+        let data: Data
+        do {
+            response = try await client.execute(request, timeout: .seconds(10))
+            data = Data(buffer: try await response.body.collect(upTo: 64 * 1024))
+        } catch {
+            if error is CancellationError || Task.isCancelled { throw CancellationError() }
+            throw ConnectFailure.failed("connections/open at \(OutboundHTTP.hostDescription(settings.apiBaseURL)) failed: \(TransportFailure(error))")
+        }
+        struct Answer: Decodable {
+            var endpoint: String?
+            var ticket: String?
+            var code: String?
+            var message: String?
+        }
+        let answer = try? JSONDecoder().decode(Answer.self, from: data)
+        let status = Int(response.status.code)
+        guard (200..<300).contains(status) else {
+            let detail = "connections/open answered HTTP \(status)" + (answer?.code.map { " \($0)" } ?? "") + (answer?.message.map { ": \($0)" } ?? "")
+            if (400..<500).contains(status), status != 429, answer?.code != nil { throw ConnectFailure.rejected(detail) }
+            throw ConnectFailure.failed(detail)
+        }
+        guard let endpoint = answer?.endpoint, !endpoint.isEmpty, let ticket = answer?.ticket, !ticket.isEmpty else {
+            throw ConnectFailure.failed("connections/open answered HTTP \(status) without an endpoint and a ticket")
+        }
+        return (endpoint, ticket)
+    }
+
+    private func runConnection(_ connection: Connection, url: String) async {
+        var configuration = WebSocketClientConfiguration()
+        configuration.maxFrameSize = 1 << 20
+        configuration.autoPing = .enabled(timePeriod: settings.stream.keepaliveTimeout)
+        configuration.closeTimeout = .seconds(3)
+        var wsLogger = logger
+        wsLogger.logLevel = max(logger.logLevel, .notice)
+        let frames = DingTalkStreamFrame.Counters(metrics: metrics)
+        let outcome: String
+        var kind = "closed"
+        do {
+            let close = try await WebSocketClient.connect(url: url, configuration: configuration, logger: wsLogger) { inbound, outbound, _ in
+                self.opened(connection)
+                defer { self.closed(connection) }
+                try await withThrowingDiscardingTaskGroup { tasks in
+                    tasks.addTask {
+                        // Retire: DingTalk did not close the old connection in time after the new one came up.
+                        await connection.retirement.wait()
+                        try? await outbound.close(.normalClosure, reason: "rotated")
+                    }
+                    for try await message in inbound.messages(maxSize: 1 << 20) {
+                        connection.heard(at: self.clock.now)
+                        guard case .text(let text) = message else { continue }
+                        tasks.addTask {
+                            guard let ack = await self.handle(text, connection: connection, frames: frames) else { return }
+                            do {
+                                try await outbound.write(.text(ack))
+                            } catch {
+                                self.logger.debug("could not write an ack; DingTalk re-delivers the frame", metadata: ["error": "\(error)"])
+                            }
+                        }
+                    }
+                    throw EndOfStream()
+                }
+            }
+            outcome = close.map { "closed (\($0.closeCode)\($0.reason.map { ": \($0)" } ?? ""))" } ?? "closed"
+        } catch is EndOfStream {
+            outcome = "closed"
+        } catch {
+            if Task.isCancelled {
+                outcome = "stopped"
+                kind = "stopped"
+            } else {
+                outcome = "\(error)"
+                kind = "\(error)".lowercased().contains("ping") ? "keepalive" : "error"
+            }
+        }
+        if !connection.wasConfirmed {
+            kind = "connect_failed"
+        } else if kind != "stopped", Duration.between(connection.lastHeard, clock.now) >= settings.stream.keepaliveTimeout {
+            // Nothing arrived for a whole ping period: the ping went unanswered (a silent connection).
+            kind = "keepalive"
+        }
+        connection.end(kind == "keepalive" ? "\(outcome); nothing arrived for \(settings.stream.keepaliveTimeout) and the ping went unanswered" : outcome, kind: kind)
+    }
+
+    private struct EndOfStream: Error {}
+
+    private func opened(_ connection: Connection) {
+        let open = state.withLock { state -> Int in
+            state.open += 1
+            return state.open
+        }
+        connectedGauge.record(open > 0 ? 1 : 0)
+        connection.confirm(at: clock.now)
+    }
+
+    private func closed(_ connection: Connection) {
+        let open = state.withLock { state -> Int in
+            state.open -= 1
+            return state.open
+        }
+        connectedGauge.record(open > 0 ? 1 : 0)
+        logger.info("DingTalk Stream connection closed", metadata: ["connection": "\(connection.id)"])
+    }
+
+    /// Handles one text frame and returns the ack to send, if any.
+    func handle(_ text: String, connection: Connection, frames: DingTalkStreamFrame.Counters) async -> String? {
+        let frame: DingTalkStreamFrame
+        do {
+            frame = try DingTalkStreamFrame.parse(text)
+        } catch {
+            frames.count("malformed")
+            logger.warning("ignoring a malformed Stream frame", metadata: ["error": "\(error)", "connection": "\(connection.id)"])
+            return nil
+        }
+        switch (frame.type, frame.topic) {
+        case ("SYSTEM", "ping"):
+            frames.count("ping")
+            return frame.ack(code: 200, data: frame.data ?? "{}")
+        case ("SYSTEM", "disconnect"):
+            frames.count("disconnect")
+            connection.requestRotation()
+            return frame.ack(code: 200, data: frame.data ?? "{}")
+        case ("CALLBACK", DingTalkStreamFrame.botMessageTopic):
+            frames.count("callback")
+            guard let data = frame.data else {
+                logger.warning("a robot message frame without data; acknowledged and dropped", metadata: ["frame_id": "\(frame.messageID)"])
+                return frame.ack(code: 200, data: #"{"response":null}"#)
+            }
+            do {
+                _ = try await ingress.receive(Data(data.utf8))
+                return frame.ack(code: 200, data: #"{"response":null}"#)
+            } catch let rejection as IngressRejection {
+                // Nothing a re-delivery could change: acknowledged so DingTalk stops, never stored.
+                logger.warning("refused a Stream robot message; acknowledged, not stored", metadata: ["reason": "\(rejection)", "frame_id": "\(frame.messageID)"])
+                return frame.ack(code: 200, data: #"{"response":null}"#)
+            } catch {
+                // Not stored, so not acknowledged: DingTalk delivers it again.
+                logger.error("could not store a Stream robot message; not acknowledged, DingTalk re-delivers it", metadata: ["error": "\(error)", "frame_id": "\(frame.messageID)"])
+                return nil
+            }
+        default:
+            frames.count("unknown")
+            logger.debug("unhandled Stream frame; acknowledged with 404", metadata: ["type": "\(frame.type)", "topic": "\(frame.topic)"])
+            return frame.ack(code: 404, data: "{}")
+        }
+    }
+}
+
+/// One WebSocket connection's life, as the supervisor sees it.
+final class Connection: Sendable {
+    enum Event: Sendable {
+        case confirmed
+        /// DingTalk sent `disconnect`: open the next connection.
+        case rotate
+        /// The connection is gone (`kind` labels the reconnect metric).
+        case ended(String, kind: String)
+    }
+
+    let id: Int
+    let openedAt: Date
+    let retirement = OneTimeEvent()
+    private struct State {
+        var confirmed = false
+        var rotating = false
+        var ended: Event?
+        var queue: [Event] = []
+        var waiter: CheckedContinuation<Event, Never>?
+        var lastFrame: Date
+    }
+    private let state: Mutex<State>
+
+    init(id: Int, openedAt: Date) {
+        self.id = id
+        self.openedAt = openedAt
+        state = Mutex(State(lastFrame: openedAt))
+    }
+
+    var wasConfirmed: Bool { state.withLock { $0.confirmed } }
+    /// When the last frame arrived.
+    var lastHeard: Date { state.withLock { $0.lastFrame } }
+    func heard(at date: Date) { state.withLock { $0.lastFrame = date } }
+
+    func confirm(at date: Date) {
+        post { state in
+            state.lastFrame = date
+            state.confirmed = true
+            return .confirmed
+        }
+    }
+
+    func requestRotation() {
+        post { state in
+            guard !state.rotating else { return nil }
+            state.rotating = true
+            return .rotate
+        }
+    }
+
+    /// Closes the connection after `grace`, unless it ends before.
+    func retire(after grace: Duration) {
+        Task {
+            try? await Task.sleep(for: grace)
+            retirement.signal()
+        }
+    }
+
+    func end(_ reason: String, kind: String) {
+        post { state in
+            guard state.ended == nil else { return nil }
+            state.ended = .ended(reason, kind: kind)
+            return state.ended
+        }
+        retirement.signal()
+    }
+
+    private func post(_ make: (inout State) -> Event?) {
+        let waiter = state.withLock { state -> (CheckedContinuation<Event, Never>, Event)? in
+            guard let event = make(&state) else { return nil }
+            if let waiter = state.waiter {
+                state.waiter = nil
+                return (waiter, event)
+            }
+            state.queue.append(event)
+            return nil
+        }
+        if let (continuation, event) = waiter { continuation.resume(returning: event) }
+    }
+
+    /// The next event; `.ended` (again) once the connection is gone. One waiter at a time.
+    func nextEvent() async -> Event {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> Event? in
+                if !state.queue.isEmpty { return state.queue.removeFirst() }
+                if let ended = state.ended { return ended }
+                state.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+}
+
+/// A Stream frame (C.3) and its ack (C.4).
+public struct DingTalkStreamFrame: Sendable, Equatable {
+    public static let botMessageTopic = "/v1.0/im/bot/messages/get"
+
+    public var type: String
+    public var topic: String
+    public var messageID: String
+    /// The frame's `data`: a JSON document encoded as a string.
+    public var data: String?
+
+    public struct Malformed: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    public static func parse(_ text: String) throws -> DingTalkStreamFrame {
+        struct Wire: Decodable {
+            struct Headers: Decodable {
+                var topic: String?
+                var messageId: String?
+            }
+            var type: String?
+            var headers: Headers?
+            var data: String?
+        }
+        let wire: Wire
+        do {
+            wire = try JSONDecoder().decode(Wire.self, from: Data(text.utf8))
+        } catch {
+            throw Malformed(description: "not a Stream frame (JSON with type, headers and a string data)")
+        }
+        guard let messageID = wire.headers?.messageId, !messageID.isEmpty else {
+            throw Malformed(description: "the frame has no headers.messageId")
+        }
+        return DingTalkStreamFrame(type: wire.type ?? "", topic: wire.headers?.topic ?? "", messageID: messageID, data: wire.data)
+    }
+
+    /// The ack for this frame: `headers.messageId` echoed, `data` a JSON string.
+    public func ack(code: Int, data: String) -> String {
+        struct Ack: Encodable {
+            struct Headers: Encodable {
+                var messageId: String
+                var contentType = "application/json"
+            }
+            var code: Int
+            var headers: Headers
+            var message: String
+            var data: String
+        }
+        let ack = Ack(code: code, headers: .init(messageId: messageID), message: code == 200 ? "OK" : "not handled", data: data)
+        return String(decoding: (try? JSONEncoder().encode(ack)) ?? Data(), as: UTF8.self)
+    }
+
+    /// `chatbridge_stream_frames_total{type}`.
+    struct Counters: Sendable {
+        let metrics: any MetricsFactory
+        func count(_ type: String) {
+            Counter(label: "chatbridge_stream_frames_total", dimensions: [("type", type)], factory: metrics).increment()
+        }
+    }
+}
