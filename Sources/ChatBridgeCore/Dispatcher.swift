@@ -243,9 +243,17 @@ public final class Dispatcher: Sendable {
         ]
         let started = clock.now
         do {
-            guard let reply = try await reply(for: item, metadata: metadata) else { return }
-            if try await deliver(reply, for: item, metadata: metadata) {
-                switch reply.kind {
+            let live = item.live == .declined ? nil : replies.liveReply(to: item.message)
+            let finished: StoredReply?
+            if let live {
+                finished = try await answerLive(item, live: live, metadata: metadata)
+            } else if let reply = try await reply(for: item, metadata: metadata) {
+                finished = try await deliver(reply, for: item, metadata: metadata) ? reply : nil
+            } else {
+                finished = nil
+            }
+            if let finished {
+                switch finished.kind {
                 case .answer: answered.increment()
                 case .error: failed.increment()
                 }
@@ -266,12 +274,14 @@ public final class Dispatcher: Sendable {
 
     /// The reply to deliver: the stored one, a new answer, or the error reply when the model failed for
     /// good. Nil when a retry was scheduled instead.
-    private func reply(for item: InboxItem, metadata: Logger.Metadata) async throws -> StoredReply? {
+    private func reply(
+        for item: InboxItem, metadata: Logger.Metadata, onDelta: @escaping @Sendable (String) async -> Void = { _ in }
+    ) async throws -> StoredReply? {
         if let stored = item.reply { return stored }
         let reply: StoredReply
         var reason: String?
         do {
-            let resolution = try await engine.resolve(item.message)
+            let resolution = try await engine.resolve(item.message, onDelta: onDelta)
             reply = StoredReply(text: resolution.text, kind: .answer, effect: resolution.effect)
         } catch let error where !(error is CancellationError) && !Task.isCancelled {
             let (retryable, retryAfter) = Self.classify(error)
@@ -333,6 +343,13 @@ public final class Dispatcher: Sendable {
                 }
             }
         }
+        try await recordFinished(reply, for: item, metadata: metadata)
+        return true
+    }
+
+    /// The whole reply was delivered: marks the row done and applies the effect (without it, when that
+    /// keeps failing for a whole lease).
+    private func recordFinished(_ reply: StoredReply, for item: InboxItem, metadata: Logger.Metadata) async throws {
         var withoutEffect = reply
         withoutEffect.effect = .none
         let inbox = self.inbox
@@ -347,7 +364,101 @@ public final class Dispatcher: Sendable {
         try await record("the delivered reply", afterSend: true, metadata: metadata, fallback: finishWithoutEffect) {
             try await inbox.finish(item.lease, reply: reply, conversation: item.conversation, now: clock.now)
         }
-        return true
+    }
+
+    // MARK: Live replies
+
+    /// Answers into a live reply: shows it (once per message: later attempts find it recorded, and opening
+    /// again addresses the same reply), streams the model's text into it, stores the reply, finishes the
+    /// live reply with the final text and records the row done. Returns the finished reply, or nil when a
+    /// retry was scheduled or the message given up.
+    ///
+    /// A live reply the platform refuses (a permanent error) is recorded as declined and the message is
+    /// answered with whole messages instead, exactly once like any other.
+    private func answerLive(_ item: InboxItem, live: any LiveReply, metadata: Logger.Metadata) async throws -> StoredReply? {
+        var item = item
+        if item.live != .opened {
+            do {
+                try await live.open()
+            } catch where Task.isCancelled || error is CancellationError {
+                throw CancellationError()
+            } catch {
+                let failure = error as? DeliveryError ?? DeliveryError(isRetryable: true, reason: "\(error)")
+                if !failure.isRetryable { return try await answerWhole(item, because: failure, metadata: metadata) }
+                try await handleLiveFailure(failure, item: item, metadata: metadata)
+                return nil
+            }
+            let now = clock.now
+            try await record("the shown live reply", afterSend: true, metadata: metadata) { [inbox, lease = item.lease] in
+                try await inbox.recordLive(lease, state: .opened, now: now)
+            }
+            item.live = .opened
+        }
+        let reply: StoredReply
+        if let stored = item.reply {
+            reply = stored
+        } else {
+            let updates = LiveUpdates(reply: live, interval: replies.liveUpdateInterval, clock: clock, logger: logger)
+            let made: StoredReply?
+            do {
+                made = try await self.reply(for: item, metadata: metadata) { delta in updates.append(delta) }
+            } catch {
+                await updates.close()
+                throw error
+            }
+            await updates.close()
+            guard let made else { return nil }
+            reply = made
+            item.reply = made
+        }
+        do {
+            switch reply.kind {
+            case .answer: try await live.finish(reply.text)
+            case .error: try await live.fail(reply.text)
+            }
+        } catch where Task.isCancelled || error is CancellationError {
+            throw CancellationError()
+        } catch {
+            let failure = error as? DeliveryError ?? DeliveryError(isRetryable: true, reason: "\(error)")
+            if !failure.isRetryable { return try await answerWhole(item, because: failure, metadata: metadata) }
+            try await handleLiveFailure(failure, item: item, metadata: metadata)
+            return nil
+        }
+        try await recordFinished(reply, for: item, metadata: metadata)
+        return reply
+    }
+
+    /// The platform refused a live reply for this message for good: recorded, then answered with whole
+    /// messages (the reply already stored, if any, is the one sent).
+    private func answerWhole(_ item: InboxItem, because failure: DeliveryError, metadata: Logger.Metadata) async throws -> StoredReply? {
+        logger.warning("no live reply for this message; answering with whole messages", metadata: metadata.merging(["error": "\(failure)"]) { $1 })
+        let now = clock.now
+        try await record("the refused live reply", afterSend: false, metadata: metadata) { [inbox] in
+            try await inbox.recordLive(item.lease, state: .declined, now: now)
+        }
+        var item = item
+        item.live = .declined
+        guard let reply = try await reply(for: item, metadata: metadata) else { return nil }
+        return try await deliver(reply, for: item, metadata: metadata) ? reply : nil
+    }
+
+    /// A live-reply call failed in a way that may pass: retried by the policy. Live calls replace what is
+    /// shown and opening addresses the same reply, so a retry never shows anything twice. Giving up shows
+    /// the error in the live reply when that still works, so it is not left looking unfinished.
+    private func handleLiveFailure(_ failure: DeliveryError, item: InboxItem, metadata: Logger.Metadata) async throws {
+        var metadata = metadata
+        metadata["error"] = "\(failure)"
+        let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: true, retryAfter: failure.retryAfter, random: random())
+        switch decision {
+        case .retry(let delay):
+            try await scheduleRetry(item, after: delay, error: "live reply failed: \(failure)", lastSendFailed: false, afterSend: true, metadata: metadata)
+        case .giveUp:
+            logger.error("the live reply could not be completed; giving up", metadata: metadata.merging(["why": "\(decision)"]) { $1 })
+            if let live = replies.liveReply(to: item.message) {
+                try? await live.fail(engine.settings.messages.reply(for: failure))
+            }
+            try await giveUp(item, error: "live reply failed: \(failure)", lastSendFailed: false, metadata: metadata)
+        }
     }
 
     /// A send failed. A send that may have been delivered gets one more try after a delay and no other route

@@ -64,15 +64,49 @@ public protocol ConversationStore: Sendable {
     func apply(_ effect: ConversationEffect, to key: ConversationKey) async throws
 }
 
-/// The platform's way out for a finished answer.
+/// The platform's way out for an answer: whole messages (one-shot), and optionally a live reply that
+/// shows the answer while the model writes it.
 public protocol ReplyChannel: Sendable {
     /// The messages `text` is sent as: one, or numbered parts when it exceeds the platform's size limit.
     func parts(of text: String) -> [String]
     /// Delivers one part of an answer to `message`. Throws ``DeliveryError``.
     func deliver(part: String, replyingTo message: InboundMessage) async throws
+    /// A live reply for `message` (a card that grows), or nil to answer with whole messages.
+    func liveReply(to message: InboundMessage) -> (any LiveReply)?
+    /// The shortest pause between two updates of one live reply.
+    var liveUpdateInterval: Duration { get }
+}
+
+/// An answer shown while it is being written: opened, updated with the whole text so far, then finished
+/// (or failed). A live reply is addressed by the platform message it answers, so every attempt for that
+/// message — a retry, a takeover, a restart — reaches the same reply: opening it again never shows a second
+/// one, and updates replace its text. Methods throw ``DeliveryError``; one that is not retryable means this
+/// message cannot have a live reply (the dispatcher answers it with whole messages instead).
+public protocol LiveReply: Sendable {
+    /// Shows the reply, empty and marked as being written.
+    func open() async throws
+    /// Replaces the shown text with `text`, the whole answer so far.
+    func update(_ text: String) async throws
+    /// Shows the final text and marks the reply finished.
+    func finish(_ text: String) async throws
+    /// Shows `text` (the user's error message) and marks the reply failed.
+    func fail(_ text: String) async throws
+}
+
+/// How far an attempt got with a message's live reply.
+public enum LiveReplyState: String, Sendable, Equatable, Codable {
+    /// No live reply shown yet.
+    case none
+    /// The live reply is shown; later attempts update it.
+    case opened
+    /// The platform refused a live reply for this message; it is answered with whole messages.
+    case declined
 }
 
 extension ReplyChannel {
+    public func liveReply(to message: InboundMessage) -> (any LiveReply)? { nil }
+    public var liveUpdateInterval: Duration { .milliseconds(500) }
+
     /// Delivers every part of `text`, in order.
     public func deliver(_ text: String, replyingTo message: InboundMessage) async throws {
         for part in parts(of: text) { try await deliver(part: part, replyingTo: message) }
@@ -139,12 +173,14 @@ public struct InboxItem: Sendable, Equatable {
     /// Sends of the next part whose outcome is unknown (a timeout, or a crash while sending): the part may
     /// already be in the chat. 0 normally; 1 allows one more try, logged as a possible duplicate; 2 stops.
     public var uncertainSends: Int
+    /// Whether an earlier attempt showed a live reply (or was refused one).
+    public var live: LiveReplyState
 
     public var id: Int64 { lease.id }
 
     public init(
         lease: Lease, message: InboundMessage, conversation: ConversationKey, attempts: Int, reply: StoredReply? = nil,
-        deliveredParts: Int = 0, uncertainSends: Int = 0
+        deliveredParts: Int = 0, uncertainSends: Int = 0, live: LiveReplyState = .none
     ) {
         self.lease = lease
         self.message = message
@@ -153,6 +189,7 @@ public struct InboxItem: Sendable, Equatable {
         self.reply = reply
         self.deliveredParts = deliveredParts
         self.uncertainSends = uncertainSends
+        self.live = live
     }
 }
 
@@ -221,6 +258,8 @@ public protocol Inbox: Sendable {
     /// Records that the next part is about to be sent (its outcome is unknown until recorded) and extends
     /// the lease to `leaseUntil`. Called immediately before every send.
     func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws
+    /// Records how far the message's live reply got (shown, or refused by the platform).
+    func recordLive(_ lease: Lease, state: LiveReplyState, now: Date) async throws
     /// Records that the first `parts` parts of the reply were delivered.
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws
     /// The whole reply was delivered: marks the row answered (or failed, for an error reply) and applies

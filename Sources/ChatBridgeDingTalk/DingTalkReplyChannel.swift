@@ -34,7 +34,23 @@ public struct DingTalkReplyChannel: ReplyChannel {
         self.requestTimeout = requestTimeout
         self.tokens = tokens ?? AccessTokenCache(settings: settings, client: client)
         self.logger = logger
+        cardLimiter = CardRateLimiter(maxQPS: settings.card.maxQPS)
+        cardProblems = CardProblems(logger: logger, templateID: settings.card.templateID)
     }
+
+    /// Card API calls of the whole process share this rate (`dingtalk.card.max_qps`).
+    private let cardLimiter: CardRateLimiter
+    private let cardProblems: CardProblems
+
+    /// With `dingtalk.card.template_id` set (and OpenAPI credentials), every answer streams into an AI card.
+    public func liveReply(to message: InboundMessage) -> (any LiveReply)? {
+        guard settings.card.isEnabled, settings.hasOpenAPICredentials else { return nil }
+        return DingTalkCard(
+            outTrackID: DingTalkCard.outTrackID(robotCode: settings.robotCode, messageID: message.messageID), message: message,
+            channel: self, limiter: cardLimiter, problems: cardProblems)
+    }
+
+    public var liveUpdateInterval: Duration { settings.card.updateInterval }
 
     public func parts(of text: String) -> [String] {
         let parts = TextSplitter(maxCharacters: max(settings.maxMessageChars - 16, 16)).split(text)
@@ -76,9 +92,11 @@ public struct DingTalkReplyChannel: ReplyChannel {
 
     /// Posts `body` and reads the answer, turning transport failures into ``DeliveryError``s that say
     /// whether the request can have reached DingTalk.
-    private func post(_ url: String, body: Data, headers: [(String, String)] = [], what: String) async throws -> (status: Int, body: ByteBuffer?) {
+    func post(
+        _ url: String, body: Data, headers: [(String, String)] = [], what: String, method: HTTPMethod = .POST
+    ) async throws -> (status: Int, body: ByteBuffer?) {
         var request = HTTPClientRequest(url: url)
-        request.method = .POST
+        request.method = method
         request.headers.add(name: "Content-Type", value: "application/json")
         for (name, value) in headers { request.headers.add(name: name, value: value) }
         request.body = .bytes(ByteBuffer(data: body))
@@ -105,7 +123,7 @@ public struct DingTalkReplyChannel: ReplyChannel {
     }
 
     /// Classifies a non-2xx status shared by both routes.
-    private func statusFailure(_ status: Int, code: String, message: String, what: String) -> DeliveryError {
+    func statusFailure(_ status: Int, code: String, message: String, what: String) -> DeliveryError {
         let reason = "\(what) answered HTTP \(status)" + (code.isEmpty ? "" : " \(code)") + (message.isEmpty ? "" : ": \(message)")
         switch status {
         case 300..<400:

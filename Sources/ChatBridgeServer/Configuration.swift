@@ -225,6 +225,7 @@ public struct ChatBridgeConfiguration: Sendable {
             dingtalk.card.updateInterval = .milliseconds(500)
         }
         dingtalk.card.maxQPS = r.int("dingtalk.card.max_qps", range: 1...1000) ?? dingtalk.card.maxQPS
+        dingtalk.card.qpsLimitPause = r.duration("dingtalk.card.qps_backoff") ?? dingtalk.card.qpsLimitPause
         if dingtalk.card.isEnabled && !dingtalk.hasOpenAPICredentials {
             r.error("dingtalk.card.template_id", "cards need the OpenAPI: set dingtalk.client_id and dingtalk.client_secret too")
         }
@@ -293,6 +294,7 @@ public struct ChatBridgeConfiguration: Sendable {
             ("dingtalk.card.content_key", dingtalk.card.contentKey),
             ("dingtalk.card.update_interval", "\(dingtalk.card.updateInterval)"),
             ("dingtalk.card.max_qps", "\(dingtalk.card.maxQPS)"),
+            ("dingtalk.card.qps_backoff", "\(dingtalk.card.qpsLimitPause)"),
             ("worker.concurrency", "\(worker.concurrency)"), ("worker.max_attempts", "\(worker.maxAttempts)"), ("worker.lease", seconds(worker.lease)),
             ("worker.max_retry_wait", seconds(worker.maxRetryWait)),
             ("log.level", log.level.rawValue), ("log.format", log.format.rawValue),

@@ -88,10 +88,13 @@ public final class DingTalkSimulator: Sendable {
     public var baseURL: String { server.baseURL }
     /// The Stream-mode gateway on the same port (`connections/open`, `/connect`).
     public let gateway: StreamGateway
+    /// The AI-card endpoints on the same port.
+    public let cards: CardSimulator
 
-    private init(server: LoopbackServer, gateway: StreamGateway) {
+    private init(server: LoopbackServer, gateway: StreamGateway, cards: CardSimulator) {
         self.server = server
         self.gateway = gateway
+        self.cards = cards
     }
 
     public static func start(port: Int = 0) async throws -> DingTalkSimulator {
@@ -113,6 +116,12 @@ public final class DingTalkSimulator: Sendable {
             let data = try JSONEncoder().encode(box.simulator!.deliveries)
             return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
         }
+        let cards = CardSimulator(isValidToken: { token in box.simulator?.state.withLock { $0.validTokens.contains(token) } ?? false })
+        router.post("/v1.0/card/instances/createAndDeliver") { request, _ in try await cards.handle(request, path: "/v1.0/card/instances/createAndDeliver") }
+        router.post("/v1.0/card/instances") { request, _ in try await cards.handle(request, path: "/v1.0/card/instances") }
+        router.post("/v1.0/card/instances/deliver") { request, _ in try await cards.handle(request, path: "/v1.0/card/instances/deliver") }
+        router.put("/v1.0/card/instances") { request, _ in try await cards.handle(request, path: "/v1.0/card/instances") }
+        router.put("/v1.0/card/streaming") { request, _ in try await cards.handle(request, path: "/v1.0/card/streaming") }
         let portBox = Mutex(0)
         let gateway = StreamGateway(endpointBase: { "ws://127.0.0.1:\(portBox.withLock { $0 })" })
         router.post("/v1.0/gateway/connections/open") { request, _ in try await gateway.open(request) }
@@ -125,7 +134,7 @@ public final class DingTalkSimulator: Sendable {
                 return .upgrade([:]) { inbound, outbound, _ in await gateway.serve(inbound: inbound, outbound: outbound) }
             })
         portBox.withLock { $0 = server.port }
-        let simulator = DingTalkSimulator(server: server, gateway: gateway)
+        let simulator = DingTalkSimulator(server: server, gateway: gateway, cards: cards)
         box.simulator = simulator
         return simulator
     }

@@ -185,6 +185,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             "ALTER TABLE inbox ADD COLUMN reply_effect TEXT",
             "ALTER TABLE inbox ADD COLUMN uncertain_sends INTEGER NOT NULL DEFAULT 0",
         ]),
+        // How far the live reply (a streaming card) got: none, opened, declined.
+        (3, [
+            "ALTER TABLE inbox ADD COLUMN live_state TEXT NOT NULL DEFAULT 'none'",
+        ]),
     ]
 
     /// The newest schema version this build knows.
@@ -257,7 +261,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                     ORDER BY i.id
                     LIMIT \(bind: limit))
                 RETURNING id, lease_token, payload, conversation_key, attempts, answer, reply_kind, reply_effect,
-                    delivered_parts, uncertain_sends
+                    delivered_parts, uncertain_sends, live_state
                 """).all()
         }
         var claimed: [ClaimedRow] = []
@@ -303,7 +307,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             conversation: ConversationKey(rawValue: try row.decode(column: "conversation_key", as: String.self)),
             attempts: try row.decode(column: "attempts", as: Int.self), reply: reply,
             deliveredParts: try row.decode(column: "delivered_parts", as: Int.self),
-            uncertainSends: try row.decode(column: "uncertain_sends", as: Int.self))
+            uncertainSends: try row.decode(column: "uncertain_sends", as: Int.self),
+            live: LiveReplyState(rawValue: try row.decode(column: "live_state", as: String.self)) ?? .none)
     }
 
     public func renewLeases(_ leases: [Lease], until: Date) async throws -> Int {
@@ -404,6 +409,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             """)
     }
 
+    public func recordLive(_ lease: Lease, state: LiveReplyState, now: Date) async throws {
+        try await update(lease, set: "live_state = \(bind: state.rawValue), updated_at = \(bind: now.millis)")
+    }
+
     public func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
         try await update(lease, set: "delivered_parts = \(bind: parts), uncertain_sends = 0, updated_at = \(bind: now.millis)")
     }
@@ -489,12 +498,14 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         public var deliveredParts: Int
         public var uncertainSends: Int
         public var notBefore: Date
+        public var live: String
     }
 
     public func inboxRows() async throws -> [InboxRow] {
         try await single { db in
             try await db.raw("""
-                SELECT id, message_id, state, attempts, answer, last_error, lease_token, delivered_parts, uncertain_sends, not_before
+                SELECT id, message_id, state, attempts, answer, last_error, lease_token, delivered_parts, uncertain_sends, not_before,
+                    live_state
                 FROM inbox ORDER BY id
                 """).all().map { row in
                 InboxRow(
@@ -507,7 +518,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                     leaseToken: try row.decode(column: "lease_token", as: String?.self),
                     deliveredParts: try row.decode(column: "delivered_parts", as: Int.self),
                     uncertainSends: try row.decode(column: "uncertain_sends", as: Int.self),
-                    notBefore: Date(millis: try row.decode(column: "not_before", as: Int64.self))
+                    notBefore: Date(millis: try row.decode(column: "not_before", as: Int64.self)),
+                    live: try row.decode(column: "live_state", as: String.self)
                 )
             }
         }

@@ -73,10 +73,11 @@ actor InMemoryInbox: Inbox {
         var reply: StoredReply?
         var deliveredParts = 0
         var uncertainSends = 0
+        var live = LiveReplyState.none
         var lastError: String?
     }
 
-    enum Operation: Hashable, Sendable { case accept, storeReply, beginSend, recordDelivered, finish, scheduleRetry, markFailed, renew }
+    enum Operation: Hashable, Sendable { case accept, recordLive, storeReply, beginSend, recordDelivered, finish, scheduleRetry, markFailed, renew }
     struct Injected: Error, CustomStringConvertible { var description: String { "injected database failure" } }
 
     private(set) var rows: [Row] = []
@@ -183,7 +184,7 @@ actor InMemoryInbox: Inbox {
             if let message = try? Self.decoder.decode(InboundMessage.self, from: row.payload) {
                 result.append(.ready(InboxItem(
                     lease: lease, message: message, conversation: row.conversation, attempts: rows[index].attempts,
-                    reply: row.reply, deliveredParts: row.deliveredParts, uncertainSends: row.uncertainSends)))
+                    reply: row.reply, deliveredParts: row.deliveredParts, uncertainSends: row.uncertainSends, live: row.live)))
             } else {
                 result.append(.unreadable(lease, reason: "the stored message payload does not decode"))
             }
@@ -243,6 +244,11 @@ actor InMemoryInbox: Inbox {
         let index = try index(lease, .beginSend)
         rows[index].uncertainSends += 1
         rows[index].leaseExpires = leaseUntil
+    }
+
+    func recordLive(_ lease: Lease, state: LiveReplyState, now: Date) async throws {
+        let index = try index(lease, .recordLive)
+        rows[index].live = state
     }
 
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {

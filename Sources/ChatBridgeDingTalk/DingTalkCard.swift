@@ -1,0 +1,212 @@
+import ChatBridgeCore
+import Crypto
+import Foundation
+import Logging
+import NIOCore
+import NIOFoundationCompat
+import NIOHTTP1
+import Synchronization
+
+/// A DingTalk AI card that grows while the model writes (protocols D.1): created and delivered into the
+/// chat, set "inputting", streamed with the whole text so far (`PUT /v1.0/card/streaming`, `isFull`, a new
+/// `guid` on every call including retries), finalized, and finished with `flowStatus` 3 (or 5 for an error).
+///
+/// The card's `outTrackId` is derived from the robot and the platform's message id, so every attempt for
+/// one message — a retry, a lease takeover, a restart after a crash — addresses the same card: creating it
+/// again never puts a second card in the chat, and each update replaces its content.
+public struct DingTalkCard: LiveReply {
+    public let outTrackID: String
+    let message: InboundMessage
+    let channel: DingTalkReplyChannel
+    let limiter: CardRateLimiter
+    let problems: CardProblems
+
+    /// `outTrackId` for the reply to `messageID` from `robotCode`: stable across attempts and restarts,
+    /// different for every message and robot (not a database row id, which repeats after a reset).
+    public static func outTrackID(robotCode: String, messageID: String) -> String {
+        let digest = SHA256.hash(data: Data("\(robotCode)\n\(messageID)".utf8))
+        return "chatbridge-" + digest.prefix(16).map { byte in
+            let hex = Array("0123456789abcdef")
+            return String([hex[Int(byte >> 4)], hex[Int(byte & 0x0f)]])
+        }.joined()
+    }
+
+    var settings: DingTalkSettings { channel.settings }
+    var key: String { settings.card.contentKey }
+
+    public func open() async throws {
+        var body: [String: Any] = [
+            "cardTemplateId": settings.card.templateID, "outTrackId": outTrackID,
+            "cardData": ["cardParamMap": ["flowStatus": "1", key: ""]],
+            "callbackType": "STREAM", "userIdType": 1,
+            "imGroupOpenSpaceModel": ["supportForward": true], "imRobotOpenSpaceModel": ["supportForward": true],
+        ]
+        switch message.chat.kind {
+        case .group:
+            body["openSpaceId"] = "dtv1.card//IM_GROUP.\(message.chat.id)"
+            var deliver: [String: Any] = ["robotCode": settings.robotCode]
+            if let staff = message.sender.staffID { deliver["atUserIds"] = [staff: message.sender.name ?? staff] }
+            body["imGroupOpenDeliverModel"] = deliver
+        case .direct:
+            guard let staff = message.sender.staffID else {
+                throw DeliveryError(isRetryable: false, reason: "a card cannot reach this user: the message has no senderStaffId")
+            }
+            body["openSpaceId"] = "dtv1.card//IM_ROBOT.\(staff)"
+            body["imRobotOpenDeliverModel"] = ["spaceType": "IM_ROBOT", "robotCode": settings.robotCode]
+        }
+        let answer = try await call(.POST, "/v1.0/card/instances/createAndDeliver", body: body, what: "card createAndDeliver")
+        struct Created: Decodable {
+            struct Result: Decodable {
+                struct Delivered: Decodable {
+                    var success: Bool?
+                    var errorMsg: String?
+                }
+                var deliverResults: [Delivered]?
+            }
+            var result: Result?
+        }
+        if let failed = (try? JSONDecoder().decode(Created.self, from: answer))?.result?.deliverResults?.first(where: { $0.success == false }) {
+            throw problems.permanent("card createAndDeliver: DingTalk could not deliver the card (\(failed.errorMsg ?? "no reason given"))")
+        }
+        _ = try await call(.PUT, "/v1.0/card/instances", body: [
+            "outTrackId": outTrackID,
+            "cardData": ["cardParamMap": ["flowStatus": "2", key: ""]],
+            "cardUpdateOptions": ["updateCardDataByKey": true],
+        ], what: "card inputting")
+    }
+
+    public func update(_ text: String) async throws {
+        try await stream(text, finalize: false, error: false)
+    }
+
+    public func finish(_ text: String) async throws {
+        try await stream(text, finalize: true, error: false)
+        try await setStatus("3", text: text)
+    }
+
+    public func fail(_ text: String) async throws {
+        try await stream(text, finalize: true, error: true)
+        try await setStatus("5", text: text)
+    }
+
+    private func stream(_ text: String, finalize: Bool, error: Bool) async throws {
+        _ = try await call(.PUT, "/v1.0/card/streaming", what: finalize ? "card streaming (final)" : "card streaming") {
+            [
+                "outTrackId": outTrackID, "guid": UUID().uuidString.lowercased(), "key": key, "content": text,
+                "isFull": true, "isFinalize": finalize, "isError": error,
+            ]
+        }
+    }
+
+    /// The finishing full update: the status and the whole text (a PUT without the text would blank it).
+    private func setStatus(_ status: String, text: String) async throws {
+        _ = try await call(.PUT, "/v1.0/card/instances", body: [
+            "outTrackId": outTrackID,
+            "cardData": ["cardParamMap": ["flowStatus": status, key: text]],
+            "cardUpdateOptions": ["updateCardDataByKey": true],
+        ], what: "card finish")
+    }
+
+    private func call(_ method: HTTPMethod, _ path: String, body: [String: Any], what: String) async throws -> Data {
+        try await call(method, path, what: what) { body }
+    }
+
+    /// One card API call within the process's rate, with the access token; a QPS-limit answer waits and
+    /// tries again with a fresh body (a new `guid`), a rejected token is renewed once. Every failure is a
+    /// ``DeliveryError``: retryable (transport, 5xx, QPS limit after the tries) or permanent (permission,
+    /// unknown template, bad request), which makes the dispatcher answer this message with markdown.
+    private func call(_ method: HTTPMethod, _ path: String, what: String, body: () -> [String: Any]) async throws -> Data {
+        var qpsTries = 0
+        var renewedToken = false
+        while true {
+            await limiter.acquire()
+            let token: String
+            do {
+                token = try await channel.tokens.token()
+            } catch let error as AccessTokenCache.TokenError {
+                throw DeliveryError(isRetryable: error.isRetryable, reason: error.description)
+            }
+            let payload = try JSONSerialization.data(withJSONObject: body())
+            let (status, data): (Int, ByteBuffer?)
+            do {
+                (status, data) = try await channel.post(
+                    settings.apiBaseURL + path, body: payload, headers: [("x-acs-dingtalk-access-token", token)], what: what, method: method)
+            } catch let error as DeliveryError {
+                // A card call only replaces what the card shows (and creating addresses the same card), so an
+                // unknown outcome is simply retried.
+                throw DeliveryError(isRetryable: true, reason: error.reason, retryAfter: error.retryAfter)
+            }
+            let bytes = data.map { Data(buffer: $0) } ?? Data()
+            struct Failure: Decodable {
+                var code: String?
+                var message: String?
+                var success: Bool?
+            }
+            let answer = try? JSONDecoder().decode(Failure.self, from: bytes)
+            if (200..<300).contains(status), answer?.success != false { return bytes }
+            let code = answer?.code ?? ""
+            if code.contains("QpsLimit") {
+                qpsTries += 1
+                if qpsTries <= 3 {
+                    try await Task.sleep(for: settings.card.qpsLimitPause)
+                    continue
+                }
+                throw DeliveryError(isRetryable: true, reason: "\(what): DingTalk's card QPS limit (\(code)) persisted", retryAfter: settings.card.qpsLimitPause)
+            }
+            if (status == 401 || code.contains("InvalidAuthentication")) && !renewedToken {
+                await channel.tokens.invalidate(token)
+                renewedToken = true
+                continue
+            }
+            let reason = "\(what) answered HTTP \(status)" + (code.isEmpty ? "" : " \(code)") + (answer?.message.map { ": \($0)" } ?? "")
+            if status == 429 || status >= 500 || (200..<300).contains(status) {
+                throw DeliveryError(isRetryable: true, reason: reason)
+            }
+            throw problems.permanent(reason)
+        }
+    }
+}
+
+/// Permanent card errors are logged once per process with what to fix; every message still gets its answer.
+final class CardProblems: Sendable {
+    private let logged = Mutex<Set<String>>([])
+    private let logger: Logger
+    private let templateID: String
+
+    init(logger: Logger, templateID: String) {
+        self.logger = logger
+        self.templateID = templateID
+    }
+
+    func permanent(_ reason: String) -> DeliveryError {
+        let first = logged.withLock { $0.insert(reason).inserted }
+        if first {
+            logger.error(
+                "DingTalk refused the AI card; answering with markdown instead. Check that dingtalk.card.template_id is an AI-card template of this app with the streaming variable dingtalk.card.content_key, and that the app has the card write permission (Card.Instance.Write) and robot send permission",
+                metadata: ["reason": "\(reason)", "template": "\(templateID)"])
+        }
+        return DeliveryError(isRetryable: false, reason: reason)
+    }
+}
+
+/// Spaces card API calls so the process stays within `max_qps` in every second, across all cards.
+public final class CardRateLimiter: Sendable {
+    private let spacing: Duration
+    private let next = Mutex<ContinuousClock.Instant?>(nil)
+
+    public init(maxQPS: Int) {
+        spacing = .seconds(1) / max(maxQPS, 1)
+    }
+
+    /// Returns when the next call may go out.
+    func acquire() async {
+        let clock = ContinuousClock()
+        let slot = next.withLock { next -> ContinuousClock.Instant in
+            let now = clock.now
+            let slot = max(now, next ?? now)
+            next = slot.advanced(by: spacing)
+            return slot
+        }
+        if slot > clock.now { try? await clock.sleep(until: slot) }
+    }
+}
