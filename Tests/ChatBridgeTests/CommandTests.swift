@@ -3,6 +3,7 @@ import ChatBridgeCore
 import ChatBridgeHTTP
 import ChatBridgeLLM
 import ChatBridgeSimulators
+import ChatBridgeStore
 import Foundation
 import Logging
 import Testing
@@ -89,7 +90,7 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         let directory = temporaryDirectory()
         let result = try runChatbridge(["migrate"], environment: [:], directory: directory)
         #expect(result.status == 0)
-        #expect(result.stdout.contains("schema version 2 (latest 2)"))
+        #expect(result.stdout.contains("schema version \(SQLStore.latestVersion) (latest \(SQLStore.latestVersion))"))
         #expect(FileManager.default.fileExists(atPath: directory + "/data/chatbridge.sqlite"))
     }
 

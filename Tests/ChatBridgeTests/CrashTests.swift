@@ -1,3 +1,4 @@
+import ChatBridgeDingTalk
 import ChatBridgeSimulators
 import ChatBridgeStore
 import Logging
@@ -131,5 +132,61 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
         #expect(log.contains("another chatbridge process is already using this database"))
         first.signal(SIGTERM)
         #expect(await first.wait() == 0)
+    }
+}
+
+/// Stream mode and cards through the real binary: killed mid-stream, restarted, every card finished once.
+@Suite(.serialized) struct StreamCrashTests {
+    @Test func killedWhileCardsStreamTheSameCardsAreFinishedAfterTheRestart() async throws {
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.tokensPerSecond = 20
+        behaviour.answerTokens = 40
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
+        let directory = temporaryDirectory()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
+        environment["CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID"] = "tpl.schema"
+        environment["CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL"] = "100ms"
+        let executable = chatbridgeExecutable()
+        let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
+        _ = try await first.waitUntilListening()
+        await dingtalk.gateway.wait { !$0.openConnections.isEmpty }
+        let sender = CallbackSender(url: "", secret: testSecret)
+        var frames: [String] = []
+        for i in 0..<4 {
+            let body = sender.body(
+                messageID: "sk-\(i)", text: "q\(i)", conversationID: "cidK\(i)==", senderStaffID: "k\(i)", group: i % 2 == 0,
+                webhook: dingtalk.webhookURL(session: "sk-\(i)"))
+            frames.append(try await dingtalk.gateway.pushMessage(body))
+        }
+        for frame in frames { #expect(await dingtalk.gateway.waitForAck(frame).code == 200) }
+        // Kill while the cards are half written.
+        #expect(await eventually { dingtalk.cards.cards.contains { $0.streamed.contains(" w3") } })
+        first.signal(SIGKILL)
+        _ = await first.wait()
+        #expect(dingtalk.cards.cards.allSatisfy { $0.flowStatus != "3" })
+
+        let second = try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
+        _ = try await second.waitUntilListening()
+        #expect(await eventually(seconds: 60) { dingtalk.cards.cards.count == 4 && dingtalk.cards.cards.allSatisfy { $0.flowStatus == "3" } })
+        second.signal(SIGTERM)
+        #expect(await second.wait() == 0)
+        for i in 0..<4 {
+            let card = try #require(dingtalk.cards.card(DingTalkCard.outTrackID(robotCode: "dingbot", messageID: "sk-\(i)")))
+            #expect(card.deliveries == 1)
+            #expect(card.finalized)
+            #expect(card.streamed == ModelSimulator.answer(to: "q\(i)") + (0..<40).map { " w\($0)" }.joined())
+        }
+        #expect(dingtalk.deliveries.isEmpty, "no markdown besides the cards")
+        #expect(dingtalk.cards.repeatedGuids == 0)
+        let store = try await SQLStore.open(.sqliteFile(path: "\(directory)/chatbridge.sqlite"), logger: Logger(label: "t"))
+        let rows = try await store.inboxRows()
+        #expect(rows.count == 4)
+        #expect(rows.allSatisfy { $0.state == "answered" && $0.live == "opened" })
+        await store.close()
+        await model.stop()
+        await dingtalk.stop()
     }
 }
