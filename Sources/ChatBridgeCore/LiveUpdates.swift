@@ -8,7 +8,7 @@ import Synchronization
 ///
 /// An update that fails is not retried on its own (the next one carries the whole text); one that is not
 /// retryable stops the updates (the final text still goes through ``LiveReply/finish(_:)``).
-final class LiveUpdates: Sendable {
+public final class LiveUpdates: Sendable {
     private enum Phase { case waiting, updating, pausing }
     private struct State {
         var text = ""
@@ -21,7 +21,7 @@ final class LiveUpdates: Sendable {
     private let wake: AsyncStream<Void>.Continuation
     private let task: Mutex<Task<Void, Never>?> = Mutex(nil)
 
-    init(reply: any LiveReply, interval: Duration, clock: any WallClock, logger: Logger) {
+    public init(reply: any LiveReply, interval: Duration, clock: any WallClock, logger: Logger) {
         let (stream, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         wake = continuation
         let runner = Task { [self] in
@@ -64,16 +64,16 @@ final class LiveUpdates: Sendable {
     }
 
     /// Adds a piece of the answer.
-    func append(_ delta: String) {
+    public func append(_ delta: String) {
         state.withLock { $0.text += delta }
         wake.yield()
     }
 
     /// Updates sent so far.
-    var updates: Int { state.withLock { $0.updates } }
+    public var updates: Int { state.withLock { $0.updates } }
 
     /// Stops: an update in progress completes, a pause is cut short. Returns once nothing more is sent.
-    func close() async {
+    public func close() async {
         let pausing = state.withLock { state -> Bool in
             state.closed = true
             return state.phase == .pausing

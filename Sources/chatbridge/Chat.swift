@@ -58,18 +58,24 @@ struct Chat: AsyncParsableCommand {
             platform: "cli", botID: "terminal", messageID: UUID().uuidString,
             chat: .init(id: user, kind: .direct), sender: .init(id: user, name: user),
             body: .text(text), sentAt: Date())
-        let streamed = Atomic<Bool>(false)
+        // The terminal is a live reply like a card: the same seam the dispatcher feeds, without pacing.
+        let terminal = TerminalReply()
         do {
-            let resolution = try await engine.resolve(message) { delta in
-                streamed.store(true, ordering: .relaxed)
-                FileHandle.standardOutput.write(Data(delta.utf8))
+            try await terminal.open()
+            let updates = LiveUpdates(reply: terminal, interval: .zero, clock: SystemClock(), logger: Logger(label: "chatbridge.chat"))
+            let resolution: Resolution
+            do {
+                resolution = try await engine.resolve(message) { delta in updates.append(delta) }
+            } catch {
+                await updates.close()
+                throw error
             }
-            if !streamed.load(ordering: .relaxed) { FileHandle.standardOutput.write(Data(resolution.text.utf8)) }
-            FileHandle.standardOutput.write(Data("\n".utf8))
+            await updates.close()
+            try await terminal.finish(resolution.text)
             try await store.apply(resolution.effect, to: engine.conversationKey(for: message))
             return true
         } catch {
-            if streamed.load(ordering: .relaxed) { FileHandle.standardOutput.write(Data("\n".utf8)) }
+            if terminal.hasShownText { FileHandle.standardOutput.write(Data("\n".utf8)) }
             // The person at the terminal is the operator: an unreachable model is reported as exactly that.
             let line: String
             if let error = error as? ModelError, error.kind == .connection {
@@ -80,5 +86,34 @@ struct Chat: AsyncParsableCommand {
             FileHandle.standardError.write(Data((line + "\n").utf8))
             return false
         }
+    }
+}
+
+/// Standard output as a live reply: prints what each update adds to what is already shown.
+final class TerminalReply: LiveReply {
+    private let shown = Mutex("")
+
+    var hasShownText: Bool { shown.withLock { !$0.isEmpty } }
+
+    func open() async throws {}
+
+    func update(_ text: String) async throws { write(text) }
+
+    func finish(_ text: String) async throws {
+        write(text)
+        FileHandle.standardOutput.write(Data("\n".utf8))
+    }
+
+    func fail(_ text: String) async throws { try await finish(text) }
+
+    private func write(_ text: String) {
+        // The final text is trimmed at the start; what was shown may not have been.
+        let text = String(text.drop(while: \.isWhitespace))
+        let addition = shown.withLock { shown -> String in
+            defer { shown = text }
+            if text.hasPrefix(shown) { return String(text.dropFirst(shown.count)) }
+            return shown.isEmpty ? text : "\n" + text
+        }
+        if !addition.isEmpty { FileHandle.standardOutput.write(Data(addition.utf8)) }
     }
 }
