@@ -75,7 +75,10 @@ public struct DingTalkCard: LiveReply {
         ], what: "card inputting")
     }
 
+    /// An intermediate update is skipped when the process's card calls are queued up (the next update
+    /// carries the whole text anyway), so opening and finishing cards never wait behind updates.
     public func update(_ text: String) async throws {
+        guard limiter.hasRoom() else { throw DeliveryError(isRetryable: true, reason: "card update skipped: the card API rate (dingtalk.card.max_qps) is fully used") }
         try await stream(text, finalize: false, error: false)
     }
 
@@ -189,13 +192,20 @@ final class CardProblems: Sendable {
     }
 }
 
-/// Spaces card API calls so the process stays within `max_qps` in every second, across all cards.
+/// Spaces card API calls so the process stays within `max_qps` in every second, across all cards (with a
+/// 5 % margin for network jitter).
 public final class CardRateLimiter: Sendable {
     private let spacing: Duration
     private let next = Mutex<ContinuousClock.Instant?>(nil)
 
     public init(maxQPS: Int) {
-        spacing = .seconds(1) / max(maxQPS, 1)
+        spacing = .seconds(1) * 1.05 / max(maxQPS, 1)
+    }
+
+    /// Whether a call now would go out after only a short wait (at most five slots) behind others.
+    func hasRoom() -> Bool {
+        let now = ContinuousClock().now
+        return next.withLock { ($0 ?? now) <= now.advanced(by: spacing * 5) }
     }
 
     /// Returns when the next call may go out.

@@ -24,6 +24,15 @@ public final class DingTalkSimulator: Sendable {
         public var atUserIds: [String]
         /// When it arrived, in seconds since 1970.
         public var receivedAt: Double = Date().timeIntervalSince1970
+
+        public init(channel: Channel, target: String, title: String, text: String, atUserIds: [String], receivedAt: Double = Date().timeIntervalSince1970) {
+            self.channel = channel
+            self.target = target
+            self.title = title
+            self.text = text
+            self.atUserIds = atUserIds
+            self.receivedAt = receivedAt
+        }
     }
 
     /// A canned answer for the next request to an endpoint.

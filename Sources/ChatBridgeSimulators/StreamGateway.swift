@@ -26,6 +26,8 @@ public final class StreamGateway: Sendable {
         public var code: Int
         public var data: String
         public var message: String
+        /// When it arrived, in seconds since 1970.
+        public var at: Double
     }
 
     /// One frame pushed to a connection.
@@ -51,6 +53,8 @@ public final class StreamGateway: Sendable {
         var connectionsAccepted = 0
         var nextFrame = 0
         var acks: [Ack] = []
+        var acksByID: [String: [Ack]] = [:]
+        var ackWaiters: [String: [CheckedContinuation<Void, Never>]] = [:]
         var pushed: [Pushed] = []
         var frames: [String: String] = [:]
         var disconnectCloseDelay: Duration = .seconds(10)
@@ -114,7 +118,7 @@ public final class StreamGateway: Sendable {
     public var openRequests: [Date] { state.withLock { $0.openRequests } }
     public var acks: [Ack] { state.withLock { $0.acks } }
     public var pushed: [Pushed] { state.withLock { $0.pushed } }
-    public func acks(for messageID: String) -> [Ack] { state.withLock { $0.acks.filter { $0.messageID == messageID } } }
+    public func acks(for messageID: String) -> [Ack] { state.withLock { $0.acksByID[messageID] ?? [] } }
 
     /// Waits until `condition` holds on the gateway (checked after every change).
     public func wait(until condition: @Sendable (StreamGateway) -> Bool) async {
@@ -126,7 +130,14 @@ public final class StreamGateway: Sendable {
     }
 
     public func waitForAck(_ messageID: String) async -> Ack {
-        await wait { !$0.acks(for: messageID).isEmpty }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { state -> Bool in
+                if state.acksByID[messageID] != nil { return true }
+                state.ackWaiters[messageID, default: []].append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
         return acks(for: messageID)[0]
     }
 
@@ -301,8 +312,13 @@ public final class StreamGateway: Sendable {
         else { return }
         let ack = Ack(
             connection: connection, messageID: messageID, code: object["code"] as? Int ?? 0, data: object["data"] as? String ?? "",
-            message: object["message"] as? String ?? "")
-        state.withLock { $0.acks.append(ack) }
+            message: object["message"] as? String ?? "", at: Date().timeIntervalSince1970)
+        let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.acks.append(ack)
+            state.acksByID[messageID, default: []].append(ack)
+            return state.ackWaiters.removeValue(forKey: messageID) ?? []
+        }
+        for waiter in waiters { waiter.resume() }
         changed.notify()
     }
 

@@ -1,6 +1,7 @@
 import ArgumentParser
 import AsyncHTTPClient
 import ChatBridgeCore
+import ChatBridgeDingTalk
 import ChatBridgeServer
 import ChatBridgeSimulators
 import ChatBridgeStore
@@ -29,6 +30,11 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Fixed port for the model simulator (0 = any).") var modelPort = 0
     @Option(help: "Fixed port for the DingTalk simulator (0 = any).") var dingtalkPort = 0
     @Option(help: "Seconds to wait for outstanding answers after sending stops.") var drainWait = 120.0
+    @Flag(help: "Send through the simulated DingTalk Stream gateway instead of HTTP callbacks (reports frame-to-ack latency).") var stream = false
+    @Option(help: "With --stream: the gateway sends disconnect to the current connection every this many seconds (0 = never).") var disconnectEvery = 0.0
+    @Flag(help: "Answer into simulated AI cards (dingtalk.card.template_id set); reports card updates and rates.") var card = false
+    @Option(help: "With --card: dingtalk.card.update_interval in milliseconds.") var cardInterval = 500
+    @Option(help: "With --card: dingtalk.card.max_qps.") var cardQps = 20
     @Flag(help: "Print the report as JSON.") var json = false
     @Flag(help: "Measure context assembly for a 10-turn and a 10,000-turn conversation, then exit.") var context = false
 
@@ -41,6 +47,7 @@ struct Bench: AsyncParsableCommand {
         behaviour.errorRate = errorRate
         let model = try await ModelSimulator.start(port: modelPort, behaviour: behaviour)
         let dingtalk = try await DingTalkSimulator.start(port: dingtalkPort)
+        dingtalk.gateway.setCredentials(clientID: "dingbench", clientSecret: secret)
         log("model simulator: \(model.baseURL)  dingtalk simulator: \(dingtalk.baseURL)")
         let directory = NSTemporaryDirectory() + "chatbridge-bench-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -57,7 +64,10 @@ struct Bench: AsyncParsableCommand {
                     "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbench",
                     "CHATBRIDGE_DINGTALK_CLIENT_SECRET": secret, "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL,
                     "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)",
-                    "CHATBRIDGE_LOG_LEVEL": "notice",
+                    "CHATBRIDGE_LOG_LEVEL": "notice", "CHATBRIDGE_DINGTALK_MODE": stream ? "stream" : "http",
+                    "CHATBRIDGE_DINGTALK_STREAM_HOSTS": "127.0.0.1",
+                    "CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID": card ? "bench-template.schema" : "",
+                    "CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms", "CHATBRIDGE_DINGTALK_CARD_MAX_QPS": "\(cardQps)",
                 ],
                 logPath: directory + "/server.log")
             let port = try await server.waitUntilListening()
@@ -65,6 +75,7 @@ struct Bench: AsyncParsableCommand {
             child = server
         }
         try await Task.sleep(for: .seconds(1))
+        if stream { await dingtalk.gateway.wait { !$0.openConnections.isEmpty } }
         let idleRSS = child?.memory()?.current
 
         var clientConfiguration = HTTPClient.Configuration()
@@ -78,6 +89,7 @@ struct Bench: AsyncParsableCommand {
         let end = start + duration
 
         let users = self.users
+        let streamMode = stream
         let sendOne: @Sendable (Int) async -> Void = { index in
             let id = "bench-\(run)-\(index)"
             let user = index % max(users, 1)
@@ -85,9 +97,32 @@ struct Bench: AsyncParsableCommand {
                 messageID: id, text: "question \(index)", conversationID: "cidBench\(user)==", senderStaffID: "user\(user)",
                 webhook: dingtalk.webhookURL(session: id))
             let sent = Date().timeIntervalSince1970
+            if streamMode {
+                guard let frame = try? await dingtalk.gateway.pushMessage(body) else { return recorder.record(id, sent: sent, acked: nil) }
+                let ack = await withTaskGroup(of: StreamGateway.Ack?.self) { group in
+                    group.addTask { await dingtalk.gateway.waitForAck(frame) }
+                    group.addTask { try? await Task.sleep(for: .seconds(60)); return nil }
+                    let first = await group.next() ?? nil
+                    group.cancelAll()
+                    return first
+                }
+                recorder.record(id, sent: sent, acked: ack?.code == 200 ? ack?.at : nil)
+                return
+            }
             let status = try? await sender.post(body, client: client).status
             let acked = status == 200 ? Date().timeIntervalSince1970 : nil
             recorder.record(id, sent: sent, acked: acked)
+        }
+        let disconnects = Task { [disconnectEvery] in
+            guard streamMode, disconnectEvery > 0 else { return 0 }
+            var count = 0
+            while Date().timeIntervalSince1970 < end {
+                try? await Task.sleep(for: .milliseconds(Int64(disconnectEvery * 1000)))
+                guard Date().timeIntervalSince1970 < end, let newest = dingtalk.gateway.openConnections.max() else { continue }
+                try? await dingtalk.gateway.disconnect(newest)
+                count += 1
+            }
+            return count
         }
 
         if let concurrency {
@@ -116,9 +151,16 @@ struct Bench: AsyncParsableCommand {
         log("sent \(recorder.snapshot.count), acknowledged \(acknowledged); waiting for answers")
         var lastCount = -1
         var lastProgress = Date()
+        let forcedDisconnects = await disconnects.value
+        let cardMode = card
+        let answeredCount: @Sendable () -> Int = {
+            cardMode ? dingtalk.cards.cards.filter { $0.flowStatus == "3" }.count : Set(dingtalk.deliveries.map(\.target)).count
+        }
+        // Card calls are progress too: many cards share the card API rate.
+        let progress: @Sendable () -> Int = { answeredCount() + (cardMode ? dingtalk.cards.calls.count : 0) }
         while Date().timeIntervalSince(lastProgress) < 10, Date().timeIntervalSince1970 - sendingEnded < drainWait {
-            let count = Set(dingtalk.deliveries.map(\.target)).count
-            if count >= acknowledged { break }
+            if answeredCount() >= acknowledged { break }
+            let count = progress()
             if count != lastCount {
                 lastCount = count
                 lastProgress = Date()
@@ -126,7 +168,10 @@ struct Bench: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(100))
         }
         try await Task.sleep(for: .milliseconds(300))
-        let deliveries = dingtalk.deliveries
+        var deliveries = dingtalk.deliveries
+        let cards = dingtalk.cards.cards
+        let cardCalls = dingtalk.cards.calls
+        let peakCardQPS = dingtalk.cards.peakCallsPerSecond
         let memory = child?.memory()
         let cpu = child?.cpuSeconds()
         if let child {
@@ -138,6 +183,40 @@ struct Bench: AsyncParsableCommand {
         await dingtalk.stop()
 
         let snapshot = recorder.snapshot
+        var cardReport: CardReport?
+        if card {
+            // A finished card is the answer; more than one delivery of a card is a duplicate.
+            var idForTrack: [String: String] = [:]
+            for id in snapshot.keys { idForTrack[DingTalkCard.outTrackID(robotCode: "dingbench", messageID: id)] = id }
+            var byCard: [String: [CardSimulator.Call]] = [:]
+            for call in cardCalls { byCard[call.outTrackID, default: []].append(call) }
+            var updates = 0
+            var fastest = 0.0
+            var visible: [Double] = []
+            var firstText: [Double] = []
+            for card in cards where card.flowStatus == "3" {
+                guard let id = idForTrack[card.outTrackID], let record = snapshot[id] else { continue }
+                let calls = byCard[card.outTrackID] ?? []
+                let streaming = calls.filter { $0.path == "/v1.0/card/streaming" && $0.status == 200 && !$0.isFinalize }.map(\.at)
+                updates += streaming.count
+                if let gap = zip(streaming, streaming.dropFirst()).map({ $1 - $0 }).min(), gap > 0 { fastest = max(fastest, 1 / gap) }
+                if let created = calls.first(where: { $0.path.hasSuffix("createAndDeliver") && $0.status == 200 })?.at {
+                    visible.append((created - record.sent) * 1000)
+                }
+                if let first = streaming.first { firstText.append((first - record.sent) * 1000 - Double(modelLatency)) }
+                deliveries.append(.init(channel: .direct, target: id, title: "card", text: card.streamed, atUserIds: [], receivedAt: calls.last?.at ?? 0))
+                for _ in 1..<max(card.deliveries, 1) {
+                    deliveries.append(.init(channel: .direct, target: id, title: "card", text: card.streamed, atUserIds: [], receivedAt: 0))
+                }
+            }
+            let finished = cards.filter { $0.flowStatus == "3" }.count
+            visible.sort()
+            firstText.sort()
+            cardReport = CardReport(
+                cards: cards.count, updatesPerAnswer: Double(updates) / Double(max(finished, 1)), fastestCardUpdatesPerSecond: fastest,
+                peakCardCallsPerSecond: peakCardQPS, cardVisibleP99: percentile(visible, 0.99),
+                firstTextAfterFirstTokenP99: percentile(firstText, 0.99), markdownReplies: dingtalk.deliveries.count)
+        }
         let ackLatencies = snapshot.values.compactMap { record in record.ack.map { ($0 - record.sent) * 1000 } }.sorted()
         var firstDelivery: [String: Double] = [:]
         for delivery in deliveries where firstDelivery[delivery.target] == nil { firstDelivery[delivery.target] = delivery.receivedAt }
@@ -153,7 +232,8 @@ struct Bench: AsyncParsableCommand {
             throughput: Double(answeredIDs.count) / max(lastAnswer - start, 0.001),
             lost: ackedIDs.subtracting(answeredIDs).count, duplicated: deliveries.count - answeredIDs.count,
             idleRSSMB: idleRSS.map { Double($0) / 1_048_576 }, peakRSSMB: memory.map { Double($0.peak) / 1_048_576 },
-            cpuSeconds: cpu, modelRequests: model.requestCount)
+            cpuSeconds: cpu, modelRequests: model.requestCount, transport: stream ? "stream" : "http",
+            forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -199,6 +279,16 @@ struct Bench: AsyncParsableCommand {
     }
 }
 
+struct CardReport: Encodable {
+    var cards: Int
+    var updatesPerAnswer: Double
+    var fastestCardUpdatesPerSecond: Double
+    var peakCardCallsPerSecond: Int
+    var cardVisibleP99: Double
+    var firstTextAfterFirstTokenP99: Double
+    var markdownReplies: Int
+}
+
 /// What the load generator sent and when it was acknowledged.
 final class Recorder: Sendable {
     private let records = Mutex<[String: (sent: Double, ack: Double?)]>([:])
@@ -229,18 +319,32 @@ struct Report: Encodable {
     var peakRSSMB: Double?
     var cpuSeconds: Double?
     var modelRequests: Int
+    var transport: String
+    var forcedDisconnects: Int?
+    var card: CardReport?
 
     func printTable() {
         func f(_ v: Double) -> String { String(format: "%.1f", v) }
-        let rows: [(String, String)] = [
+        var rows: [(String, String)] = [
+            ("transport", transport + (forcedDisconnects.map { ", \($0) forced disconnects" } ?? "")),
             ("sent", "\(sent)"), ("acknowledged", "\(acknowledged)"),
-            ("ack latency p50 / p90 / p99 / max", "\(f(ackP50)) / \(f(ackP90)) / \(f(ackP99)) / \(f(ackMax)) ms"),
+            (transport == "stream" ? "frame-to-ack p50 / p90 / p99 / max" : "ack latency p50 / p90 / p99 / max", "\(f(ackP50)) / \(f(ackP90)) / \(f(ackP99)) / \(f(ackMax)) ms"),
             ("answered", "\(answered)"), ("answer latency p50 / p99", "\(f(answerP50)) / \(f(answerP99)) ms"),
             ("throughput", "\(f(throughput)) answers/s"), ("lost", "\(lost)"), ("duplicated", "\(duplicated)"),
             ("model requests", "\(modelRequests)"),
             ("server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ("server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
             ("server CPU time", cpuSeconds.map { "\(f($0)) s" } ?? "n/a"),
         ]
+        if let card {
+            rows += [
+                ("cards (markdown replies)", "\(card.cards) (\(card.markdownReplies))"),
+                ("card updates per answer", f(card.updatesPerAnswer)),
+                ("fastest updates of one card", "\(f(card.fastestCardUpdatesPerSecond)) /s"),
+                ("peak card API calls", "\(card.peakCardCallsPerSecond) /s"),
+                ("card visible after send p99", "\(f(card.cardVisibleP99)) ms"),
+                ("first text after first token p99", "\(f(card.firstTextAfterFirstTokenP99)) ms"),
+            ]
+        }
         let width = rows.map(\.0.count).max() ?? 0
         for (name, value) in rows { print(name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + value) }
     }
