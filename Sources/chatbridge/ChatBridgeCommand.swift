@@ -45,8 +45,8 @@ enum CleanExit {
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the server: DingTalk callbacks at POST /callbacks/dingtalk, /healthz, /readyz, /metrics.",
-        discussion: "With no configuration it listens on 0.0.0.0:8080 with its database at ./data/chatbridge.sqlite and logs what is still to configure. /metrics moves to its own address with server.metrics_address. SIGTERM or SIGINT turns /readyz to 503 and lets answers in flight finish for up to server.drain_timeout (30s) while callbacks are still accepted (they are answered at the next start), then exits 0."
+        abstract: "Run the server: the DingTalk Stream connection, callbacks at POST /callbacks/dingtalk, /healthz, /readyz, /metrics.",
+        discussion: "With no configuration it listens on 0.0.0.0:8080 with its database at ./data/chatbridge.sqlite and logs what is still to configure. With dingtalk.client_id and dingtalk.client_secret set it also opens DingTalk's Stream connection (dingtalk.mode: stream, the default; http for callbacks only), so no public URL is needed. With dingtalk.card.template_id set, answers stream into AI cards. /metrics moves to its own address with server.metrics_address. SIGTERM or SIGINT closes the Stream connection, turns /readyz to 503 and lets answers in flight finish for up to server.drain_timeout (30s) while callbacks are still accepted (they are answered at the next start), then exits 0."
     )
 
     @OptionGroup var options: ConfigOption
