@@ -243,7 +243,9 @@ public final class Dispatcher: Sendable {
         ]
         let started = clock.now
         do {
-            let live = item.live == .declined ? nil : replies.liveReply(to: item.message)
+            // A message already (partly) sent as whole messages stays on that path: a card would repeat it.
+            let sentWhole = item.live == .none && (item.deliveredParts > 0 || item.uncertainSends > 0)
+            let live = item.live == .declined || sentWhole ? nil : replies.liveReply(to: item.message)
             let finished: StoredReply?
             if let live {
                 finished = try await answerLive(item, live: live, metadata: metadata)
