@@ -50,6 +50,7 @@ public final class DingTalkStream: Service, Sendable {
         var status: Status = .off
         var open = 0
         var nextID = 0
+        var tasks: [Int: Task<Void, Never>] = [:]
     }
 
     public init(
@@ -165,6 +166,7 @@ public final class DingTalkStream: Service, Sendable {
                 }
             }
             group.cancelAll()
+            for task in state.withLock({ Array($0.tasks.values) }) { task.cancel() }
         }
     }
 
@@ -194,7 +196,18 @@ public final class DingTalkStream: Service, Sendable {
             return state.nextID
         }
         let connection = Connection(id: id, openedAt: clock.now)
-        group.addTask { await self.runConnection(connection, url: url) }
+        // Not a child task: a connect that stalls before the upgrade does not answer cancellation, and
+        // must hold up neither the supervisor nor shutdown. Connections are cancelled when supervision ends.
+        let task = Task { await self.runConnection(connection, url: url) }
+        state.withLock { $0.tasks[id] = task }
+        group.addTask {
+            // An upgrade that has not completed in time is a failed connect.
+            try? await self.clock.sleep(for: .seconds(15))
+            if !connection.wasConfirmed {
+                connection.end("the WebSocket upgrade did not complete within 15s", kind: "connect_failed")
+                task.cancel()
+            }
+        }
         switch await connection.nextEvent() {
         case .confirmed:
             logger.info("DingTalk Stream connected", metadata: ["connection": "\(id)", "reason": "\(reason)", "host": "\(OutboundHTTP.hostDescription(endpoint))"])
@@ -307,6 +320,7 @@ public final class DingTalkStream: Service, Sendable {
             // Nothing arrived for a whole ping period: the ping went unanswered (a silent connection).
             kind = "keepalive"
         }
+        state.withLock { _ = $0.tasks.removeValue(forKey: connection.id) }
         connection.end(kind == "keepalive" ? "\(outcome); nothing arrived for \(settings.stream.keepaliveTimeout) and the ping went unanswered" : outcome, kind: kind)
     }
 
@@ -355,7 +369,10 @@ public final class DingTalkStream: Service, Sendable {
                 return frame.ack(code: 200, data: #"{"response":null}"#)
             }
             do {
-                _ = try await ingress.receive(Data(data.utf8))
+                // A commit that has begun completes even when the connection ends or the service stops
+                // meanwhile; the ack may then not go out, and DingTalk's re-delivery is a duplicate.
+                let ingress = self.ingress
+                _ = try await Task { try await ingress.receive(Data(data.utf8)) }.value
                 return frame.ack(code: 200, data: #"{"response":null}"#)
             } catch let rejection as IngressRejection {
                 // Nothing a re-delivery could change: acknowledged so DingTalk stops, never stored.
