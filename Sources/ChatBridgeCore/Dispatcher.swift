@@ -380,16 +380,7 @@ public final class Dispatcher: Sendable {
     private func answerLive(_ item: InboxItem, live: any LiveReply, metadata: Logger.Metadata) async throws -> StoredReply? {
         var item = item
         if item.live != .opened {
-            do {
-                try await live.open()
-            } catch where Task.isCancelled || error is CancellationError {
-                throw CancellationError()
-            } catch {
-                let failure = error as? DeliveryError ?? DeliveryError(isRetryable: true, reason: "\(error)")
-                if !failure.isRetryable { return try await answerWhole(item, because: failure, metadata: metadata) }
-                try await handleLiveFailure(failure, item: item, metadata: metadata)
-                return nil
-            }
+            if case .ended(let result) = try await liveCall(item: item, metadata: metadata, { try await live.open() }) { return result }
             let now = clock.now
             try await record("the shown live reply", afterSend: true, metadata: metadata) { [inbox, lease = item.lease] in
                 try await inbox.recordLive(lease, state: .opened, now: now)
@@ -413,21 +404,37 @@ public final class Dispatcher: Sendable {
             reply = made
             item.reply = made
         }
-        do {
+        let finished = try await liveCall(item: item, metadata: metadata) {
             switch reply.kind {
             case .answer: try await live.finish(reply.text)
             case .error: try await live.fail(reply.text)
             }
+        }
+        if case .ended(let result) = finished { return result }
+        try await recordFinished(reply, for: item, metadata: metadata)
+        return reply
+    }
+
+    private enum LiveStep {
+        case succeeded
+        /// The attempt ended: answered with whole messages instead, or a retry scheduled / given up (nil).
+        case ended(StoredReply?)
+    }
+
+    /// Makes one live-reply call. A permanent refusal answers the message with whole messages; any other
+    /// failure is retried by the policy.
+    private func liveCall(item: InboxItem, metadata: Logger.Metadata, _ call: () async throws -> Void) async throws -> LiveStep {
+        do {
+            try await call()
+            return .succeeded
         } catch where Task.isCancelled || error is CancellationError {
             throw CancellationError()
         } catch {
             let failure = error as? DeliveryError ?? DeliveryError(isRetryable: true, reason: "\(error)")
-            if !failure.isRetryable { return try await answerWhole(item, because: failure, metadata: metadata) }
+            if !failure.isRetryable { return .ended(try await answerWhole(item, because: failure, metadata: metadata)) }
             try await handleLiveFailure(failure, item: item, metadata: metadata)
-            return nil
+            return .ended(nil)
         }
-        try await recordFinished(reply, for: item, metadata: metadata)
-        return reply
     }
 
     /// The platform refused a live reply for this message for good: recorded, then answered with whole

@@ -45,6 +45,7 @@ public final class DingTalkStream: Service, Sendable {
     private let state = Mutex(State())
     private let metrics: any MetricsFactory
     private let connectedGauge: Gauge
+    private let frames: DingTalkStreamFrame.Counters
 
     private struct State {
         var status: Status = .off
@@ -66,6 +67,7 @@ public final class DingTalkStream: Service, Sendable {
         self.logger = logger
         self.random = random
         connectedGauge = Gauge(label: "chatbridge_stream_connected", factory: metrics)
+        frames = DingTalkStreamFrame.Counters(metrics: metrics)
         connectedGauge.record(0)
     }
 
@@ -274,7 +276,6 @@ public final class DingTalkStream: Service, Sendable {
         configuration.closeTimeout = .seconds(3)
         var wsLogger = logger
         wsLogger.logLevel = max(logger.logLevel, .notice)
-        let frames = DingTalkStreamFrame.Counters(metrics: metrics)
         let outcome: String
         var kind = "closed"
         do {
@@ -291,7 +292,7 @@ public final class DingTalkStream: Service, Sendable {
                         connection.heard(at: self.clock.now)
                         guard case .text(let text) = message else { continue }
                         tasks.addTask {
-                            guard let ack = await self.handle(text, connection: connection, frames: frames) else { return }
+                            guard let ack = await self.handle(text, connection: connection) else { return }
                             do {
                                 try await outbound.write(.text(ack))
                             } catch {
@@ -345,7 +346,7 @@ public final class DingTalkStream: Service, Sendable {
     }
 
     /// Handles one text frame and returns the ack to send, if any.
-    func handle(_ text: String, connection: Connection, frames: DingTalkStreamFrame.Counters) async -> String? {
+    func handle(_ text: String, connection: Connection) async -> String? {
         let frame: DingTalkStreamFrame
         do {
             frame = try DingTalkStreamFrame.parse(text)
@@ -537,11 +538,15 @@ public struct DingTalkStreamFrame: Sendable, Equatable {
         return String(decoding: (try? JSONEncoder().encode(ack)) ?? Data(), as: UTF8.self)
     }
 
-    /// `chatbridge_stream_frames_total{type}`.
+    /// `chatbridge_stream_frames_total{type}`, made once per type.
     struct Counters: Sendable {
-        let metrics: any MetricsFactory
-        func count(_ type: String) {
-            Counter(label: "chatbridge_stream_frames_total", dimensions: [("type", type)], factory: metrics).increment()
+        static let types = ["callback", "ping", "disconnect", "unknown", "malformed"]
+        private let counters: [String: Counter]
+        init(metrics: any MetricsFactory) {
+            counters = Dictionary(uniqueKeysWithValues: Self.types.map {
+                ($0, Counter(label: "chatbridge_stream_frames_total", dimensions: [("type", $0)], factory: metrics))
+            })
         }
+        func count(_ type: String) { counters[type]?.increment() }
     }
 }

@@ -48,7 +48,6 @@ public final class StreamGateway: Sendable {
         var openRequests: [Date] = []
         var openRefusals = 0
         var down = false
-        var silent = false
         var links: [Int: Link] = [:]
         var connectionsAccepted = 0
         var nextFrame = 0
@@ -66,6 +65,8 @@ public final class StreamGateway: Sendable {
     private let state = Mutex(State())
     private let changed = Broadcast()
     private let stopped = OneTimeEvent()
+    /// Happens when ``goSilent()`` is called; replaced by a fresh one when the silence ends.
+    private let silence = Mutex(OneTimeEvent())
     let endpointBase: @Sendable () -> String
 
     init(endpointBase: @escaping @Sendable () -> String) {
@@ -97,10 +98,14 @@ public final class StreamGateway: Sendable {
     }
 
     /// The open connections stop reading and writing: no frames, no acks seen, pings unanswered.
-    public func goSilent() { state.withLock { $0.silent = true } }
+    public func goSilent() {
+        silence.withLock { $0 }.signal()
+    }
 
     /// Ends a silence for new connections (silent ones stay silent until they are closed).
-    public func endSilence() { state.withLock { $0.silent = false } }
+    public func endSilence() {
+        silence.withLock { $0 = OneTimeEvent() }
+    }
 
     /// Closes every connection now (a network drop as the client sees it, but with a close frame).
     public func closeAll() {
@@ -270,7 +275,7 @@ public final class StreamGateway: Sendable {
             group.addTask {
                 do {
                     for try await message in inbound.messages(maxSize: 1 << 20) {
-                        if self.state.withLock({ $0.silent }) { return true }
+                        if self.silence.withLock({ $0 }).hasHappened { return true }
                         guard case .text(let text) = message else { continue }
                         self.record(ack: text, connection: id)
                     }
@@ -282,12 +287,9 @@ public final class StreamGateway: Sendable {
                 return false
             }
             group.addTask {
-                // Checks for silence even when nothing arrives.
-                while !Task.isCancelled {
-                    if self.state.withLock({ $0.silent }) { return true }
-                    try? await Task.sleep(for: .milliseconds(20))
-                }
-                return false
+                // Silence also while nothing arrives.
+                await self.silence.withLock { $0 }.wait()
+                return !Task.isCancelled
             }
             let first = await group.next() ?? false
             group.cancelAll()
