@@ -185,7 +185,7 @@ final class CardProblems: Sendable {
         let first = logged.withLock { $0.insert(reason).inserted }
         if first {
             logger.error(
-                "DingTalk refused the AI card; answering with markdown instead. Check that dingtalk.card.template_id is an AI-card template of this app with the streaming variable dingtalk.card.content_key, and that the app has the card write permission (Card.Instance.Write) and robot send permission",
+                "DingTalk refused the AI card; answering with markdown instead. Check that dingtalk.card.template_id is an AI-card template of this app with the streaming variable dingtalk.card.content_key, and that the app has the card permissions (Card.Instance.Write and Card.Streaming.Write) and the robot send permission",
                 metadata: ["reason": "\(reason)", "template": "\(templateID)"])
         }
         return DeliveryError(isRetryable: false, reason: reason)

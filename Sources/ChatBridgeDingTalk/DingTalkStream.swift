@@ -91,8 +91,8 @@ public final class DingTalkStream: Service, Sendable {
             return
         }
         setStatus(.connecting)
-        // Shutdown cancels the connections: a frame whose commit finished is still acknowledged, nothing
-        // after it is read.
+        // Graceful shutdown closes the connections (the WebSocket client closes on it); frames that arrive
+        // until the close completes, and commits already begun, are still stored before they are acked.
         await cancelWhenGracefulShutdown { await self.supervise() }
         setStatus(.stopped)
         logger.info("DingTalk Stream stopped")
