@@ -370,17 +370,29 @@ public final class Dispatcher: Sendable {
 
     // MARK: Live replies
 
-    /// Answers into a live reply: shows it (once per message: later attempts find it recorded, and opening
-    /// again addresses the same reply), streams the model's text into it, stores the reply, finishes the
-    /// live reply with the final text and records the row done. Returns the finished reply, or nil when a
-    /// retry was scheduled or the message given up.
+    /// Answers into a live reply: shows it, streams the model's text into it, stores the reply, finishes
+    /// the live reply with the final text and records the row done. Each step is recorded on the row
+    /// (``LiveReplyState``): `opening` before the reply is shown (so an attempt after a crash looks for it
+    /// before showing it), `opened` once it is, `finalized` once it shows the final text. Returns the
+    /// finished reply, or nil when a retry was scheduled or the message given up.
     ///
-    /// A live reply the platform refuses (a permanent error) is recorded as declined and the message is
-    /// answered with whole messages instead, exactly once like any other.
+    /// A live reply the platform refuses before it is shown is recorded as declined and the message is
+    /// answered with whole messages instead, exactly once like any other; so is one that cannot be
+    /// completed for good (the whole answer then arrives as a message).
     private func answerLive(_ item: InboxItem, live: any LiveReply, metadata: Logger.Metadata) async throws -> StoredReply? {
         var item = item
-        if item.live != .opened {
-            if case .ended(let result) = try await liveCall(item: item, metadata: metadata, { try await live.open() }) { return result }
+        if item.live == .none || item.live == .opening {
+            let resuming = item.live == .opening
+            if !resuming {
+                let now = clock.now
+                try await record("the live reply about to be shown", afterSend: false, metadata: metadata) { [inbox, lease = item.lease] in
+                    try await inbox.recordLive(lease, state: .opening, now: now)
+                }
+                item.live = .opening
+            }
+            if case .ended(let result) = try await liveCall(item: item, live: live, metadata: metadata, { try await live.open(resuming: resuming) }) {
+                return result
+            }
             let now = clock.now
             try await record("the shown live reply", afterSend: true, metadata: metadata) { [inbox, lease = item.lease] in
                 try await inbox.recordLive(lease, state: .opened, now: now)
@@ -404,13 +416,19 @@ public final class Dispatcher: Sendable {
             reply = made
             item.reply = made
         }
-        let finished = try await liveCall(item: item, metadata: metadata) {
-            switch reply.kind {
-            case .answer: try await live.finish(reply.text)
-            case .error: try await live.fail(reply.text)
+        if item.live != .finalized {
+            let finished = try await liveCall(item: item, live: live, metadata: metadata) {
+                switch reply.kind {
+                case .answer: try await live.finish(reply.text)
+                case .error: try await live.fail(reply.text)
+                }
+            }
+            if case .ended(let result) = finished { return result }
+            let now = clock.now
+            try await record("the finished live reply", afterSend: true, metadata: metadata) { [inbox, lease = item.lease] in
+                try await inbox.recordLive(lease, state: .finalized, now: now)
             }
         }
-        if case .ended(let result) = finished { return result }
         try await recordFinished(reply, for: item, metadata: metadata)
         return reply
     }
@@ -421,9 +439,9 @@ public final class Dispatcher: Sendable {
         case ended(StoredReply?)
     }
 
-    /// Makes one live-reply call. A permanent refusal answers the message with whole messages; any other
+    /// Makes one live-reply call. A permanent failure answers the message with whole messages; any other
     /// failure is retried by the policy.
-    private func liveCall(item: InboxItem, metadata: Logger.Metadata, _ call: () async throws -> Void) async throws -> LiveStep {
+    private func liveCall(item: InboxItem, live: any LiveReply, metadata: Logger.Metadata, _ call: () async throws -> Void) async throws -> LiveStep {
         do {
             try await call()
             return .succeeded
@@ -432,15 +450,20 @@ public final class Dispatcher: Sendable {
         } catch {
             let failure = error as? DeliveryError ?? DeliveryError(isRetryable: true, reason: "\(error)")
             if !failure.isRetryable { return .ended(try await answerWhole(item, because: failure, metadata: metadata)) }
-            try await handleLiveFailure(failure, item: item, metadata: metadata)
-            return .ended(nil)
+            return .ended(try await handleLiveFailure(failure, item: item, live: live, metadata: metadata))
         }
     }
 
-    /// The platform refused a live reply for this message for good: recorded, then answered with whole
-    /// messages (the reply already stored, if any, is the one sent).
+    /// The live reply cannot carry this message's answer (the platform refused it, or it could not be
+    /// completed for good): recorded, then answered with whole messages (the reply already stored, if any,
+    /// is the one sent).
     private func answerWhole(_ item: InboxItem, because failure: DeliveryError, metadata: Logger.Metadata) async throws -> StoredReply? {
-        logger.warning("no live reply for this message; answering with whole messages", metadata: metadata.merging(["error": "\(failure)"]) { $1 })
+        if item.live == .opened {
+            logger.error(
+                "the live reply was shown but cannot be completed; sending the whole answer as a message", metadata: metadata.merging(["error": "\(failure)"]) { $1 })
+        } else {
+            logger.warning("no live reply for this message; answering with whole messages", metadata: metadata.merging(["error": "\(failure)"]) { $1 })
+        }
         let now = clock.now
         try await record("the refused live reply", afterSend: false, metadata: metadata) { [inbox] in
             try await inbox.recordLive(item.lease, state: .declined, now: now)
@@ -452,21 +475,20 @@ public final class Dispatcher: Sendable {
     }
 
     /// A live-reply call failed in a way that may pass: retried by the policy. Live calls replace what is
-    /// shown and opening addresses the same reply, so a retry never shows anything twice. Giving up shows
-    /// the error in the live reply when that still works, so it is not left looking unfinished.
-    private func handleLiveFailure(_ failure: DeliveryError, item: InboxItem, metadata: Logger.Metadata) async throws {
+    /// shown and a resumed opening looks for the reply first, so a retry never shows anything twice. When
+    /// the tries are used up the answer still reaches the user: as whole messages (a live reply that was
+    /// never completed is not an answer).
+    private func handleLiveFailure(_ failure: DeliveryError, item: InboxItem, live: any LiveReply, metadata: Logger.Metadata) async throws -> StoredReply? {
         var metadata = metadata
         metadata["error"] = "\(failure)"
         let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: true, retryAfter: failure.retryAfter, random: random())
         switch decision {
         case .retry(let delay):
             try await scheduleRetry(item, after: delay, error: "live reply failed: \(failure)", lastSendFailed: false, afterSend: true, metadata: metadata)
+            return nil
         case .giveUp:
-            logger.error("the live reply could not be completed; giving up", metadata: metadata.merging(["why": "\(decision)"]) { $1 })
-            if let live = replies.liveReply(to: item.message) {
-                try? await live.fail(engine.settings.messages.reply(for: failure))
-            }
-            try await giveUp(item, error: "live reply failed: \(failure)", lastSendFailed: false, metadata: metadata)
+            logger.error("the live reply kept failing; answering with whole messages", metadata: metadata.merging(["why": "\(decision)"]) { $1 })
+            return try await answerWhole(item, because: failure, metadata: metadata)
         }
     }
 

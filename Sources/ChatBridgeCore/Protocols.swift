@@ -79,12 +79,14 @@ public protocol ReplyChannel: Sendable {
 
 /// An answer shown while it is being written: opened, updated with the whole text so far, then finished
 /// (or failed). A live reply is addressed by the platform message it answers, so every attempt for that
-/// message — a retry, a takeover, a restart — reaches the same reply: opening it again never shows a second
-/// one, and updates replace its text. Methods throw ``DeliveryError``; one that is not retryable means this
-/// message cannot have a live reply (the dispatcher answers it with whole messages instead).
+/// message — a retry, a takeover, a restart — reaches the same reply, and updates replace its text.
+/// Methods throw ``DeliveryError``; one that is not retryable from ``open(resuming:)`` means this message
+/// cannot have a live reply (the dispatcher answers it with whole messages instead), and from
+/// ``finish(_:)``/``fail(_:)`` that the shown reply cannot be completed.
 public protocol LiveReply: Sendable {
-    /// Shows the reply, empty and marked as being written.
-    func open() async throws
+    /// Shows the reply, empty and marked as being written. `resuming`: an earlier attempt began showing it
+    /// and may have succeeded, so the reply is looked for first and shown only when it is not there.
+    func open(resuming: Bool) async throws
     /// Replaces the shown text with `text`, the whole answer so far.
     func update(_ text: String) async throws
     /// Shows the final text and marks the reply finished.
@@ -93,12 +95,17 @@ public protocol LiveReply: Sendable {
     func fail(_ text: String) async throws
 }
 
-/// How far an attempt got with a message's live reply.
+/// How far an attempt got with a message's live reply. Recorded on the inbox row before and after each
+/// step, so the next attempt continues the same reply and never shows a second one.
 public enum LiveReplyState: String, Sendable, Equatable, Codable {
     /// No live reply shown yet.
     case none
+    /// Showing it began; whether it appeared is unknown (the next attempt looks for it first).
+    case opening
     /// The live reply is shown; later attempts update it.
     case opened
+    /// The live reply shows the final text (or the error); only the row's bookkeeping is left.
+    case finalized
     /// The platform refused a live reply for this message; it is answered with whole messages.
     case declined
 }

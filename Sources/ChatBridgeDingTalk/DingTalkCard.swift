@@ -34,7 +34,34 @@ public struct DingTalkCard: LiveReply {
     var settings: DingTalkSettings { channel.settings }
     var key: String { settings.card.contentKey }
 
-    public func open() async throws {
+    /// Creates and delivers the card, then sets it inputting. Resuming, the card is set inputting first and
+    /// created only when DingTalk does not know it, so an earlier attempt's card is never doubled.
+    public func open(resuming: Bool) async throws {
+        do {
+            if resuming {
+                do {
+                    try await setInputting()
+                    return
+                } catch is CardMissing {}
+            }
+            try await createAndDeliver()
+            try await setInputting()
+        } catch let error as DeliveryError where !error.isRetryable {
+            throw problems.permanent(error.reason)
+        } catch let missing as CardMissing {
+            throw DeliveryError(isRetryable: true, reason: missing.reason)
+        }
+    }
+
+    private func setInputting() async throws {
+        _ = try await call(.PUT, "/v1.0/card/instances", body: [
+            "outTrackId": outTrackID,
+            "cardData": ["cardParamMap": ["flowStatus": "2", key: ""]],
+            "cardUpdateOptions": ["updateCardDataByKey": true],
+        ], what: "card inputting")
+    }
+
+    private func createAndDeliver() async throws {
         var body: [String: Any] = [
             "cardTemplateId": settings.card.templateID, "outTrackId": outTrackID,
             "cardData": ["cardParamMap": ["flowStatus": "1", key: ""]],
@@ -66,30 +93,41 @@ public struct DingTalkCard: LiveReply {
             var result: Result?
         }
         if let failed = (try? JSONDecoder().decode(Created.self, from: answer))?.result?.deliverResults?.first(where: { $0.success == false }) {
-            throw problems.permanent("card createAndDeliver: DingTalk could not deliver the card (\(failed.errorMsg ?? "no reason given"))")
+            throw DeliveryError(isRetryable: false, reason: "card createAndDeliver: DingTalk could not deliver the card (\(failed.errorMsg ?? "no reason given"))")
         }
-        _ = try await call(.PUT, "/v1.0/card/instances", body: [
-            "outTrackId": outTrackID,
-            "cardData": ["cardParamMap": ["flowStatus": "2", key: ""]],
-            "cardUpdateOptions": ["updateCardDataByKey": true],
-        ], what: "card inputting")
     }
 
     /// An intermediate update is skipped when the process's card calls are queued up (the next update
     /// carries the whole text anyway), so opening and finishing cards never wait behind updates.
     public func update(_ text: String) async throws {
         guard limiter.hasRoom() else { throw DeliveryError(isRetryable: true, reason: "card update skipped: the card API rate (dingtalk.card.max_qps) is fully used") }
-        try await stream(text, finalize: false, error: false)
+        do {
+            try await stream(text, finalize: false, error: false)
+        } catch let missing as CardMissing {
+            throw DeliveryError(isRetryable: false, reason: missing.reason)
+        }
     }
 
-    public func finish(_ text: String) async throws {
-        try await stream(text, finalize: true, error: false)
-        try await setStatus("3", text: text)
-    }
+    public func finish(_ text: String) async throws { try await complete(text, status: "3", error: false) }
 
-    public func fail(_ text: String) async throws {
-        try await stream(text, finalize: true, error: true)
-        try await setStatus("5", text: text)
+    public func fail(_ text: String) async throws { try await complete(text, status: "5", error: true) }
+
+    /// The final streaming call, then the full-data PUT with the status and the whole text. The PUT alone
+    /// shows the final text too, so a streaming call DingTalk refuses (a stream already finalized by an
+    /// attempt that then crashed, a streaming permission withdrawn) does not stop the card from finishing.
+    private func complete(_ text: String, status: String, error: Bool) async throws {
+        do {
+            do {
+                try await stream(text, finalize: true, error: error)
+            } catch let refused as DeliveryError where !refused.isRetryable {
+                channel.logger.debug("the final card streaming call was refused; finishing with the full update", metadata: ["error": "\(refused)"])
+            } catch is CardMissing {}
+            try await setStatus(status, text: text)
+        } catch let missing as CardMissing {
+            throw problems.permanent(missing.reason)
+        } catch let refused as DeliveryError where !refused.isRetryable {
+            throw problems.permanent(refused.reason)
+        }
     }
 
     private func stream(_ text: String, finalize: Bool, error: Bool) async throws {
@@ -115,9 +153,9 @@ public struct DingTalkCard: LiveReply {
     }
 
     /// One card API call within the process's rate, with the access token; a QPS-limit answer waits and
-    /// tries again with a fresh body (a new `guid`), a rejected token is renewed once. Every failure is a
-    /// ``DeliveryError``: retryable (transport, 5xx, QPS limit after the tries) or permanent (permission,
-    /// unknown template, bad request), which makes the dispatcher answer this message with markdown.
+    /// tries again with a fresh body (a new `guid`), a rejected token is renewed once. A failure is
+    /// ``CardMissing`` (DingTalk does not know the card) or a ``DeliveryError``: retryable (transport, 5xx,
+    /// QPS limit after the tries) or permanent (permission, unknown template, bad request).
     private func call(_ method: HTTPMethod, _ path: String, what: String, body: () -> [String: Any]) async throws -> Data {
         var qpsTries = 0
         var renewedToken = false
@@ -165,9 +203,17 @@ public struct DingTalkCard: LiveReply {
             if status == 429 || status >= 500 || (200..<300).contains(status) {
                 throw DeliveryError(isRetryable: true, reason: reason)
             }
-            throw problems.permanent(reason)
+            if status == 404 || code.lowercased().contains("notfound") || code.lowercased().contains("notexist") {
+                throw CardMissing(reason: reason)
+            }
+            throw DeliveryError(isRetryable: false, reason: reason)
         }
     }
+}
+
+/// DingTalk does not know the card (404, or a code naming a card that does not exist).
+struct CardMissing: Error {
+    var reason: String
 }
 
 /// Permanent card errors are logged once per process with what to fix; every message still gets its answer.
@@ -208,8 +254,9 @@ public final class CardRateLimiter: Sendable {
         return next.withLock { ($0 ?? now) <= now.advanced(by: spacing * 5) }
     }
 
-    /// Returns when the next call may go out.
-    func acquire() async {
+    /// Returns when the next call may go out: the slot it was given.
+    @discardableResult
+    public func acquire() async -> ContinuousClock.Instant {
         let clock = ContinuousClock()
         let slot = next.withLock { next -> ContinuousClock.Instant in
             let now = clock.now
@@ -218,5 +265,6 @@ public final class CardRateLimiter: Sendable {
             return slot
         }
         if slot > clock.now { try? await clock.sleep(until: slot) }
+        return slot
     }
 }

@@ -18,7 +18,7 @@ public struct DingTalkReplyChannel: ReplyChannel {
     public let settings: DingTalkSettings
     public let tokens: AccessTokenCache
     private let client: HTTPClient
-    private let logger: Logger
+    let logger: Logger
     /// The deadline of one request to DingTalk; keep it well under `worker.lease`.
     private let requestTimeout: Duration
     /// A webhook that expires sooner than this is not used.

@@ -46,9 +46,11 @@ public final class DingTalkStream: Service, Sendable {
     private let metrics: any MetricsFactory
     private let connectedGauge: Gauge
     private let frames: DingTalkStreamFrame.Counters
+    private let reconnects: DingTalkStreamFrame.Counters
 
     private struct State {
-        var status: Status = .off
+        /// What the supervisor is doing; shown as `connected` while a connection is open.
+        var phase: Status = .off
         var open = 0
         var nextID = 0
         var tasks: [Int: Task<Void, Never>] = [:]
@@ -67,11 +69,19 @@ public final class DingTalkStream: Service, Sendable {
         self.logger = logger
         self.random = random
         connectedGauge = Gauge(label: "chatbridge_stream_connected", factory: metrics)
-        frames = DingTalkStreamFrame.Counters(metrics: metrics)
+        frames = DingTalkStreamFrame.Counters(label: "chatbridge_stream_frames_total", dimension: "type", values: DingTalkStreamFrame.frameTypes, metrics: metrics)
+        reconnects = DingTalkStreamFrame.Counters(label: "chatbridge_stream_reconnects_total", dimension: "reason", values: DingTalkStreamFrame.reconnectReasons, metrics: metrics)
         connectedGauge.record(0)
     }
 
-    public var status: Status { state.withLock { $0.status } }
+    public var status: Status {
+        state.withLock { state in
+            switch state.phase {
+            case .off, .stopped: state.phase
+            case .connecting, .connected, .rejected: state.open > 0 ? .connected : state.phase == .rejected ? .rejected : .connecting
+            }
+        }
+    }
     /// Connections open now (two for a moment during a rotation).
     public var openConnections: Int { state.withLock { $0.open } }
 
@@ -98,7 +108,7 @@ public final class DingTalkStream: Service, Sendable {
         logger.info("DingTalk Stream stopped")
     }
 
-    private func setStatus(_ status: Status) { state.withLock { $0.status = status } }
+    private func setStatus(_ status: Status) { state.withLock { $0.phase = status } }
 
     // MARK: Supervision
 
@@ -114,6 +124,7 @@ public final class DingTalkStream: Service, Sendable {
     }
 
     /// Keeps one connection up: reconnects with backoff, rotates make-before-break on `disconnect`.
+    /// Returns when cancelled (or at graceful shutdown), after every connection has ended.
     private func supervise() async {
         await withDiscardingTaskGroup { group in
             var failures = 0
@@ -132,43 +143,62 @@ public final class DingTalkStream: Service, Sendable {
                         delay = settings.stream.maxBackoff
                         logger.error("DingTalk refused the Stream connection: \(reason); check dingtalk.client_id and dingtalk.client_secret (CHATBRIDGE_DINGTALK_CLIENT_ID, CHATBRIDGE_DINGTALK_CLIENT_SECRET)", metadata: ["retry_in": "\(delay)"])
                     case .failed(let reason):
-                        if current == nil { setStatus(.connecting) }
+                        setStatus(.connecting)
                         delay = backoff(afterFailures: failures)
                         logger.warning("could not open the DingTalk Stream connection: \(reason)", metadata: ["retry_in": "\(delay)"])
                     }
-                    Counter(label: "chatbridge_stream_reconnects_total", dimensions: [("reason", "connect_failed")], factory: metrics).increment()
+                    reconnects.count("connect_failed")
                     do { try await clock.sleep(for: delay) } catch { break }
                     continue
                 } catch {
                     break  // cancelled
                 }
                 // The new connection is confirmed: now the old one (if rotating) may go.
-                if let old = current { old.retire(after: settings.stream.rotationGrace) }
+                if let old = current { old.retire(after: settings.stream.rotationGrace, clock: clock) }
                 current = next
                 setStatus(.connected)
                 let event = await next.nextEvent()
+                // A connection that stayed up for a healthy while resets the backoff, however it ended.
+                if Duration.between(next.openedAt, clock.now) >= settings.stream.healthyAfter { failures = 0 }
                 switch event {
                 case .rotate:
                     reconnectReason = "disconnect"
                     logger.info("DingTalk asked to rotate the Stream connection; opening the next one before closing this one", metadata: ["connection": "\(next.id)"])
-                    Counter(label: "chatbridge_stream_reconnects_total", dimensions: [("reason", "disconnect")], factory: metrics).increment()
+                    reconnects.count("disconnect")
                 case .ended(let reason, let kind):
                     current = nil
-                    if Task.isCancelled { break }
+                    if Task.isCancelled || kind == "stopped" { break }
                     setStatus(.connecting)
-                    if Duration.between(next.openedAt, clock.now) >= settings.stream.healthyAfter { failures = 0 }
                     failures += 1
                     reconnectReason = kind
                     let delay = backoff(afterFailures: failures)
                     logger.info("DingTalk Stream connection ended: \(reason); reconnecting", metadata: ["connection": "\(next.id)", "retry_in": "\(delay)"])
-                    Counter(label: "chatbridge_stream_reconnects_total", dimensions: [("reason", kind)], factory: metrics).increment()
+                    reconnects.count(kind)
                     do { try await clock.sleep(for: delay) } catch { break }
                 case .confirmed:
                     break
                 }
             }
             group.cancelAll()
-            for task in state.withLock({ Array($0.tasks.values) }) { task.cancel() }
+        }
+        await endConnections()
+    }
+
+    /// Cancels every connection and waits (a bounded while) for them to end: their frames being stored
+    /// finish first, and nothing is acknowledged once the socket is closed.
+    private func endConnections() async {
+        let tasks = state.withLock { Array($0.tasks.values) }
+        for task in tasks { task.cancel() }
+        let ended = OneTimeEvent()
+        Task {
+            for task in tasks { await task.value }
+            ended.signal()
+        }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await ended.wait() }
+            group.addTask { try? await Task.sleep(for: .seconds(5)) }
+            await group.next()
+            group.cancelAll()
         }
     }
 
@@ -214,6 +244,8 @@ public final class DingTalkStream: Service, Sendable {
         case .confirmed:
             logger.info("DingTalk Stream connected", metadata: ["connection": "\(id)", "reason": "\(reason)", "host": "\(OutboundHTTP.hostDescription(endpoint))"])
             return connection
+        case .ended(_, "stopped"):
+            throw CancellationError()
         case .ended(let why, _):
             throw ConnectFailure.failed(why)
         case .rotate:
@@ -288,10 +320,13 @@ public final class DingTalkStream: Service, Sendable {
                         await connection.retirement.wait()
                         try? await outbound.close(.normalClosure, reason: "rotated")
                     }
+                    let slots = FrameSlots(Self.framesInFlight)
                     for try await message in inbound.messages(maxSize: 1 << 20) {
                         connection.heard(at: self.clock.now)
                         guard case .text(let text) = message else { continue }
+                        await slots.acquire()
                         tasks.addTask {
+                            defer { slots.release() }
                             guard let ack = await self.handle(text, connection: connection) else { return }
                             do {
                                 try await outbound.write(.text(ack))
@@ -327,13 +362,16 @@ public final class DingTalkStream: Service, Sendable {
 
     private struct EndOfStream: Error {}
 
+    /// Frames of one connection handled at once.
+    static let framesInFlight = 512
+
     private func opened(_ connection: Connection) {
+        connection.confirm(at: clock.now)
         let open = state.withLock { state -> Int in
             state.open += 1
             return state.open
         }
         connectedGauge.record(open > 0 ? 1 : 0)
-        connection.confirm(at: clock.now)
     }
 
     private func closed(_ connection: Connection) {
@@ -443,9 +481,9 @@ final class Connection: Sendable {
     }
 
     /// Closes the connection after `grace`, unless it ends before.
-    func retire(after grace: Duration) {
+    func retire(after grace: Duration, clock: any WallClock) {
         Task {
-            try? await Task.sleep(for: grace)
+            try? await clock.sleep(for: grace)
             retirement.signal()
         }
     }
@@ -472,17 +510,66 @@ final class Connection: Sendable {
         if let (continuation, event) = waiter { continuation.resume(returning: event) }
     }
 
-    /// The next event; `.ended` (again) once the connection is gone. One waiter at a time.
+    /// The next event; `.ended` (again) once the connection is gone, `.ended(kind: "stopped")` when the
+    /// waiting task is cancelled. One waiter at a time.
     func nextEvent() async -> Event {
-        await withCheckedContinuation { continuation in
-            let ready = state.withLock { state -> Event? in
-                if !state.queue.isEmpty { return state.queue.removeFirst() }
-                if let ended = state.ended { return ended }
-                state.waiter = continuation
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let ready = state.withLock { state -> Event? in
+                    if !state.queue.isEmpty { return state.queue.removeFirst() }
+                    if let ended = state.ended { return ended }
+                    if Task.isCancelled { return Self.stopped }
+                    state.waiter = continuation
+                    return nil
+                }
+                if let ready { continuation.resume(returning: ready) }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Event, Never>? in
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume(returning: Self.stopped)
+        }
+    }
+
+    static let stopped = Event.ended("stopped", kind: "stopped")
+}
+
+/// Bounds the frames of one connection being handled at once: at the bound, the connection stops reading
+/// (the socket's flow control then holds DingTalk back) until one finishes.
+final class FrameSlots: Sendable {
+    private struct State {
+        var free: Int
+        var waiters: [CheckedContinuation<Void, Never>] = []
+    }
+    private let state: Mutex<State>
+
+    init(_ count: Int) { state = Mutex(State(free: count)) }
+
+    func acquire() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { state -> Bool in
+                if state.free > 0 {
+                    state.free -= 1
+                    return true
+                }
+                state.waiters.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    func release() {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            if state.waiters.isEmpty {
+                state.free += 1
                 return nil
             }
-            if let ready { continuation.resume(returning: ready) }
+            return state.waiters.removeFirst()
         }
+        waiter?.resume()
     }
 }
 
@@ -538,15 +625,20 @@ public struct DingTalkStreamFrame: Sendable, Equatable {
         return String(decoding: (try? JSONEncoder().encode(ack)) ?? Data(), as: UTF8.self)
     }
 
-    /// `chatbridge_stream_frames_total{type}`, made once per type.
+    /// `chatbridge_stream_frames_total{type}` values.
+    static let frameTypes = ["callback", "ping", "disconnect", "unknown", "malformed"]
+    /// `chatbridge_stream_reconnects_total{reason}` values: DingTalk's rotation, an unanswered keepalive
+    /// ping, a close by the other side, a network error, a failed connect (ticket or upgrade).
+    static let reconnectReasons = ["disconnect", "keepalive", "closed", "error", "connect_failed"]
+
+    /// A counter per value of one dimension, made once.
     struct Counters: Sendable {
-        static let types = ["callback", "ping", "disconnect", "unknown", "malformed"]
         private let counters: [String: Counter]
-        init(metrics: any MetricsFactory) {
-            counters = Dictionary(uniqueKeysWithValues: Self.types.map {
-                ($0, Counter(label: "chatbridge_stream_frames_total", dimensions: [("type", $0)], factory: metrics))
+        init(label: String, dimension: String, values: [String], metrics: any MetricsFactory) {
+            counters = Dictionary(uniqueKeysWithValues: values.map {
+                ($0, Counter(label: label, dimensions: [(dimension, $0)], factory: metrics))
             })
         }
-        func count(_ type: String) { counters[type]?.increment() }
+        func count(_ value: String) { counters[value]?.increment() }
     }
 }

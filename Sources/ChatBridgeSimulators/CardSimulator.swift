@@ -7,8 +7,13 @@ import Synchronization
 
 /// DingTalk's AI-card endpoints (protocols D.1), served by ``DingTalkSimulator``: createAndDeliver (or
 /// create + deliver), the full-data PUT and the streaming PUT. Every call is recorded with its time, so a
-/// test can check how often one card was updated and how many calls per second the app made. A card is
-/// addressed by its `outTrackId`: creating it again does not deliver a second card.
+/// test can check how often one card was updated and how many calls per second the app made.
+///
+/// Where DingTalk's behaviour is not documented the simulator takes the strict view, so a client that
+/// relies on leniency fails here first: creating and delivering a card again with the same `outTrackId`
+/// puts a second copy into the chat (`deliveries` counts them; a correct client keeps it at 1), a
+/// streaming call after the stream was finalized is refused (400 `cardStreamFinalized`), and calls about
+/// an unknown `outTrackId` answer 404 `cardNotFound`.
 public final class CardSimulator: Sendable {
     /// A card as DingTalk holds it.
     public struct Card: Sendable, Equatable {
@@ -116,17 +121,27 @@ public final class CardSimulator: Sendable {
             let recent = state.calls.filter { now - $0.at < 1 && $0.status == 200 }.count
             return (scripted, state.qpsLimit.map { recent >= $0 } ?? false)
         }
-        func finish(_ status: Int, _ object: [String: Any]) -> Response {
-            call.status = status
-            state.withLock { $0.calls.append(call) }
-            return .json(.init(code: status), object)
-        }
         if let scripted {
+            // `delivers`: DingTalk did the work, but the client gets the scripted answer (an unknown outcome).
+            if scripted.delivers { _ = handle(path: path, method: request.method, token: token, body: body, call: call, overLimit: false, record: false) }
             call.status = scripted.status
             state.withLock { $0.calls.append(call) }
             return Response(
                 status: .init(code: scripted.status), headers: [.contentType: "application/json"],
                 body: .init(byteBuffer: ByteBuffer(string: scripted.body)))
+        }
+        return handle(path: path, method: request.method, token: token, body: body, call: call, overLimit: overLimit, record: true)
+    }
+
+    /// Does what DingTalk does with the call; `record`: the call goes into ``calls``.
+    private func handle(path: String, method: HTTPRequest.Method, token: String, body: [String: Any], call: Call, overLimit: Bool, record: Bool) -> Response {
+        var call = call
+        let outTrackID = call.outTrackID
+        let now = call.at
+        func finish(_ status: Int, _ object: [String: Any]) -> Response {
+            call.status = status
+            if record { state.withLock { $0.calls.append(call) } }
+            return .json(.init(code: status), object)
         }
         guard isValidToken(token) else {
             return finish(401, ["code": "InvalidAuthentication", "message": "不合法的access_token", "requestid": "sim"])
@@ -135,7 +150,7 @@ public final class CardSimulator: Sendable {
             return finish(403, ["code": "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "message": "qps limit", "requestid": "sim"])
         }
         guard !outTrackID.isEmpty else { return finish(400, ["code": "invalidParameter", "message": "outTrackId is required"]) }
-        switch request.method == .put ? "PUT " + path : path {
+        switch method == .put ? "PUT " + path : path {
         case "/v1.0/card/instances/createAndDeliver", "/v1.0/card/instances":
             guard let template = body["cardTemplateId"] as? String, !template.isEmpty else {
                 return finish(400, ["code": "invalidParameter", "message": "cardTemplateId is required"])
@@ -147,8 +162,8 @@ public final class CardSimulator: Sendable {
             if deliver, let problem = Self.deliveryProblem(body) { return finish(400, ["code": "invalidParameter", "message": problem]) }
             state.withLock { state in
                 if var card = state.cards[outTrackID] {
-                    // The same outTrackId addresses the same card: nothing new appears in the chat.
-                    if deliver && card.deliveries == 0 { card.deliveries = 1 }
+                    // Delivered again: a second copy in the chat.
+                    if deliver { card.deliveries += 1 }
                     state.cards[outTrackID] = card
                     return
                 }
@@ -169,11 +184,11 @@ public final class CardSimulator: Sendable {
             let found = state.withLock { state -> Bool in
                 guard var card = state.cards[outTrackID] else { return false }
                 if card.deliveries == 0 {
-                    card.deliveries = 1
                     card.openSpaceID = body["openSpaceId"] as? String ?? ""
                     card.robotCode = Self.robotCode(body)
                     card.atUserIds = Self.atUsers(body)
                 }
+                card.deliveries += 1
                 state.cards[outTrackID] = card
                 return true
             }
@@ -196,9 +211,11 @@ public final class CardSimulator: Sendable {
             guard let guid = body["guid"] as? String, !guid.isEmpty, let key = body["key"] as? String, !key.isEmpty,
                 let content = body["content"] as? String
             else { return finish(400, ["code": "invalidParameter", "message": "guid, key and content are required"]) }
-            let found = state.withLock { state -> Bool in
-                guard var card = state.cards[outTrackID] else { return false }
+            enum Outcome { case missing, finalized, streamed }
+            let outcome = state.withLock { state -> Outcome in
+                guard var card = state.cards[outTrackID] else { return .missing }
                 if !state.guids.insert(guid).inserted { state.repeatedGuids += 1 }
+                if card.finalized { return .finalized }
                 let full = body["isFull"] as? Bool ?? false
                 card.streamed = full ? content : card.streamed + content
                 card.params[key] = card.streamed
@@ -206,10 +223,13 @@ public final class CardSimulator: Sendable {
                 if call.isError { card.isError = true }
                 state.cards[outTrackID] = card
                 if state.firstStreamed[outTrackID] == nil { state.firstStreamed[outTrackID] = now }
-                return true
+                return .streamed
             }
-            guard found else { return finish(404, ["code": "cardNotFound", "message": "no card with this outTrackId"]) }
-            return finish(200, ["success": true, "result": true])
+            switch outcome {
+            case .missing: return finish(404, ["code": "cardNotFound", "message": "no card with this outTrackId"])
+            case .finalized: return finish(400, ["code": "cardStreamFinalized", "message": "the card's stream is already finalized"])
+            case .streamed: return finish(200, ["success": true, "result": true])
+            }
         default:
             return finish(404, ["code": "notFound", "message": "unknown card path"])
         }

@@ -39,6 +39,8 @@ public final class StreamGateway: Sendable {
     private struct Link {
         var outbound: WebSocketOutboundWriter
         var close: OneTimeEvent
+        /// Gone silent: still there for pushes (which vanish), no longer counted as open.
+        var silent = false
     }
 
     private struct State {
@@ -53,7 +55,8 @@ public final class StreamGateway: Sendable {
         var nextFrame = 0
         var acks: [Ack] = []
         var acksByID: [String: [Ack]] = [:]
-        var ackWaiters: [String: [CheckedContinuation<Void, Never>]] = [:]
+        var ackWaiters: [String: [Int: CheckedContinuation<Void, Never>]] = [:]
+        var nextWaiter = 0
         var pushed: [Pushed] = []
         var frames: [String: String] = [:]
         var disconnectCloseDelay: Duration = .seconds(10)
@@ -115,7 +118,8 @@ public final class StreamGateway: Sendable {
     /// Closes one connection now.
     public func closeConnection(_ id: Int) { state.withLock { $0.links[id] }?.close.signal() }
 
-    public var openConnections: [Int] { state.withLock { $0.links.keys.sorted() } }
+    /// Connections open and not silent.
+    public var openConnections: [Int] { state.withLock { $0.links.filter { !$0.value.silent }.keys.sorted() } }
     public var connectionsAccepted: Int { state.withLock { $0.connectionsAccepted } }
     /// Connections that went silent (stopped reading and writing) so far.
     public var silencedConnections: Int { state.withLock { $0.silenced } }
@@ -134,16 +138,32 @@ public final class StreamGateway: Sendable {
         }
     }
 
+    /// The first ack of the frame, once it has arrived.
     public func waitForAck(_ messageID: String) async -> Ack {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let now = state.withLock { state -> Bool in
-                if state.acksByID[messageID] != nil { return true }
-                state.ackWaiters[messageID, default: []].append(continuation)
-                return false
-            }
-            if now { continuation.resume() }
+        while true {
+            if let ack = await firstAck(messageID) { return ack }
         }
-        return acks(for: messageID)[0]
+    }
+
+    /// The first ack of the frame once it has arrived, or nil when the task is cancelled first.
+    public func firstAck(_ messageID: String) async -> Ack? {
+        let id = state.withLock { state -> Int in
+            state.nextWaiter += 1
+            return state.nextWaiter
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let now = state.withLock { state -> Bool in
+                    if state.acksByID[messageID] != nil || Task.isCancelled { return true }
+                    state.ackWaiters[messageID, default: [:]][id] = continuation
+                    return false
+                }
+                if now { continuation.resume() }
+            }
+        } onCancel: {
+            state.withLock { $0.ackWaiters[messageID]?.removeValue(forKey: id) }?.resume()
+        }
+        return acks(for: messageID).first
     }
 
     // MARK: Frames
@@ -296,7 +316,10 @@ public final class StreamGateway: Sendable {
             return first
         }
         if silenced {
-            state.withLock { $0.silenced += 1 }
+            state.withLock {
+                $0.silenced += 1
+                $0.links[id]?.silent = true
+            }
             changed.notify()
             // Neither reads (so pings go unanswered) nor writes, until the silence ends or the link is closed.
             await withTaskGroup(of: Void.self) { group in
@@ -318,7 +341,7 @@ public final class StreamGateway: Sendable {
         let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
             state.acks.append(ack)
             state.acksByID[messageID, default: []].append(ack)
-            return state.ackWaiters.removeValue(forKey: messageID) ?? []
+            return Array((state.ackWaiters.removeValue(forKey: messageID) ?? [:]).values)
         }
         for waiter in waiters { waiter.resume() }
         changed.notify()

@@ -61,7 +61,7 @@ struct Chat: AsyncParsableCommand {
         // The terminal is a live reply like a card: the same seam the dispatcher feeds, without pacing.
         let terminal = TerminalReply()
         do {
-            try await terminal.open()
+            try await terminal.open(resuming: false)
             let updates = LiveUpdates(reply: terminal, interval: .zero, clock: SystemClock(), logger: Logger(label: "chatbridge.chat"))
             let resolution: Resolution
             do {
@@ -95,7 +95,7 @@ final class TerminalReply: LiveReply {
 
     var hasShownText: Bool { shown.withLock { !$0.isEmpty } }
 
-    func open() async throws {}
+    func open(resuming: Bool) async throws {}
 
     func update(_ text: String) async throws { write(text) }
 

@@ -184,7 +184,7 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
         let store = try await SQLStore.open(.sqliteFile(path: "\(directory)/chatbridge.sqlite"), logger: Logger(label: "t"))
         let rows = try await store.inboxRows()
         #expect(rows.count == 4)
-        #expect(rows.allSatisfy { $0.state == "answered" && $0.live == "opened" })
+        #expect(rows.allSatisfy { $0.state == "answered" && $0.live == "finalized" })
         await store.close()
         await model.stop()
         await dingtalk.stop()

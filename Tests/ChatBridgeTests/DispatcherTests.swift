@@ -9,12 +9,13 @@ final class DispatcherFixture: @unchecked Sendable {
     let clock = ManualClock()
     let inbox = InMemoryInbox()
     let model = ScriptedModel()
-    let replies = RecordingReplies()
+    let replies: RecordingReplies
     let settings: DispatcherSettings
     let dispatcher: Dispatcher
     private var task: Task<Void, Never>?
 
-    init(maxAttempts: Int = 3, maxRetryWait: Duration = .seconds(600)) {
+    init(maxAttempts: Int = 3, maxRetryWait: Duration = .seconds(600), live: LiveTwin? = nil) {
+        replies = RecordingReplies(live: live)
         settings = DispatcherSettings(
             concurrency: 4, retry: RetryPolicy(maxAttempts: maxAttempts, maxRetryWait: maxRetryWait), lease: .seconds(30),
             pollInterval: .seconds(1), uncertainRetryDelay: .seconds(30))

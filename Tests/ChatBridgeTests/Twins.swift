@@ -6,12 +6,14 @@ import Synchronization
 final class ManualClock: WallClock {
     private struct Sleeper {
         var deadline: Date
+        var duration: Duration
         var continuation: CheckedContinuation<Void, any Error>
     }
     private struct State {
         var now: Date
         var nextID = 0
         var sleepers: [Int: Sleeper] = [:]
+        var watchers: [CheckedContinuation<Void, Never>] = []
     }
     private let state: Mutex<State>
 
@@ -32,9 +34,10 @@ final class ManualClock: WallClock {
                 let decision = state.withLock { state -> Now in
                     if Task.isCancelled { return .cancelled }
                     if duration <= .zero { return .done }
-                    state.sleepers[id] = Sleeper(deadline: state.now.adding(duration), continuation: continuation)
+                    state.sleepers[id] = Sleeper(deadline: state.now.adding(duration), duration: duration, continuation: continuation)
                     return .wait
                 }
+                if decision == .wait { notifyWatchers() }
                 switch decision {
                 case .wait: break
                 case .done: continuation.resume()
@@ -44,6 +47,31 @@ final class ManualClock: WallClock {
         } onCancel: {
             state.withLock { $0.sleepers.removeValue(forKey: id) }?.continuation.resume(throwing: CancellationError())
         }
+    }
+
+    /// The durations of the sleeps waiting now.
+    var pendingSleeps: [Duration] { state.withLock { $0.sleepers.values.map(\.duration) } }
+
+    /// Returns once a sleep satisfying `condition` is waiting.
+    func waitForSleep(where condition: @Sendable (Duration) -> Bool) async {
+        while !state.withLock({ $0.sleepers.values.contains { condition($0.duration) } }) {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let now = state.withLock { state -> Bool in
+                    if state.sleepers.values.contains(where: { condition($0.duration) }) { return true }
+                    state.watchers.append(continuation)
+                    return false
+                }
+                if now { continuation.resume() }
+            }
+        }
+    }
+
+    private func notifyWatchers() {
+        let watchers = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            defer { state.watchers = [] }
+            return state.watchers
+        }
+        for watcher in watchers { watcher.resume() }
     }
 
     /// Moves time forward and wakes every sleeper whose deadline has come.
@@ -299,6 +327,8 @@ final class ScriptedModel: ChatModel {
         case answer(String)
         case fail(ModelError)
         case held(OneTimeEvent, String)
+        /// The pieces are streamed as deltas; the answer is all of them.
+        case streamed([String])
     }
     private let state = Mutex<(script: [Step], calls: Int, always: ModelError?)>(([], 0, nil))
 
@@ -321,13 +351,55 @@ final class ScriptedModel: ChatModel {
         case .held(let gate, let text):
             await gate.wait()
             return ChatCompletion(text: text, finishReason: "stop")
+        case .streamed(let pieces):
+            for piece in pieces { await onDelta(piece) }
+            return ChatCompletion(text: pieces.joined(), finishReason: "stop")
         }
     }
 }
 
+/// A live reply twin: records every call, in order, and fails by script.
+final class LiveTwin: Sendable {
+    enum Call: Equatable, Sendable {
+        case open(resuming: Bool)
+        case update(String)
+        case finish(String)
+        case fail(String)
+    }
+    enum Kind: Hashable, Sendable { case open, update, finish, fail }
+    private let state = Mutex<(calls: [Call], script: [Kind: [DeliveryError]])>(([], [:]))
+
+    /// The next calls of `kind` fail with `errors`, in order.
+    func script(_ kind: Kind, _ errors: DeliveryError...) { state.withLock { $0.script[kind, default: []].append(contentsOf: errors) } }
+    var calls: [Call] { state.withLock { $0.calls } }
+
+    func perform(_ call: Call, _ kind: Kind) throws {
+        let error = state.withLock { state -> DeliveryError? in
+            state.calls.append(call)
+            guard var queue = state.script[kind], !queue.isEmpty else { return nil }
+            let error = queue.removeFirst()
+            state.script[kind] = queue
+            return error
+        }
+        if let error { throw error }
+    }
+
+    struct Reply: LiveReply {
+        let twin: LiveTwin
+        func open(resuming: Bool) async throws { try twin.perform(.open(resuming: resuming), .open) }
+        func update(_ text: String) async throws { try twin.perform(.update(text), .update) }
+        func finish(_ text: String) async throws { try twin.perform(.finish(text), .finish) }
+        func fail(_ text: String) async throws { try twin.perform(.fail(text), .fail) }
+    }
+}
+
 /// A reply channel that records what it sent; parts are separated by `|` in the text. Sends follow a
-/// script of outcomes, then succeed.
+/// script of outcomes, then succeed. With a ``LiveTwin`` it offers live replies too.
 final class RecordingReplies: ReplyChannel {
+    let live: LiveTwin?
+    init(live: LiveTwin? = nil) { self.live = live }
+    func liveReply(to message: InboundMessage) -> (any LiveReply)? { live.map { LiveTwin.Reply(twin: $0) } }
+
     enum Outcome: Sendable {
         case delivered
         case failed(retryable: Bool)

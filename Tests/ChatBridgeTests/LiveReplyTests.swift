@@ -1,0 +1,173 @@
+import ChatBridgeCore
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+/// The live-reply path of the dispatcher and the paced updates, against twins and a manual clock: every
+/// step recorded on the row, resumed rather than repeated, and the answer delivered exactly once even
+/// when the live reply cannot carry it.
+@Suite struct LiveReplyTests {
+    static let pieces = ["The ", "answer ", "grows"]
+    static let answer = pieces.joined()
+
+    @Test func aLiveAnswerIsOpenedUpdatedFinishedAndRecordedStepByStep() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        f.model.script(.streamed(Self.pieces))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .milliseconds(500)) { await f.state(id) == "answered" })
+        let calls = live.calls
+        #expect(calls.first == .open(resuming: false))
+        #expect(calls.last == .finish(Self.answer))
+        // Whole-text updates only (the first delta at once), never the final text twice.
+        for call in calls.dropFirst().dropLast() {
+            guard case .update(let text) = call else { Issue.record("unexpected \(call)"); continue }
+            #expect(Self.answer.hasPrefix(text))
+        }
+        #expect(calls.filter { $0 == .finish(Self.answer) }.count == 1)
+        #expect(await f.inbox.row(id)?.live == .finalized)
+        #expect(f.replies.attempts.isEmpty)
+        await f.stop()
+    }
+
+    @Test func anOpeningWhoseOutcomeIsUnknownIsResumedNotRepeated() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        live.script(.open, DeliveryError(isRetryable: true, reason: "timed out after sending"))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await eventually { await f.inbox.row(id)?.lastError?.contains("live reply failed") == true })
+        // Recorded before the call: the next attempt knows the reply may already be there.
+        #expect(await f.inbox.row(id)?.live == .opening)
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "answered" })
+        #expect(live.calls == [.open(resuming: false), .open(resuming: true), .finish("Answer to: question")])
+        #expect(f.model.calls == 1)
+        #expect(f.replies.attempts.isEmpty)
+        await f.stop()
+    }
+
+    @Test func aLiveReplyThatCannotBeShownInAnyAttemptIsAnsweredAsAMessage() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(maxAttempts: 3, live: live)
+        let down = DeliveryError(isRetryable: true, reason: "card API unavailable")
+        live.script(.open, down, down, down)
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "answered" })
+        #expect(live.calls == [.open(resuming: false), .open(resuming: true), .open(resuming: true)])
+        #expect(f.replies.delivered == ["Answer to: question"])
+        #expect(await f.inbox.row(id)?.live == .declined)
+        await f.stop()
+    }
+
+    @Test func aShownReplyThatCannotBeFinishedIsSentAsAMessageOnce() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        live.script(.finish, DeliveryError(isRetryable: false, reason: "permission withdrawn"))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "answered" })
+        #expect(live.calls == [.open(resuming: false), .finish("Answer to: question")])
+        #expect(f.replies.delivered == ["Answer to: question"])
+        #expect(await f.inbox.row(id)?.live == .declined)
+        #expect(f.model.calls == 1)
+        await f.stop()
+    }
+
+    @Test func aFinishedLiveReplyIsNotFinishedAgainByTheNextAttempt() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        let id = try await f.accept("m1", "question")
+        // The claim is lost right after the live reply showed the final text, before the row was done.
+        await f.inbox.stealAfter(.finish)
+        f.start()
+        #expect(await eventually { await f.inbox.refusedWrites == [.finish] })
+        #expect(await f.inbox.row(id)?.live == .finalized)
+        #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "answered" })
+        #expect(live.calls == [.open(resuming: false), .finish("Answer to: question")])
+        #expect(f.replies.attempts.isEmpty)
+        await f.stop()
+    }
+
+    @Test func aModelThatFailsForGoodShowsTheErrorInTheLiveReply() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        f.model.alwaysFail(ModelError(.invalidAPIKey, detail: "bad key"))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "failed" })
+        let text = EngineSettings(language: .en).messages.reply(for: ModelError(.invalidAPIKey, detail: ""))
+        #expect(live.calls == [.open(resuming: false), .fail(text)])
+        #expect(f.replies.attempts.isEmpty)
+        await f.stop()
+    }
+
+    @Test func aMessageAlreadySentAsAMessageIsNotRestartedAsALiveReply() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        live.script(.open, DeliveryError(isRetryable: false, reason: "no card permission"))
+        f.model.script(.answer("one|two"))
+        f.replies.script(.delivered, .failed(retryable: true))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "answered" })
+        // Declined once; the retry continues with the second part and never opens a live reply again.
+        #expect(live.calls == [.open(resuming: false)])
+        #expect(f.replies.delivered == ["one", "two"])
+        await f.stop()
+    }
+}
+
+/// ``LiveUpdates`` on a manual clock: the pace is the clock's, not the machine's.
+@Suite struct LiveUpdatesTests {
+    final class Recorder: LiveReply, @unchecked Sendable {
+        private let state = Mutex<[String]>([])
+        var updates: [String] { state.withLock { $0 } }
+        func open(resuming: Bool) async throws {}
+        func update(_ text: String) async throws { state.withLock { $0.append(text) } }
+        func finish(_ text: String) async throws {}
+        func fail(_ text: String) async throws {}
+    }
+
+    @Test func updatesCarryTheWholeTextAtMostOncePerInterval() async throws {
+        let clock = ManualClock()
+        let reply = Recorder()
+        let updates = LiveUpdates(reply: reply, interval: .milliseconds(500), clock: clock, logger: Logger(label: "t"))
+        updates.append("a")
+        // The first delta is shown at once, then the pause begins.
+        await clock.waitForSleep { $0 == .milliseconds(500) }
+        #expect(reply.updates == ["a"])
+        for piece in ["b", "c", "d\n"] { updates.append(piece) }
+        clock.advance(by: .milliseconds(499))
+        #expect(reply.updates == ["a"])
+        clock.advance(by: .milliseconds(1))
+        // Everything that arrived during the pause goes out as one update of the newest whole text,
+        // without the trailing newline.
+        await clock.waitForSleep { $0 == .milliseconds(500) }
+        #expect(reply.updates == ["a", "abcd"])
+        // Closing waits out the pause, so the final text that follows keeps the pace too.
+        updates.append("e")
+        let closed = OneTimeEvent()
+        Task {
+            await updates.close()
+            closed.signal()
+        }
+        #expect(clock.pendingSleeps == [.milliseconds(500)])
+        clock.advance(by: .milliseconds(500))
+        await closed.wait()
+        #expect(reply.updates == ["a", "abcd"])
+        #expect(updates.updates == 2)
+    }
+
+    @Test func nothingNewMeansNoUpdate() async throws {
+        let clock = ManualClock()
+        let reply = Recorder()
+        let updates = LiveUpdates(reply: reply, interval: .milliseconds(100), clock: clock, logger: Logger(label: "t"))
+        updates.append("  ")
+        updates.append("\n")
+        await updates.close()
+        #expect(reply.updates.isEmpty)
+    }
+}
