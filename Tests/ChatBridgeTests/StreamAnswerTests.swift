@@ -35,12 +35,25 @@ import Testing
         #expect(h.dingtalk.deliveries.count == 1)
     }
 
-    @Test func shutdownClosesTheStreamBeforeTheDrain() async throws {
+    @Test func shutdownClosesTheStreamBeforeTheDrainAndTheAnswerInFlightStillGoesOut() async throws {
         let h = try await Harness.start(Self.stream)
         defer { Task { await h.stop() } }
-        await h.dingtalk.gateway.wait { $0.openConnections == [1] }
+        let gateway = h.dingtalk.gateway
+        await gateway.wait { $0.openConnections == [1] }
+        h.model.hold()
+        let body = h.sender.body(messageID: "d1", text: "slow one", webhook: h.dingtalk.webhookURL(session: "d1"))
+        #expect(await gateway.waitForAck(try await gateway.pushMessage(body)).code == 200)
+        #expect(await eventually { h.model.requestCount == 1 })
+        // SIGTERM: the Stream connection closes first (nothing more is read, so nothing more is acknowledged)
+        // while the answer in flight is still being drained.
+        await h.beginShutdown()
+        await gateway.wait { $0.openConnections.isEmpty }
+        #expect(h.app.components.dispatcher.inFlightCount == 1)
+        #expect(h.dingtalk.deliveries.isEmpty)
+        #expect(await eventually { h.app.components.stream.status == .stopped })
+        h.model.release()
         await h.stopApp()
-        await h.dingtalk.gateway.wait { $0.openConnections.isEmpty }
-        #expect(h.app.components.stream.status == .stopped)
+        #expect(h.dingtalk.deliveries.map(\.text) == [ModelSimulator.answer(to: "slow one")])
+        #expect(gateway.connectionsAccepted == 1)
     }
 }
