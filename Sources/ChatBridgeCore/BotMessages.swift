@@ -8,7 +8,7 @@ public struct BotMessages: Sendable, Equatable {
     public static let names = [
         "help", "reset_done", "empty_question", "unsupported", "busy", "timeout", "invalid_key", "quota",
         "model_not_found", "context_too_long", "content_filtered", "failed", "unreachable", "question_too_long",
-        "truncated",
+        "truncated", "answer_follows",
     ]
 
     /// Help text; `{reset}` and `{help}` are replaced with the configured commands.
@@ -31,6 +31,8 @@ public struct BotMessages: Sendable, Equatable {
     public var questionTooLong: String
     /// Appended to an answer the model cut off at its token limit.
     public var truncated: String
+    /// Shown in a live reply (card) that could not carry the answer, which is then sent as a message.
+    public var answerFollows: String
 
     public static func defaults(for language: Language) -> BotMessages {
         switch language {
@@ -50,7 +52,8 @@ public struct BotMessages: Sendable, Equatable {
                 failed: "抱歉，回答失败了，请稍后再试。如果一直失败，请联系管理员。",
                 unreachable: "暂时连接不上模型服务，请稍后再试。如果一直这样，请联系管理员检查网络和模型地址。",
                 questionTooLong: "问题太长了（{length} 个字符，上限 {limit} 个），请精简后再发送。",
-                truncated: "（回答达到长度上限，后面的内容被截断了。）"
+                truncated: "（回答达到长度上限，后面的内容被截断了。）",
+                answerFollows: "卡片更新失败，完整回答见下一条消息。"
             )
         case .en:
             return BotMessages(
@@ -68,7 +71,8 @@ public struct BotMessages: Sendable, Equatable {
                 failed: "Sorry, I could not answer. Please try again later; if it keeps failing, tell your admin.",
                 unreachable: "The bot cannot reach its model service right now. Please try again later; if it keeps happening, tell your admin.",
                 questionTooLong: "Your question is too long ({length} characters; the limit is {limit}). Please shorten it and send it again.",
-                truncated: "(The answer reached the length limit and was cut off here.)"
+                truncated: "(The answer reached the length limit and was cut off here.)",
+                answerFollows: "This card could not be updated; the whole answer follows as a message."
             )
         }
     }
@@ -92,6 +96,7 @@ public struct BotMessages: Sendable, Equatable {
         case "unreachable": unreachable = text
         case "question_too_long": questionTooLong = text
         case "truncated": truncated = text
+        case "answer_follows": answerFollows = text
         default: return false
         }
         return true

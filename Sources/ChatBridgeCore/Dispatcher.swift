@@ -390,7 +390,9 @@ public final class Dispatcher: Sendable {
                 }
                 item.live = .opening
             }
-            if case .ended(let result) = try await liveCall(item: item, live: live, metadata: metadata, { try await live.open(resuming: resuming) }) {
+            // Refused now, the reply may still be showing from the earlier attempt that began opening it.
+            let step = try await liveCall(item: item, live: live, mayBeShowing: resuming, metadata: metadata) { try await live.open(resuming: resuming) }
+            if case .ended(let result) = step {
                 return result
             }
             let now = clock.now
@@ -417,7 +419,7 @@ public final class Dispatcher: Sendable {
             item.reply = made
         }
         if item.live != .finalized {
-            let finished = try await liveCall(item: item, live: live, metadata: metadata) {
+            let finished = try await liveCall(item: item, live: live, mayBeShowing: true, metadata: metadata) {
                 switch reply.kind {
                 case .answer: try await live.finish(reply.text)
                 case .error: try await live.fail(reply.text)
@@ -441,7 +443,9 @@ public final class Dispatcher: Sendable {
 
     /// Makes one live-reply call. A permanent failure answers the message with whole messages; any other
     /// failure is retried by the policy.
-    private func liveCall(item: InboxItem, live: any LiveReply, metadata: Logger.Metadata, _ call: () async throws -> Void) async throws -> LiveStep {
+    private func liveCall(
+        item: InboxItem, live: any LiveReply, mayBeShowing: Bool, metadata: Logger.Metadata, _ call: () async throws -> Void
+    ) async throws -> LiveStep {
         do {
             try await call()
             return .succeeded
@@ -449,7 +453,9 @@ public final class Dispatcher: Sendable {
             throw CancellationError()
         } catch {
             let failure = error as? DeliveryError ?? DeliveryError(isRetryable: true, reason: "\(error)")
-            if !failure.isRetryable { return .ended(try await answerWhole(item, because: failure, metadata: metadata)) }
+            if !failure.isRetryable {
+                return .ended(try await answerWhole(item, live: mayBeShowing ? live : nil, because: failure, metadata: metadata))
+            }
             return .ended(try await handleLiveFailure(failure, item: item, live: live, metadata: metadata))
         }
     }
@@ -457,12 +463,20 @@ public final class Dispatcher: Sendable {
     /// The live reply cannot carry this message's answer (the platform refused it, or it could not be
     /// completed for good): recorded, then answered with whole messages (the reply already stored, if any,
     /// is the one sent).
-    private func answerWhole(_ item: InboxItem, because failure: DeliveryError, metadata: Logger.Metadata) async throws -> StoredReply? {
+    /// `showing`: the live reply, when it may be showing (half an answer, or "thinking").
+    private func answerWhole(
+        _ item: InboxItem, live showing: (any LiveReply)?, because failure: DeliveryError, metadata: Logger.Metadata
+    ) async throws -> StoredReply? {
         if item.live == .opened {
             logger.error(
                 "the live reply was shown but cannot be completed; sending the whole answer as a message", metadata: metadata.merging(["error": "\(failure)"]) { $1 })
         } else {
             logger.warning("no live reply for this message; answering with whole messages", metadata: metadata.merging(["error": "\(failure)"]) { $1 })
+        }
+        if let showing {
+            // One try to say where the answer went, so the live reply is not left looking unfinished. It may
+            // well fail the same way; that changes nothing.
+            try? await showing.fail(engine.settings.messages.answerFollows)
         }
         let now = clock.now
         try await record("the refused live reply", afterSend: false, metadata: metadata) { [inbox] in
@@ -488,7 +502,7 @@ public final class Dispatcher: Sendable {
             return nil
         case .giveUp:
             logger.error("the live reply kept failing; answering with whole messages", metadata: metadata.merging(["why": "\(decision)"]) { $1 })
-            return try await answerWhole(item, because: failure, metadata: metadata)
+            return try await answerWhole(item, live: item.live == .none ? nil : live, because: failure, metadata: metadata)
         }
     }
 

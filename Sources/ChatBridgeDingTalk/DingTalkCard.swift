@@ -72,7 +72,7 @@ public struct DingTalkCard: LiveReply {
         case .group:
             body["openSpaceId"] = "dtv1.card//IM_GROUP.\(message.chat.id)"
             var deliver: [String: Any] = ["robotCode": settings.robotCode]
-            if let staff = message.sender.staffID { deliver["atUserIds"] = [staff: message.sender.name ?? staff] }
+            if let staff = message.sender.staffID { deliver["atUserIds"] = [staff: message.sender.name.isEmpty ? staff : message.sender.name] }
             body["imGroupOpenDeliverModel"] = deliver
         case .direct:
             guard let staff = message.sender.staffID else {
@@ -160,7 +160,7 @@ public struct DingTalkCard: LiveReply {
         var qpsTries = 0
         var renewedToken = false
         while true {
-            await limiter.acquire()
+            try await limiter.acquire()
             let token: String
             do {
                 token = try await channel.tokens.token()
@@ -255,8 +255,9 @@ public final class CardRateLimiter: Sendable {
     }
 
     /// Returns when the next call may go out: the slot it was given.
+    /// Throws `CancellationError` when the task is cancelled while it waits (the call is not made).
     @discardableResult
-    public func acquire() async -> ContinuousClock.Instant {
+    public func acquire() async throws -> ContinuousClock.Instant {
         let clock = ContinuousClock()
         let slot = next.withLock { next -> ContinuousClock.Instant in
             let now = clock.now
@@ -264,7 +265,7 @@ public final class CardRateLimiter: Sendable {
             next = slot.advanced(by: spacing)
             return slot
         }
-        if slot > clock.now { try? await clock.sleep(until: slot) }
+        if slot > clock.now { try await clock.sleep(until: slot) }
         return slot
     }
 }

@@ -314,33 +314,52 @@ public final class DingTalkStream: Service, Sendable {
             let close = try await WebSocketClient.connect(url: url, configuration: configuration, logger: wsLogger) { inbound, outbound, _ in
                 self.opened(connection)
                 defer { self.closed(connection) }
-                try await withThrowingDiscardingTaskGroup { tasks in
+                let slots = FrameSlots(Self.framesInFlight)
+                await withDiscardingTaskGroup { tasks in
                     tasks.addTask {
                         // Retire: DingTalk did not close the old connection in time after the new one came up.
+                        // The frames being stored finish and are acknowledged first (a bounded wait).
                         await connection.retirement.wait()
+                        guard !Task.isCancelled else { return }
+                        await withTaskGroup(of: Void.self) { wait in
+                            wait.addTask { await slots.waitUntilIdle() }
+                            wait.addTask { try? await Task.sleep(for: .seconds(5)) }
+                            await wait.next()
+                            wait.cancelAll()
+                        }
                         try? await outbound.close(.normalClosure, reason: "rotated")
                     }
-                    let slots = FrameSlots(Self.framesInFlight)
-                    for try await message in inbound.messages(maxSize: 1 << 20) {
-                        connection.heard(at: self.clock.now)
-                        guard case .text(let text) = message else { continue }
-                        await slots.acquire()
-                        tasks.addTask {
-                            defer { slots.release() }
-                            guard let ack = await self.handle(text, connection: connection) else { return }
-                            do {
-                                try await outbound.write(.text(ack))
-                            } catch {
-                                self.logger.debug("could not write an ack; DingTalk re-delivers the frame", metadata: ["error": "\(error)"])
+                    do {
+                        for try await message in inbound.messages(maxSize: 1 << 20) {
+                            connection.heard(at: self.clock.now)
+                            guard case .text(let text) = message else { continue }
+                            await slots.acquire()
+                            tasks.addTask {
+                                defer { slots.release() }
+                                guard let ack = await self.handle(text, connection: connection) else { return }
+                                do {
+                                    try await outbound.write(.text(ack))
+                                } catch {
+                                    self.logger.debug("could not write an ack; DingTalk re-delivers the frame", metadata: ["error": "\(error)"])
+                                }
                             }
                         }
+                    } catch {
+                        self.logger.debug("the Stream connection's read ended with an error", metadata: ["error": "\(error)"])
                     }
-                    throw EndOfStream()
+                    // The socket is closed: no ack can go out any more (DingTalk re-delivers what was not acked).
+                    tasks.cancelAll()
                 }
             }
-            outcome = close.map { "closed (\($0.closeCode)\($0.reason.map { ": \($0)" } ?? ""))" } ?? "closed"
-        } catch is EndOfStream {
-            outcome = "closed"
+            if let close {
+                outcome = "closed by DingTalk (\(close.closeCode)\(close.reason.map { ": \($0)" } ?? ""))"
+            } else if !Task.isCancelled, Duration.between(connection.lastHeard, clock.now) >= settings.stream.keepaliveTimeout {
+                // Closed without a close frame from DingTalk after a quiet ping period: the ping went unanswered.
+                outcome = "nothing arrived for \(settings.stream.keepaliveTimeout) and the ping went unanswered"
+                kind = "keepalive"
+            } else {
+                outcome = "closed"
+            }
         } catch {
             if Task.isCancelled {
                 outcome = "stopped"
@@ -350,14 +369,14 @@ public final class DingTalkStream: Service, Sendable {
                 kind = "\(error)".lowercased().contains("ping") ? "keepalive" : "error"
             }
         }
-        if !connection.wasConfirmed {
-            kind = "connect_failed"
-        } else if kind != "stopped", Duration.between(connection.lastHeard, clock.now) >= settings.stream.keepaliveTimeout {
-            // Nothing arrived for a whole ping period: the ping went unanswered (a silent connection).
-            kind = "keepalive"
-        }
+        if !connection.wasConfirmed { kind = "connect_failed" }
+        if Task.isCancelled { kind = "stopped" }
         state.withLock { _ = $0.tasks.removeValue(forKey: connection.id) }
-        connection.end(kind == "keepalive" ? "\(outcome); nothing arrived for \(settings.stream.keepaliveTimeout) and the ping went unanswered" : outcome, kind: kind)
+        if connection.isRotating {
+            // The supervisor has moved on to the next connection; this line is the old one's end.
+            logger.info("the rotated-out DingTalk Stream connection closed: \(outcome)", metadata: ["connection": "\(connection.id)"])
+        }
+        connection.end(outcome, kind: kind)
     }
 
     private struct EndOfStream: Error {}
@@ -380,7 +399,6 @@ public final class DingTalkStream: Service, Sendable {
             return state.open
         }
         connectedGauge.record(open > 0 ? 1 : 0)
-        logger.info("DingTalk Stream connection closed", metadata: ["connection": "\(connection.id)"])
     }
 
     /// Handles one text frame and returns the ack to send, if any.
@@ -460,6 +478,8 @@ final class Connection: Sendable {
     }
 
     var wasConfirmed: Bool { state.withLock { $0.confirmed } }
+    /// DingTalk asked to rotate it: the supervisor has moved on to the next connection.
+    var isRotating: Bool { state.withLock { $0.rotating } }
     /// When the last frame arrived.
     var lastHeard: Date { state.withLock { $0.lastFrame } }
     func heard(at date: Date) { state.withLock { $0.lastFrame = date } }
@@ -542,10 +562,36 @@ final class FrameSlots: Sendable {
     private struct State {
         var free: Int
         var waiters: [CheckedContinuation<Void, Never>] = []
+        var idleWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
+        var nextID = 0
     }
     private let state: Mutex<State>
+    private let capacity: Int
 
-    init(_ count: Int) { state = Mutex(State(free: count)) }
+    init(_ count: Int) {
+        capacity = count
+        state = Mutex(State(free: count))
+    }
+
+    /// Returns once no frame is being handled, or when the task is cancelled.
+    func waitUntilIdle() async {
+        let id = state.withLock { state -> Int in
+            state.nextID += 1
+            return state.nextID
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let now = state.withLock { state -> Bool in
+                    if state.free == capacity || Task.isCancelled { return true }
+                    state.idleWaiters[id] = continuation
+                    return false
+                }
+                if now { continuation.resume() }
+            }
+        } onCancel: {
+            state.withLock { $0.idleWaiters.removeValue(forKey: id) }?.resume()
+        }
+    }
 
     func acquire() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
@@ -562,14 +608,15 @@ final class FrameSlots: Sendable {
     }
 
     func release() {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            if state.waiters.isEmpty {
-                state.free += 1
-                return nil
-            }
-            return state.waiters.removeFirst()
+        let (waiter, idle) = state.withLock { state -> (CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+            if !state.waiters.isEmpty { return (state.waiters.removeFirst(), []) }
+            state.free += 1
+            guard state.free == capacity else { return (nil, []) }
+            defer { state.idleWaiters = [:] }
+            return (nil, Array(state.idleWaiters.values))
         }
         waiter?.resume()
+        for continuation in idle { continuation.resume() }
     }
 }
 

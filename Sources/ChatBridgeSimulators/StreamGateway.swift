@@ -139,10 +139,9 @@ public final class StreamGateway: Sendable {
     }
 
     /// The first ack of the frame, once it has arrived.
+    /// (Cancelled first, it returns an ack with code 0.)
     public func waitForAck(_ messageID: String) async -> Ack {
-        while true {
-            if let ack = await firstAck(messageID) { return ack }
-        }
+        await firstAck(messageID) ?? Ack(connection: 0, messageID: messageID, code: 0, data: "", message: "cancelled", at: 0)
     }
 
     /// The first ack of the frame once it has arrived, or nil when the task is cancelled first.
@@ -208,8 +207,9 @@ public final class StreamGateway: Sendable {
     /// Sends any text as a frame (malformed frames, unknown topics).
     public func pushRaw(_ text: String, to connection: Int? = nil) async throws {
         guard let (id, link) = self.link(connection) else { throw SimulatorError(description: "no open Stream connection") }
-        try await link.outbound.write(.text(text))
         state.withLock { $0.pushed.append(Pushed(connection: id, messageID: "")) }
+        guard !link.silent else { return }
+        try await link.outbound.write(.text(text))
     }
 
     /// A frame of any type and topic.
@@ -227,6 +227,8 @@ public final class StreamGateway: Sendable {
             $0.pushed.append(Pushed(connection: id, messageID: messageID))
             $0.frames[messageID] = text
         }
+        // A silent connection swallows what is pushed to it, as a connection a NAT dropped.
+        guard !link.silent else { return }
         try await link.outbound.write(.text(text))
     }
 
@@ -237,11 +239,11 @@ public final class StreamGateway: Sendable {
         }
     }
 
-    /// The given connection, or the newest open one.
+    /// The given connection, or the newest open one that is not silent.
     private func link(_ connection: Int?) -> (Int, Link)? {
         state.withLock { state in
             if let connection { return state.links[connection].map { (connection, $0) } }
-            guard let newest = state.links.keys.max() else { return nil }
+            guard let newest = state.links.filter({ !$0.value.silent }).keys.max() else { return nil }
             return (newest, state.links[newest]!)
         }
     }

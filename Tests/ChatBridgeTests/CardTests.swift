@@ -156,7 +156,7 @@ import Testing
     @Test func theRateLimiterSpacesCallsAcrossAllCards() async {
         let limiter = CardRateLimiter(maxQPS: 100)
         let slots = await withTaskGroup(of: ContinuousClock.Instant.self) { group in
-            for _ in 0..<30 { group.addTask { await limiter.acquire() } }
+            for _ in 0..<30 { group.addTask { try! await limiter.acquire() } }
             return await group.reduce(into: []) { $0.append($1) }.sorted()
         }
         for (earlier, later) in zip(slots, slots.dropFirst()) { #expect(later - earlier >= .milliseconds(10.5)) }

@@ -233,9 +233,13 @@ final class OrderLog: Sendable {
     var entries: [String] { state.withLock { $0 } }
 }
 
-/// Collects every log line (message and metadata) at every level.
-final class LogCapture: LogHandler, @unchecked Sendable {
-    private let lines = Mutex<[String]>([])
+/// Collects every log line (message and metadata) at every level. A value type like the real handlers,
+/// so a logger copy that changes its level does not change the others'; the lines are shared.
+struct LogCapture: LogHandler, Sendable {
+    private final class Lines: Sendable {
+        let lines = Mutex<[String]>([])
+    }
+    private let storage = Lines()
     var metadata: Logger.Metadata = [:]
     var logLevel: Logger.Level = .trace
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -243,7 +247,7 @@ final class LogCapture: LogHandler, @unchecked Sendable {
         set { metadata[key] = newValue }
     }
     func log(event: LogEvent) {
-        lines.withLock { $0.append("\(event.message) \(event.metadata ?? [:]) \(metadata)") }
+        storage.lines.withLock { $0.append("\(event.message) \(event.metadata ?? [:]) \(metadata)") }
     }
-    var all: [String] { lines.withLock { $0 } }
+    var all: [String] { storage.lines.withLock { $0 } }
 }

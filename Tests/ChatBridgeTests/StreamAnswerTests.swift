@@ -35,6 +35,26 @@ import Testing
         #expect(h.dingtalk.deliveries.count == 1)
     }
 
+    @Test func inStreamModeSignedCallbacksStillWork() async throws {
+        let h = try await Harness.start(Self.stream)
+        defer { Task { await h.stop() } }
+        await h.dingtalk.gateway.wait { $0.openConnections == [1] }
+        #expect(try await h.send("cb1", "over http").status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 1 })
+        #expect(h.dingtalk.deliveries[0].text == ModelSimulator.answer(to: "over http"))
+    }
+
+    @Test func httpModeOpensNoStreamConnection() async throws {
+        let h = try await Harness.start(["dingtalk.mode": "http"])
+        defer { Task { await h.stop() } }
+        // The service has decided by the time the server answers (it runs in the same group).
+        #expect(await eventually { (try? await h.get("/readyz").body.contains(#""dingtalk_stream":"off""#)) == true })
+        #expect(h.app.components.stream.configurationProblem == "dingtalk.mode is http")
+        #expect(try await h.send("h1", "hi").status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 1 })
+        #expect(h.dingtalk.gateway.openRequests.isEmpty)
+    }
+
     @Test func shutdownClosesTheStreamBeforeTheDrainAndTheAnswerInFlightStillGoesOut() async throws {
         let h = try await Harness.start(Self.stream)
         defer { Task { await h.stop() } }

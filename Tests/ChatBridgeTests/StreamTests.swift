@@ -17,6 +17,8 @@ final class StreamRig: @unchecked Sendable {
     let client: HTTPClient
     private let task: Task<Void, any Error>
     let sender = CallbackSender(url: "", secret: testSecret)
+    /// The stream's log lines from info up.
+    let lines = LogCapture()
 
     var gateway: StreamGateway { simulator.gateway }
 
@@ -44,8 +46,8 @@ final class StreamRig: @unchecked Sendable {
         settings.stream.maxBackoff = maxBackoff
         settings.stream.initialBackoff = .milliseconds(50)
         settings.stream.rotationGrace = .seconds(30)
-        var logger = Logger(label: "stream-test")
-        logger.logLevel = .critical
+        var logger = Logger(label: "stream-test") { [lines] _ in lines }
+        logger.logLevel = .info
         client = OutboundHTTP.makeClient(readTimeout: .seconds(10))
         let ingress = DingTalkIngress(settings: settings, groupScope: .user, inbox: inbox, clock: clock, logger: logger, onAccepted: {})
         let stream = DingTalkStream(settings: settings, ingress: ingress, client: client, clock: clock, logger: logger, random: { 0.5 })
@@ -170,16 +172,44 @@ final class StreamRig: @unchecked Sendable {
         }
     }
 
+    @Test func retiringTheOldConnectionWaitsForTheFramesItIsStoringAndAcknowledgesThem() async throws {
+        let clock = ManualClock()
+        try await StreamRig.with(clock: clock) { rig in
+            let first = await rig.connection()
+            let release = OneTimeEvent()
+            await rig.inbox.holdAccepts(until: release)
+            let frame = try await rig.gateway.pushMessage(rig.body("m1"), to: first)
+            #expect(await eventually { await rig.inbox.acceptsBegun == 1 })
+            rig.gateway.setDisconnectCloseDelay(.seconds(600))
+            try await rig.gateway.disconnect(first)
+            await rig.gateway.wait { $0.openConnections == [1, 2] }
+            // DingTalk does not close the old connection; the grace runs out while the frame is being stored.
+            await clock.waitForSleep { $0 == .seconds(30) }
+            clock.advance(by: .seconds(30))
+            release.signal()
+            // Stored, then acknowledged on the old connection, and only then is the old connection closed.
+            let ack = await rig.gateway.waitForAck(frame)
+            #expect(ack.code == 200 && ack.connection == first)
+            await rig.gateway.wait { $0.openConnections == [2] }
+            #expect(await rig.inbox.rows.count == 1)
+        }
+    }
+
     @Test func aSilentConnectionIsDroppedAndReplaced() async throws {
         try await StreamRig.with(keepaliveTimeout: .milliseconds(200)) { rig in
             _ = await rig.connection()
             rig.gateway.goSilent()
             await rig.gateway.wait { $0.silencedConnections == 1 }
+            // A message pushed now vanishes into the dead connection.
+            let lost = try await rig.gateway.pushMessage(rig.body("lost"), to: 1)
             rig.gateway.endSilence()
             // The unanswered ping drops the zombie; a fresh ticket opens a working connection.
             let second = await rig.connection(number: 2)
-            let frame = try await rig.gateway.pushMessage(rig.body("m1"), to: second)
-            #expect(await rig.gateway.waitForAck(frame).code == 200)
+            #expect(rig.lines.all.contains { $0.contains("the ping went unanswered") }, "\(rig.lines.all)")
+            // DingTalk delivers the unacknowledged message again, on the new connection.
+            try await rig.gateway.pushMessage(rig.body("lost"), to: second, frameID: lost)
+            #expect(await rig.gateway.waitForAck(lost).connection == second)
+            #expect(await rig.inbox.rows.count == 1)
             #expect(rig.gateway.openRequests.count >= 2)
         }
     }
