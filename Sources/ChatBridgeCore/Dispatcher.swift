@@ -58,6 +58,8 @@ public final class Dispatcher: Sendable {
         var inFlight: Set<Lease> = []
         /// The earliest retry this dispatcher scheduled, so it wakes in time without asking the database.
         var nextRetry: Date?
+        /// Live replies to mark failed once running (messages the previous run gave up).
+        var liveRepliesToFail: [InboundMessage] = []
     }
 
     private let answered: Counter
@@ -110,6 +112,12 @@ public final class Dispatcher: Sendable {
         signal.signal()
     }
 
+    /// Marks the live replies of these given-up messages failed once `run()` starts (the previous run's
+    /// give-ups, found at start before the dispatcher runs).
+    public func failLiveRepliesWhenRunning(_ messages: [InboundMessage]) {
+        state.withLock { $0.liveRepliesToFail += messages }
+    }
+
     /// Returns once `run()` has returned.
     public func waitUntilStopped() async { await stopped.wait() }
 
@@ -121,6 +129,11 @@ public final class Dispatcher: Sendable {
         await withDiscardingTaskGroup { group in
             group.addTask { await self.renewLeasesRegularly() }
             group.addTask { await self.releaseExpiredLeasesRegularly() }
+            let tidy = state.withLock { state in
+                defer { state.liveRepliesToFail = [] }
+                return state.liveRepliesToFail
+            }
+            if !tidy.isEmpty { group.addTask { await self.failLiveReplies(of: tidy) } }
             if let next = try? await inbox.nextWakeup() { noteRetry(at: next) }
             while !Task.isCancelled {
                 let (draining, busy) = state.withLock { ($0.draining, $0.inFlight.count) }
@@ -215,10 +228,29 @@ public final class Dispatcher: Sendable {
                 if released.gaveUp > 0 {
                     failed.increment(by: released.gaveUp)
                     logger.error("gave up on messages whose last attempt was interrupted", metadata: ["count": "\(released.gaveUp)"])
+                    await failLiveReplies(of: released.gaveUpLive)
                 }
                 if released.requeued > 0 { signal.signal() }
             } catch {
                 logger.warning("could not release expired leases", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    /// Messages given up while their live reply may be showing: each reply is told the answer failed (one
+    /// try each), so no card is left "thinking". Also called at start for the previous run's give-ups.
+    public func failLiveReplies(of messages: [InboundMessage]) async {
+        let text = engine.settings.messages.failed
+        await withDiscardingTaskGroup { group in
+            for message in messages {
+                guard let live = replies.liveReply(to: message) else { continue }
+                group.addTask {
+                    do {
+                        try await live.fail(text)
+                    } catch {
+                        self.logger.warning("could not mark a given-up message's live reply failed", metadata: ["message_id": "\(message.messageID)", "error": "\(error)"])
+                    }
+                }
             }
         }
     }

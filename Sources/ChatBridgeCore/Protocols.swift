@@ -235,9 +235,13 @@ public struct ReleasedClaims: Sendable, Equatable {
     public var requeued = 0
     /// Rows that had used every attempt and were marked failed instead.
     public var gaveUp = 0
-    public init(requeued: Int = 0, gaveUp: Int = 0) {
+    /// The messages among those given up whose live reply may be showing (a card "thinking" or half
+    /// written): the dispatcher tells it the answer failed.
+    public var gaveUpLive: [InboundMessage] = []
+    public init(requeued: Int = 0, gaveUp: Int = 0, gaveUpLive: [InboundMessage] = []) {
         self.requeued = requeued
         self.gaveUp = gaveUp
+        self.gaveUpLive = gaveUpLive
     }
 }
 

@@ -290,6 +290,7 @@ public func buildApplication(
             retry: RetryPolicy(maxAttempts: configuration.worker.maxAttempts, maxRetryWait: configuration.worker.maxRetryWait),
             lease: configuration.worker.lease),
         owner: owner, clock: clock, metrics: factory, logger: logger)
+    dispatcher.failLiveRepliesWhenRunning(reclaimed.gaveUpLive)
     let ingress = DingTalkIngress(
         settings: configuration.dingtalk, groupScope: configuration.engine.groupScope, inbox: store, clock: clock,
         metrics: factory, logger: logger, onAccepted: { [dispatcher] in dispatcher.wake() })

@@ -356,12 +356,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                     UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowMillis))
                     WHERE id IN (\(binds: ids)) AND lease_token IN (\(binds: tokens)) AND state = 'running'
                       AND lease_expires_at < \(bind: nowMillis)
-                    RETURNING state
+                    RETURNING \(Self.releasedColumns)
                     """).all()
             }
             let chunkReleased = Self.released(rows)
             released.requeued += chunkReleased.requeued
             released.gaveUp += chunkReleased.gaveUp
+            released.gaveUpLive += chunkReleased.gaveUpLive
         }
         return released
     }
@@ -372,7 +373,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             Self.released(try await db.raw("""
                 UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowMillis))
                 WHERE state = 'running' OR (state = 'pending' AND attempts >= \(bind: maxAttempts))
-                RETURNING state
+                RETURNING \(Self.releasedColumns)
                 """).all())
         }
     }
@@ -387,10 +388,25 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         """
     }
 
+    /// What a release returns: the new state, and for a message given up while its live reply may be
+    /// showing, the message (so the reply can be told).
+    private static let releasedColumns = SQLQueryString("""
+        state, CASE WHEN state = 'failed' AND live_state IN ('opening', 'opened') THEN payload END AS live_payload
+        """)
+
     private static func released(_ rows: [any SQLRow]) -> ReleasedClaims {
         var result = ReleasedClaims()
         for row in rows {
-            if (try? row.decode(column: "state", as: String.self)) == "failed" { result.gaveUp += 1 } else { result.requeued += 1 }
+            guard (try? row.decode(column: "state", as: String.self)) == "failed" else {
+                result.requeued += 1
+                continue
+            }
+            result.gaveUp += 1
+            if let payload = try? row.decode(column: "live_payload", as: String?.self),
+                let message = try? decoder.decode(InboundMessage.self, from: Data(payload.utf8))
+            {
+                result.gaveUpLive.append(message)
+            }
         }
         return result
     }

@@ -94,6 +94,32 @@ import Testing
         await f.stop()
     }
 
+    @Test func liveRepliesOfMessagesGivenUpAtStartAreMarkedFailed() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        f.dispatcher.failLiveRepliesWhenRunning([textMessage("m1", "question")])
+        f.start()
+        let failed = EngineSettings(language: .en).messages.failed
+        #expect(await eventually { live.calls == [.fail(failed)] })
+        await f.stop()
+    }
+
+    @Test func aMessageGivenUpByTheReaperHasItsLiveReplyMarkedFailed() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(maxAttempts: 1, live: live)
+        let id = try await f.accept("m1", "question")
+        // Another worker claimed it, showed its card and died on its last allowed attempt.
+        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 1, now: f.clock.now)
+        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        try await f.inbox.recordLive(item.lease, state: .opened, now: f.clock.now)
+        f.start()
+        // This dispatcher's reaper finds the expired claim, gives the message up and marks its card failed.
+        #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "failed" })
+        let failed = EngineSettings(language: .en).messages.failed
+        #expect(await eventually { live.calls == [.fail(failed)] })
+        await f.stop()
+    }
+
     @Test func aModelThatFailsForGoodShowsTheErrorInTheLiveReply() async throws {
         let live = LiveTwin()
         let f = DispatcherFixture(live: live)

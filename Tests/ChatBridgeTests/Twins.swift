@@ -241,6 +241,11 @@ actor InMemoryInbox: Inbox {
                 rows[index].state = "failed"
                 rows[index].lastError = "gave up: the last allowed attempt was interrupted"
                 released.gaveUp += 1
+                if rows[index].live == .opening || rows[index].live == .opened,
+                    let message = try? Self.decoder.decode(InboundMessage.self, from: rows[index].payload)
+                {
+                    released.gaveUpLive.append(message)
+                }
             } else {
                 rows[index].state = "pending"
                 released.requeued += 1
