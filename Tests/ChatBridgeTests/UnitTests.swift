@@ -362,6 +362,34 @@ import Testing
         #expect(config.errors.first { $0.key == "database.url" }?.message.contains("not supported yet") == true)
     }
 
+    @Test func streamAndCardSettingsAreReadAndCheckedNamingTheKey() {
+        let good = ChatBridgeConfiguration.from(values: [
+            "dingtalk.client_id": "id", "dingtalk.client_secret": "secret", "dingtalk.mode": "HTTP",
+            "dingtalk.stream.keepalive_timeout": "5s", "dingtalk.stream.max_backoff": "30s", "dingtalk.card.template_id": " tpl.schema ",
+            "dingtalk.card.content_key": "content", "dingtalk.card.update_interval": "300ms", "dingtalk.card.max_qps": "10",
+            "dingtalk.card.qps_backoff": "1s",
+        ])
+        #expect(good.errors.isEmpty)
+        #expect(good.dingtalk.mode == .http)
+        #expect(good.dingtalk.stream.keepaliveTimeout == .seconds(5))
+        #expect(good.dingtalk.stream.maxBackoff == .seconds(30))
+        #expect(good.dingtalk.card.templateID == "tpl.schema" && good.dingtalk.card.isEnabled)
+        #expect(good.dingtalk.card.contentKey == "content")
+        #expect(good.dingtalk.card.updateInterval == .milliseconds(300))
+        #expect(good.dingtalk.card.maxQPS == 10)
+        // Defaults: stream mode, cards off.
+        let defaults = ChatBridgeConfiguration.from(values: [:])
+        #expect(defaults.dingtalk.mode == .stream && !defaults.dingtalk.card.isEnabled)
+        let bad = ChatBridgeConfiguration.from(values: [
+            "dingtalk.mode": "websocket", "dingtalk.stream.keepalive_timeout": "1ms", "dingtalk.card.update_interval": "10ms",
+            "dingtalk.card.max_qps": "0", "dingtalk.card.template_id": "tpl.schema",
+        ])
+        #expect(Set(bad.errors.map(\.key)).isSuperset(of: [
+            "dingtalk.mode", "dingtalk.stream.keepalive_timeout", "dingtalk.card.update_interval", "dingtalk.card.max_qps", "dingtalk.card.template_id",
+        ]))
+        #expect(bad.errors.first { $0.key == "dingtalk.card.template_id" }?.message.contains("dingtalk.client_id") == true)
+    }
+
     @Test func hostileValuesAreErrorsNamingTheKeyNeverCrashes() async throws {
         let hostile = ["1e300", "-1e300", "inf", "-inf", "nan", "-5", "1e18s", "99999999999999999999", "1e300MiB", "-1KiB", "..", "1.5.5h"]
         for value in hostile {
