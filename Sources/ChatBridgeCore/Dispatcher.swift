@@ -228,7 +228,8 @@ public final class Dispatcher: Sendable {
                 if released.gaveUp > 0 {
                     failed.increment(by: released.gaveUp)
                     logger.error("gave up on messages whose last attempt was interrupted", metadata: ["count": "\(released.gaveUp)"])
-                    await failLiveReplies(of: released.gaveUpLive)
+                    // Card calls can be slow (rate limits, timeouts): the reaper does not wait for them.
+                    if !released.gaveUpLive.isEmpty { Task { [gaveUpLive = released.gaveUpLive] in await self.failLiveReplies(of: gaveUpLive) } }
                 }
                 if released.requeued > 0 { signal.signal() }
             } catch {
