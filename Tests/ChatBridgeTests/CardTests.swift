@@ -40,7 +40,8 @@ import Testing
         #expect(card.streamed == answer)
         #expect(card.params["msgContent"] == answer)
         #expect(h.dingtalk.cards.cards.count == 1)
-        // Growing whole-text updates, each with a new guid, no more often than the interval.
+        // Growing whole-text updates, each with a new guid, fewer than the tokens (the pace itself is asserted
+        // on a manual clock in LiveUpdatesTests).
         let updates = h.dingtalk.cards.calls.filter { $0.path == "/v1.0/card/streaming" && $0.outTrackID == id }
         let intermediate = updates.filter { !$0.isFinalize }.compactMap(\.content)
         #expect(intermediate.count >= 2)
