@@ -83,6 +83,17 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "ChatBridgeLark",
+            dependencies: [
+                "ChatBridgeCore", "ChatBridgeHTTP",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "ChatBridgeStore",
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -148,7 +159,7 @@ let package = Package(
         .testTarget(
             name: "ChatBridgeTests",
             dependencies: [
-                "ChatBridgeCore", "ChatBridgeHTTP", "ChatBridgeLLM", "ChatBridgeDingTalk", "ChatBridgeStore",
+                "ChatBridgeCore", "ChatBridgeHTTP", "ChatBridgeLLM", "ChatBridgeDingTalk", "ChatBridgeLark", "ChatBridgeStore",
                 "ChatBridgeServer", "ChatBridgeSimulators",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
