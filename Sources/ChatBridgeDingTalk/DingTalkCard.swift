@@ -25,10 +25,7 @@ public struct DingTalkCard: LiveReply {
     /// different for every message and robot (not a database row id, which repeats after a reset).
     public static func outTrackID(robotCode: String, messageID: String) -> String {
         let digest = SHA256.hash(data: Data("\(robotCode)\n\(messageID)".utf8))
-        return "chatbridge-" + digest.prefix(16).map { byte in
-            let hex = Array("0123456789abcdef")
-            return String([hex[Int(byte >> 4)], hex[Int(byte & 0x0f)]])
-        }.joined()
+        return "chatbridge-" + digest.prefix(16).lowercaseHex
     }
 
     var settings: DingTalkSettings { channel.settings }

@@ -3,25 +3,6 @@ import Foundation
 import Logging
 import Metrics
 
-/// Why the ingress refused a delivery, and what the transport should answer.
-public struct IngressRejection: Error, Sendable, Equatable, CustomStringConvertible {
-    public enum Kind: Sendable, Equatable {
-        /// Not from DingTalk, or not for this robot: HTTP 401.
-        case unauthorized
-        /// Malformed: HTTP 400.
-        case badRequest
-        /// This robot is not configured yet: HTTP 503.
-        case notConfigured
-    }
-    public var kind: Kind
-    public var reason: String
-    public init(_ kind: Kind, _ reason: String) {
-        self.kind = kind
-        self.reason = reason
-    }
-    public var description: String { reason }
-}
-
 /// DingTalk robot messages in, whatever the transport: verify → decode → check the robot → normalise →
 /// store in the inbox. It returns only after the inbox commit, so the transport acknowledges (HTTP 200 or
 /// a Stream-mode ACK) a message that is safely stored and never one that is not.
@@ -32,28 +13,19 @@ public struct IngressRejection: Error, Sendable, Equatable, CustomStringConverti
 /// never requested.
 public struct DingTalkIngress: Sendable {
     public let settings: DingTalkSettings
-    private let groupScope: GroupScope
-    private let inbox: any Inbox
     private let clock: any WallClock
-    private let onAccepted: @Sendable () -> Void
     private let logger: Logger
-    private let received: Counter
-    private let duplicates: Counter
-    private let rejected: Counter
+    private let intake: InboxIntake
 
     public init(
         settings: DingTalkSettings, groupScope: GroupScope, inbox: any Inbox, clock: any WallClock,
         metrics: any MetricsFactory = MetricsSystem.factory, logger: Logger, onAccepted: @escaping @Sendable () -> Void
     ) {
         self.settings = settings
-        self.groupScope = groupScope
-        self.inbox = inbox
         self.clock = clock
-        self.onAccepted = onAccepted
         self.logger = logger
-        received = Counter(label: "chatbridge_messages_received_total", dimensions: [("platform", "dingtalk")], factory: metrics)
-        duplicates = Counter(label: "chatbridge_messages_deduplicated_total", dimensions: [("platform", "dingtalk")], factory: metrics)
-        rejected = Counter(label: "chatbridge_callbacks_rejected_total", dimensions: [("platform", "dingtalk")], factory: metrics)
+        intake = InboxIntake(
+            platform: "dingtalk", groupScope: groupScope, inbox: inbox, clock: clock, metrics: metrics, logger: logger, onAccepted: onAccepted)
     }
 
     /// Throws `.notConfigured` until the robot can be verified.
@@ -96,26 +68,11 @@ public struct DingTalkIngress: Sendable {
                 metadata: ["host": "\(URLComponents(string: webhook)?.host ?? "?")", "message_id": "\(message.messageID)"])
             message.reply = .init()
         }
-        let outcome = try await inbox.accept(message, conversation: ConversationKey(for: message, groupScope: groupScope), now: clock.now)
-        switch outcome {
-        case .accepted:
-            received.increment()
-            onAccepted()
-        case .duplicate:
-            duplicates.increment()
-            logger.info("re-delivery acknowledged", metadata: ["message_id": "\(message.messageID)"])
-        }
-        return outcome
+        return try await intake.accept(message)
     }
 
     /// Counts and logs a rejection made by the transport itself (an oversized body).
-    public func noteRejected(_ reason: String) {
-        rejected.increment()
-        logger.notice("rejected DingTalk callback", metadata: ["reason": "\(reason)"])
-    }
+    public func noteRejected(_ reason: String) { _ = intake.reject(.badRequest, reason) }
 
-    private func reject(_ kind: IngressRejection.Kind, _ reason: String) -> IngressRejection {
-        noteRejected(reason)
-        return IngressRejection(kind, reason)
-    }
+    private func reject(_ kind: IngressRejection.Kind, _ reason: String) -> IngressRejection { intake.reject(kind, reason) }
 }

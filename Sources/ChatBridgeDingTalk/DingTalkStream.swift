@@ -189,17 +189,13 @@ public final class DingTalkStream: Service, Sendable {
     private func endConnections() async {
         let tasks = state.withLock { Array($0.tasks.values) }
         for task in tasks { task.cancel() }
+        // Awaiting a task's value does not answer cancellation, so it is waited for through an event.
         let ended = OneTimeEvent()
         Task {
             for task in tasks { await task.value }
             ended.signal()
         }
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask { await ended.wait() }
-            group.addTask { try? await Task.sleep(for: .seconds(5)) }
-            await group.next()
-            group.cancelAll()
-        }
+        _ = await SystemClock().withTimeout(.seconds(5)) { await ended.wait() }
     }
 
     /// Exponential backoff with ±20 % jitter: 1 s, 2 s, 4 s … capped.
@@ -321,12 +317,7 @@ public final class DingTalkStream: Service, Sendable {
                         // The frames being stored finish and are acknowledged first (a bounded wait).
                         await connection.retirement.wait()
                         guard !Task.isCancelled else { return }
-                        await withTaskGroup(of: Void.self) { wait in
-                            wait.addTask { await slots.waitUntilIdle() }
-                            wait.addTask { try? await Task.sleep(for: .seconds(5)) }
-                            await wait.next()
-                            wait.cancelAll()
-                        }
+                        _ = await SystemClock().withTimeout(.seconds(5)) { await slots.waitUntilIdle() }
                         try? await outbound.close(.normalClosure, reason: "rotated")
                     }
                     do {
@@ -431,7 +422,7 @@ public final class DingTalkStream: Service, Sendable {
                 let ingress = self.ingress
                 _ = try await Task { try await ingress.receive(Data(data.utf8)) }.value
                 return frame.ack(code: 200, data: #"{"response":null}"#)
-            } catch let rejection as IngressRejection {
+            } catch let rejection as IngressRejection where rejection.kind != .unavailable {
                 // Nothing a re-delivery could change: acknowledged so DingTalk stops, never stored.
                 logger.warning("refused a Stream robot message; acknowledged, not stored", metadata: ["reason": "\(rejection)", "frame_id": "\(frame.messageID)"])
                 return frame.ack(code: 200, data: #"{"response":null}"#)

@@ -1,3 +1,4 @@
+import ChatBridgeCore
 import Crypto
 import Foundation
 
@@ -34,15 +35,5 @@ public enum DingTalkSignature {
         let expected = Array(Self.sign(timestamp: timestamp, secret: secret).utf8)
         let given = Array(sign.utf8)
         guard constantTimeEqual(expected, given) else { throw .badSignature }
-    }
-
-    static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-        var difference = UInt8(truncatingIfNeeded: a.count ^ b.count)
-        for index in 0..<max(a.count, b.count) {
-            let x = index < a.count ? a[index] : 0
-            let y = index < b.count ? b[index] : 0
-            difference |= x ^ y
-        }
-        return difference == 0
     }
 }

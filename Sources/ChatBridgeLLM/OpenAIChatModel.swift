@@ -63,13 +63,7 @@ public struct OpenAIChatModel: ChatModel {
 
     /// The `user` sent to the provider: a stable hash of the conversation, never the platform's ids.
     static func anonymised(_ user: String) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var hex: [UInt8] = Array("cb-".utf8)
-        for byte in SHA256.hash(data: Data(user.utf8)).prefix(16) {
-            hex.append(digits[Int(byte >> 4)])
-            hex.append(digits[Int(byte & 0x0F)])
-        }
-        return String(decoding: hex, as: UTF8.self)
+        "cb-" + SHA256.hash(data: Data(user.utf8)).prefix(16).lowercaseHex
     }
 
     func makeRequest(_ request: ChatRequest) throws -> HTTPClientRequest {

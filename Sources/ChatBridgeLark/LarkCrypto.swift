@@ -1,3 +1,4 @@
+import ChatBridgeCore
 import Crypto
 import Foundation
 import _CryptoExtras
@@ -34,39 +35,16 @@ public enum LarkCrypto {
         var hasher = SHA256()
         hasher.update(data: Data((timestamp + nonce + encryptKey).utf8))
         hasher.update(data: body)
-        return hasher.finalize().hexString
+        return hasher.finalize().lowercaseHex
     }
 
     /// Whether `signature` is the body's signature (compared in constant time).
     public static func verify(signature: String?, timestamp: String?, nonce: String?, encryptKey: String, body: some DataProtocol) -> Bool {
         guard let signature, let timestamp, let nonce else { return false }
-        return constantTimeEqual(signature.lowercased(), Self.signature(timestamp: timestamp, nonce: nonce, encryptKey: encryptKey, body: body))
-    }
-
-    /// Compares two strings without stopping at the first difference.
-    public static func constantTimeEqual(_ a: String, _ b: String) -> Bool {
-        let x = Array(a.utf8)
-        let y = Array(b.utf8)
-        var difference = UInt8(x.count == y.count ? 0 : 1)
-        for index in 0..<max(x.count, y.count) {
-            difference |= (index < x.count ? x[index] : 0) ^ (index < y.count ? y[index] : 0)
-        }
-        return difference == 0
+        return constantTimeEqual(Array(signature.lowercased().utf8), Array(Self.signature(timestamp: timestamp, nonce: nonce, encryptKey: encryptKey, body: body).utf8))
     }
 
     private static func key(_ encryptKey: String) -> SymmetricKey {
         SymmetricKey(data: SHA256.hash(data: Data(encryptKey.utf8)))
-    }
-}
-
-extension Sequence where Element == UInt8 {
-    var hexString: String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        for byte in self {
-            out.append(digits[Int(byte >> 4)])
-            out.append(digits[Int(byte & 0x0f)])
-        }
-        return String(decoding: out, as: UTF8.self)
     }
 }

@@ -15,6 +15,15 @@ public enum LarkEvent: Sendable, Equatable {
         public var description: String
     }
 
+    /// The event type (`url_verification` for the challenge).
+    public var type: String {
+        switch self {
+        case .challenge: "url_verification"
+        case .message: "im.message.receive_v1"
+        case .other(let type, _): type
+        }
+    }
+
     /// The verification token the event carries (`header.token`, or the top-level `token`).
     public var token: String? {
         switch self {

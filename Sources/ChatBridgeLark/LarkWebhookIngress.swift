@@ -13,27 +13,6 @@ public enum LarkWebhookOutcome: Sendable, Equatable {
     case ignored(String)
 }
 
-/// Why the webhook refused a delivery; nothing is stored in any case.
-public struct LarkRejection: Error, Sendable, Equatable, CustomStringConvertible {
-    public enum Kind: Sendable, Equatable {
-        /// Wrong or missing signature or token: 401.
-        case unauthorized
-        /// Undecryptable or malformed: 400.
-        case badRequest
-        /// The route cannot authenticate events yet: 503.
-        case notConfigured
-        /// Not storable now (the bot's identity is unknown); Feishu re-pushes: 503.
-        case unavailable
-    }
-    public var kind: Kind
-    public var reason: String
-    public init(_ kind: Kind, _ reason: String) {
-        self.kind = kind
-        self.reason = reason
-    }
-    public var description: String { reason }
-}
-
 /// Feishu/Lark events over HTTPS (protocols E.1), whatever the HTTP framework: decrypt → challenge →
 /// verify the signature (when an encrypt key is set) and the verification token → normalise → store.
 /// It returns only after the inbox commit, so the route answers 200 for a message that is safely stored.
@@ -42,15 +21,10 @@ public struct LarkRejection: Error, Sendable, Equatable, CustomStringConvertible
 /// token is still checked). Every other event must be signed when `lark.encrypt_key` is set.
 public struct LarkWebhookIngress: Sendable {
     public let settings: LarkSettings
-    private let groupScope: GroupScope
-    private let inbox: any Inbox
     private let clock: any WallClock
     private let botOpenID: @Sendable () async -> String?
-    private let onAccepted: @Sendable () -> Void
     private let logger: Logger
-    private let received: Counter
-    private let duplicates: Counter
-    private let rejected: Counter
+    private let intake: InboxIntake
 
     /// `botOpenID`: the bot's own open_id (from `/open-apis/bot/v3/info`), nil while it is not known.
     public init(
@@ -59,20 +33,17 @@ public struct LarkWebhookIngress: Sendable {
         onAccepted: @escaping @Sendable () -> Void
     ) {
         self.settings = settings
-        self.groupScope = groupScope
-        self.inbox = inbox
         self.clock = clock
         self.botOpenID = botOpenID
-        self.onAccepted = onAccepted
         self.logger = logger
-        received = Counter(label: "chatbridge_messages_received_total", dimensions: [("platform", "lark")], factory: metrics)
-        duplicates = Counter(label: "chatbridge_messages_deduplicated_total", dimensions: [("platform", "lark")], factory: metrics)
-        rejected = Counter(label: "chatbridge_callbacks_rejected_total", dimensions: [("platform", "lark")], factory: metrics)
+        intake = InboxIntake(
+            platform: "lark", groupScope: groupScope, inbox: inbox, clock: clock, metrics: metrics, logger: logger, onAccepted: onAccepted)
     }
 
     /// Handles one webhook delivery. `body` is the raw request body exactly as received; the headers are
-    /// `X-Lark-Request-Timestamp`, `X-Lark-Request-Nonce` and `X-Lark-Signature`. Throws ``LarkRejection``
-    /// for a delivery that must not be stored, any other error when the inbox could not store it (503).
+    /// `X-Lark-Request-Timestamp`, `X-Lark-Request-Nonce` and `X-Lark-Signature`. Throws
+    /// (``IngressRejection``) for a delivery that must not be stored, any other error when the inbox could
+    /// not store it (503).
     public func receive(body: Data, timestamp: String?, nonce: String?, signature: String?) async throws -> LarkWebhookOutcome {
         if let problem = settings.webhookConfigurationProblem { throw reject(.notConfigured, problem) }
         struct Outer: Decodable { var encrypt: String? }
@@ -99,8 +70,8 @@ public struct LarkWebhookIngress: Sendable {
         } catch {
             throw reject(.badRequest, error.description)
         }
-        if case .challenge(let challenge, _) = event {
-            try checkToken(event.token)
+        if case .challenge(let challenge, let token) = event {
+            try checkToken(token)
             return .challenge(challenge)
         }
         if !settings.encryptKey.isEmpty,
@@ -109,53 +80,34 @@ public struct LarkWebhookIngress: Sendable {
             throw reject(.unauthorized, signature == nil ? "the event is not signed (X-Lark-Signature)" : "the event's X-Lark-Signature is wrong")
         }
         try checkToken(event.token)
-        switch event {
-        case .challenge(let challenge, _):
-            return .challenge(challenge)
-        case .other(let type, _):
-            logger.debug("ignoring a Lark event", metadata: ["type": "\(type)"])
-            return .ignored(type)
-        case .message(let message, _):
-            return try await store(message)
+        guard case .message(let message, _) = event else {
+            logger.debug("ignoring a Lark event", metadata: ["type": "\(event.type)"])
+            return .ignored(event.type)
         }
+        return try await store(message)
     }
 
     /// Stores one authenticated message event (also the long connection's way in).
     public func store(_ event: LarkMessageEvent) async throws -> LarkWebhookOutcome {
         guard event.senderType == "user" else { return .ignored("a message from \(event.senderType)") }
         guard let bot = await botOpenID() else {
-            throw LarkRejection(.unavailable, "the bot's own open_id is not known yet (GET /open-apis/bot/v3/info); Feishu re-pushes the event")
+            throw IngressRejection(.unavailable, "the bot's own open_id is not known yet (GET /open-apis/bot/v3/info); Feishu re-pushes the event")
         }
         guard let message = event.normalised(settings: settings, botOpenID: bot, receivedAt: clock.now) else {
             return .ignored("a group message that does not mention the bot")
         }
-        let outcome = try await inbox.accept(message, conversation: ConversationKey(for: message, groupScope: groupScope), now: clock.now)
-        switch outcome {
-        case .accepted:
-            received.increment()
-            onAccepted()
-        case .duplicate:
-            duplicates.increment()
-            logger.info("Lark re-delivery acknowledged", metadata: ["message_id": "\(message.messageID)"])
-        }
-        return .stored(outcome)
+        return .stored(try await intake.accept(message))
     }
 
-    private func checkToken(_ token: String?) throws(LarkRejection) {
+    private func checkToken(_ token: String?) throws(IngressRejection) {
         guard !settings.verificationToken.isEmpty else { return }
-        guard let token, LarkCrypto.constantTimeEqual(token, settings.verificationToken) else {
+        guard let token, constantTimeEqual(Array(token.utf8), Array(settings.verificationToken.utf8)) else {
             throw reject(.unauthorized, "the event's verification token does not match lark.verification_token")
         }
     }
 
     /// Counts and logs a rejection made by the transport itself (an oversized body).
-    public func noteRejected(_ reason: String) {
-        rejected.increment()
-        logger.notice("rejected Lark callback", metadata: ["reason": "\(reason)"])
-    }
+    public func noteRejected(_ reason: String) { _ = intake.reject(.badRequest, reason) }
 
-    private func reject(_ kind: LarkRejection.Kind, _ reason: String) -> LarkRejection {
-        noteRejected(reason)
-        return LarkRejection(kind, reason)
-    }
+    private func reject(_ kind: IngressRejection.Kind, _ reason: String) -> IngressRejection { intake.reject(kind, reason) }
 }

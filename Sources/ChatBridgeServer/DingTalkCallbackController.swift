@@ -45,7 +45,7 @@ struct DingTalkCallbackController: Sendable {
             switch rejection.kind {
             case .unauthorized: return .json(.unauthorized, ["error": rejection.reason])
             case .badRequest: return .json(.badRequest, ["error": rejection.reason])
-            case .notConfigured: return .json(.serviceUnavailable, ["error": rejection.reason])
+            case .notConfigured, .unavailable: return .json(.serviceUnavailable, ["error": rejection.reason])
             }
         } catch {
             // Not stored, so not acknowledged: DingTalk delivers it again.

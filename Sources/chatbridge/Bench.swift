@@ -103,13 +103,7 @@ struct Bench: AsyncParsableCommand {
             let sent = Date().timeIntervalSince1970
             if streamMode {
                 guard let frame = try? await dingtalk.gateway.pushMessage(body) else { return recorder.record(id, sent: sent, acked: nil) }
-                let ack = await withTaskGroup(of: StreamGateway.Ack?.self) { group in
-                    group.addTask { await dingtalk.gateway.firstAck(frame) }
-                    group.addTask { try? await Task.sleep(for: .seconds(60)); return nil }
-                    let first = await group.next() ?? nil
-                    group.cancelAll()
-                    return first
-                }
+                let ack = await SystemClock().withTimeout(.seconds(60)) { await dingtalk.gateway.firstAck(frame) } ?? nil
                 recorder.record(id, sent: sent, acked: ack?.code == 200 ? ack?.at : nil)
                 return
             }

@@ -72,7 +72,7 @@ import Testing
         #expect(try await Rig(encryptKey: "").send(challenge, encryptKey: "") == .challenge("ajls384kdjxxxx"))
         var forged = challenge
         forged["token"] = "guess"
-        await #expect(throws: LarkRejection(.unauthorized, "the event's verification token does not match lark.verification_token")) {
+        await #expect(throws: IngressRejection(.unauthorized, "the event's verification token does not match lark.verification_token")) {
             try await Rig(encryptKey: "").send(forged, encryptKey: "")
         }
     }
@@ -94,11 +94,11 @@ import Testing
 
     @Test func everyRejectionStoresNothing() async throws {
         let rig = Rig()
-        func expectRejected(_ kind: LarkRejection.Kind, _ send: () async throws -> LarkWebhookOutcome) async {
+        func expectRejected(_ kind: IngressRejection.Kind, _ send: () async throws -> LarkWebhookOutcome) async {
             do {
                 _ = try await send()
                 Issue.record("accepted")
-            } catch let rejection as LarkRejection {
+            } catch let rejection as IngressRejection {
                 #expect(rejection.kind == kind, "\(rejection)")
             } catch {
                 Issue.record("unexpected \(error)")
