@@ -46,21 +46,25 @@ public struct LarkWebhookIngress: Sendable {
     /// not store it (503).
     public func receive(body: Data, timestamp: String?, nonce: String?, signature: String?) async throws -> LarkWebhookOutcome {
         if let problem = settings.webhookConfigurationProblem { throw reject(.notConfigured, problem) }
+        // With an encrypt key, the signature over the raw bytes is checked before anything is decrypted, and
+        // an unsigned body (only the challenge may come unsigned) gets one answer whatever fails, so the
+        // decryption cannot be probed (no padding oracle).
+        let keyed = !settings.encryptKey.isEmpty
+        let signed = keyed && LarkCrypto.verify(signature: signature, timestamp: timestamp, nonce: nonce, encryptKey: settings.encryptKey, body: body)
+        if keyed, signature != nil, !signed { throw reject(.unauthorized, "the event's X-Lark-Signature is wrong") }
+        let unsigned = "the event is not signed (X-Lark-Signature)"
+        func malformed(_ reason: String) -> IngressRejection { keyed && !signed ? reject(.unauthorized, unsigned) : reject(.badRequest, reason) }
         struct Outer: Decodable { var encrypt: String? }
-        guard let outer = try? JSONDecoder().decode(Outer.self, from: body) else {
-            throw reject(.badRequest, "the body is not a JSON object")
-        }
+        guard let outer = try? JSONDecoder().decode(Outer.self, from: body) else { throw malformed("the body is not a JSON object") }
         var json = body
         if let encrypted = outer.encrypt {
-            guard !settings.encryptKey.isEmpty else {
-                throw reject(.badRequest, "the event is encrypted but lark.encrypt_key is not set")
-            }
+            guard keyed else { throw reject(.badRequest, "the event is encrypted but lark.encrypt_key is not set") }
             do {
                 json = try LarkCrypto.decrypt(encrypted, encryptKey: settings.encryptKey)
             } catch {
-                throw reject(.badRequest, error.description)
+                throw malformed(error.description)
             }
-        } else if !settings.encryptKey.isEmpty {
+        } else if keyed {
             // With an encrypt key Feishu encrypts everything; a plain body is not from Feishu.
             throw reject(.unauthorized, "a plain event although lark.encrypt_key is set")
         }
@@ -68,17 +72,13 @@ public struct LarkWebhookIngress: Sendable {
         do {
             event = try LarkEvent.decode(json)
         } catch {
-            throw reject(.badRequest, error.description)
+            throw malformed(error.description)
         }
         if case .challenge(let challenge, let token) = event {
             try checkToken(token)
             return .challenge(challenge)
         }
-        if !settings.encryptKey.isEmpty,
-            !LarkCrypto.verify(signature: signature, timestamp: timestamp, nonce: nonce, encryptKey: settings.encryptKey, body: body)
-        {
-            throw reject(.unauthorized, signature == nil ? "the event is not signed (X-Lark-Signature)" : "the event's X-Lark-Signature is wrong")
-        }
+        if keyed, !signed { throw reject(.unauthorized, unsigned) }
         try checkToken(event.token)
         guard case .message(let message, _) = event else {
             logger.debug("ignoring a Lark event", metadata: ["type": "\(event.type)"])

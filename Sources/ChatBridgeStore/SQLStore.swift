@@ -185,7 +185,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             "ALTER TABLE inbox ADD COLUMN reply_effect TEXT",
             "ALTER TABLE inbox ADD COLUMN uncertain_sends INTEGER NOT NULL DEFAULT 0",
         ]),
-        // How far the live reply (a streaming card) got: none, opened, declined.
+        // How far the live reply (a streaming card) got: none, opening, opened, finalized, declined.
         (3, [
             "ALTER TABLE inbox ADD COLUMN live_state TEXT NOT NULL DEFAULT 'none'",
         ]),

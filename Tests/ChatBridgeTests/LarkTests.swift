@@ -75,6 +75,10 @@ import Testing
         await #expect(throws: IngressRejection(.unauthorized, "the event's verification token does not match lark.verification_token")) {
             try await Rig(encryptKey: "").send(forged, encryptKey: "")
         }
+        // Encrypted and unsigned (exempt from the signature), its token is still checked.
+        await #expect(throws: IngressRejection(.unauthorized, "the event's verification token does not match lark.verification_token")) {
+            try await Rig().send(forged, sign: false)
+        }
     }
 
     @Test func aSignedEncryptedMessageIsStoredOnceByMessageID() async throws {
@@ -111,9 +115,20 @@ import Testing
         let signature = LarkCrypto.signature(timestamp: "1", nonce: "n", encryptKey: Self.key, body: body + Data(" ".utf8))
         await expectRejected(.unauthorized) { try await rig.ingress.receive(body: body, timestamp: "1", nonce: "n", signature: signature) }
         await expectRejected(.unauthorized) { try await rig.send(Self.message(token: "wrong")) }
-        // Encrypted with another key; not JSON; a plain body although a key is set.
-        await expectRejected(.badRequest) { try await rig.send(Self.message(), encryptKey: "another key") }
-        await expectRejected(.badRequest) { try await rig.ingress.receive(body: Data("{not json".utf8), timestamp: nil, nonce: nil, signature: nil) }
+        // Signed and encrypted with another key: the signature fails before anything is decrypted.
+        await expectRejected(.unauthorized) { try await rig.send(Self.message(), encryptKey: "another key") }
+        // Unsigned and undecryptable: the same answer as any other unsigned event (no padding oracle).
+        await expectRejected(.unauthorized) { try await rig.send(Self.message(), sign: false, encryptKey: "another key") }
+        // Correctly signed but not decryptable: malformed.
+        let garbage = Data(#"{"encrypt":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#.utf8)
+        await expectRejected(.badRequest) {
+            try await rig.ingress.receive(
+                body: garbage, timestamp: "1", nonce: "n", signature: LarkCrypto.signature(timestamp: "1", nonce: "n", encryptKey: Self.key, body: garbage))
+        }
+        // Not JSON; a plain body although a key is set.
+        await expectRejected(.unauthorized) { try await rig.ingress.receive(body: Data("{not json".utf8), timestamp: nil, nonce: nil, signature: nil) }
+        let tokenOnly = Rig(encryptKey: "")
+        await expectRejected(.badRequest) { try await tokenOnly.ingress.receive(body: Data("{not json".utf8), timestamp: nil, nonce: nil, signature: nil) }
         await expectRejected(.unauthorized) {
             try await rig.ingress.receive(body: try JSONSerialization.data(withJSONObject: Self.message()), timestamp: nil, nonce: nil, signature: nil)
         }
@@ -128,6 +143,7 @@ import Testing
         // The bot's identity is not known yet: not stored, so Feishu pushes it again later.
         await expectRejected(.unavailable) { try await Rig(botKnown: false).send(Self.message()) }
         #expect(await rig.inbox.rows.isEmpty)
+        #expect(await tokenOnly.inbox.rows.isEmpty)
     }
 
     @Test func otherEventsAreAcknowledgedAndIgnored() async throws {
