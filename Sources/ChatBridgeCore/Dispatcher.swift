@@ -59,7 +59,7 @@ public final class Dispatcher: Sendable {
         /// The earliest retry this dispatcher scheduled, so it wakes in time without asking the database.
         var nextRetry: Date?
         /// Live replies to mark failed once running (messages the previous run gave up).
-        var liveRepliesToFail: [InboundMessage] = []
+        var liveRepliesToFail: [LiveReplyAddress] = []
     }
 
     private let answered: Counter
@@ -114,7 +114,7 @@ public final class Dispatcher: Sendable {
 
     /// Marks the live replies of these given-up messages failed once `run()` starts (the previous run's
     /// give-ups, found at start before the dispatcher runs).
-    public func failLiveRepliesWhenRunning(_ messages: [InboundMessage]) {
+    public func failLiveRepliesWhenRunning(_ messages: [LiveReplyAddress]) {
         state.withLock { $0.liveRepliesToFail += messages }
     }
 
@@ -240,11 +240,12 @@ public final class Dispatcher: Sendable {
 
     /// Messages given up while their live reply may be showing: each reply is told the answer failed (one
     /// try each), so no card is left "thinking". Also called at start for the previous run's give-ups.
-    public func failLiveReplies(of messages: [InboundMessage]) async {
+    public func failLiveReplies(of addresses: [LiveReplyAddress]) async {
         let text = engine.settings.messages.failed
         await withDiscardingTaskGroup { group in
-            for message in messages {
-                guard let live = replies.liveReply(to: message) else { continue }
+            for address in addresses {
+                let message = address.message
+                guard let live = replies.liveReply(to: message, reference: address.reference) else { continue }
                 group.addTask {
                     do {
                         try await live.fail(text)
@@ -278,7 +279,7 @@ public final class Dispatcher: Sendable {
         do {
             // A message already (partly) sent as whole messages stays on that path: a card would repeat it.
             let sentWhole = item.live == .none && (item.deliveredParts > 0 || item.uncertainSends > 0)
-            let live = item.live == .declined || sentWhole ? nil : replies.liveReply(to: item.message)
+            let live = item.live == .declined || sentWhole ? nil : replies.liveReply(to: item.message, reference: item.liveReference)
             let finished: StoredReply?
             if let live {
                 finished = try await answerLive(item, live: live, metadata: metadata)
@@ -338,7 +339,7 @@ public final class Dispatcher: Sendable {
 
     /// Sends the parts not yet delivered. Returns true when the whole reply was delivered and recorded.
     private func deliver(_ reply: StoredReply, for item: InboxItem, metadata: Logger.Metadata) async throws -> Bool {
-        let parts = replies.parts(of: reply.text)
+        let parts = replies.parts(of: reply.text, replyingTo: item.message)
         var uncertain = item.uncertainSends
         var index = min(item.deliveredParts, parts.count)
         while index < parts.count {
@@ -417,9 +418,15 @@ public final class Dispatcher: Sendable {
         if item.live == .none || item.live == .opening {
             let resuming = item.live == .opening
             if !resuming {
+                // What the platform needs first (a card entity) is made and recorded before anything shows.
+                var reference: String?
+                let prepared = try await liveCall(item: item, live: live, mayBeShowing: false, metadata: metadata) { reference = try await live.prepare() }
+                if case .ended(let result) = prepared {
+                    return result
+                }
                 let now = clock.now
-                try await record("the live reply about to be shown", afterSend: false, metadata: metadata) { [inbox, lease = item.lease] in
-                    try await inbox.recordLive(lease, state: .opening, now: now)
+                try await record("the live reply about to be shown", afterSend: false, metadata: metadata) { [inbox, lease = item.lease, reference] in
+                    try await inbox.recordLive(lease, state: .opening, reference: reference, now: now)
                 }
                 item.live = .opening
             }
@@ -429,8 +436,9 @@ public final class Dispatcher: Sendable {
                 return result
             }
             let now = clock.now
+            let reference = live.reference
             try await record("the shown live reply", afterSend: true, metadata: metadata) { [inbox, lease = item.lease] in
-                try await inbox.recordLive(lease, state: .opened, now: now)
+                try await inbox.recordLive(lease, state: .opened, reference: reference, now: now)
             }
             item.live = .opened
         }
@@ -438,7 +446,7 @@ public final class Dispatcher: Sendable {
         if let stored = item.reply {
             reply = stored
         } else {
-            let updates = LiveUpdates(reply: live, interval: replies.liveUpdateInterval, clock: clock, logger: logger)
+            let updates = LiveUpdates(reply: live, interval: live.updateInterval, clock: clock, logger: logger)
             let made: StoredReply?
             do {
                 made = try await self.reply(for: item, metadata: metadata) { delta in updates.append(delta) }
@@ -461,7 +469,7 @@ public final class Dispatcher: Sendable {
             if case .ended(let result) = finished { return result }
             let now = clock.now
             try await record("the finished live reply", afterSend: true, metadata: metadata) { [inbox, lease = item.lease] in
-                try await inbox.recordLive(lease, state: .finalized, now: now)
+                try await inbox.recordLive(lease, state: .finalized, reference: nil, now: now)
             }
         }
         try await recordFinished(reply, for: item, metadata: metadata)
@@ -513,7 +521,7 @@ public final class Dispatcher: Sendable {
         }
         let now = clock.now
         try await record("the refused live reply", afterSend: false, metadata: metadata) { [inbox] in
-            try await inbox.recordLive(item.lease, state: .declined, now: now)
+            try await inbox.recordLive(item.lease, state: .declined, reference: nil, now: now)
         }
         var item = item
         item.live = .declined

@@ -67,14 +67,14 @@ public protocol ConversationStore: Sendable {
 /// The platform's way out for an answer: whole messages (one-shot), and optionally a live reply that
 /// shows the answer while the model writes it.
 public protocol ReplyChannel: Sendable {
-    /// The messages `text` is sent as: one, or numbered parts when it exceeds the platform's size limit.
-    func parts(of text: String) -> [String]
+    /// The messages `text` is sent as to answer `message`: one, or numbered parts when it exceeds the
+    /// platform's size limit.
+    func parts(of text: String, replyingTo message: InboundMessage) -> [String]
     /// Delivers one part of an answer to `message`. Throws ``DeliveryError``.
     func deliver(part: String, replyingTo message: InboundMessage) async throws
-    /// A live reply for `message` (a card that grows), or nil to answer with whole messages.
-    func liveReply(to message: InboundMessage) -> (any LiveReply)?
-    /// The shortest pause between two updates of one live reply.
-    var liveUpdateInterval: Duration { get }
+    /// A live reply for `message` (a card that grows), or nil to answer with whole messages. `reference`
+    /// is what an earlier attempt recorded for it (``LiveReply/prepare()``, ``LiveReply/reference``).
+    func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)?
 }
 
 /// An answer shown while it is being written: opened, updated with the whole text so far, then finished
@@ -84,6 +84,15 @@ public protocol ReplyChannel: Sendable {
 /// cannot have a live reply (the dispatcher answers it with whole messages instead), and from
 /// ``finish(_:)``/``fail(_:)`` that the shown reply cannot be completed.
 public protocol LiveReply: Sendable {
+    /// Creates what the reply needs before it can be shown (a card entity) and returns the platform's
+    /// reference to it, recorded on the row with `opening` before ``open(resuming:)``, so an attempt after
+    /// a crash shows that same card and not a second one. Nil when the platform needs nothing.
+    func prepare() async throws -> String?
+    /// What to record with `opened` once the reply is shown (e.g. the id of the message that shows it), to
+    /// be handed back to later attempts; nil keeps what was recorded.
+    var reference: String? { get }
+    /// The shortest pause between two updates of this reply.
+    var updateInterval: Duration { get }
     /// Shows the reply, empty and marked as being written. `resuming`: an earlier attempt began showing it
     /// and may have succeeded, so the reply is looked for first and shown only when it is not there.
     func open(resuming: Bool) async throws
@@ -111,12 +120,45 @@ public enum LiveReplyState: String, Sendable, Equatable, Codable {
 }
 
 extension ReplyChannel {
-    public func liveReply(to message: InboundMessage) -> (any LiveReply)? { nil }
-    public var liveUpdateInterval: Duration { .milliseconds(500) }
+    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? { nil }
 
     /// Delivers every part of `text`, in order.
     public func deliver(_ text: String, replyingTo message: InboundMessage) async throws {
-        for part in parts(of: text) { try await deliver(part: part, replyingTo: message) }
+        for part in parts(of: text, replyingTo: message) { try await deliver(part: part, replyingTo: message) }
+    }
+}
+
+extension LiveReply {
+    public func prepare() async throws -> String? { nil }
+    public var reference: String? { nil }
+    public var updateInterval: Duration { .milliseconds(500) }
+}
+
+/// Answers each message through the reply channel of its platform (`InboundMessage.platform`), so several
+/// platforms share one dispatcher. A message of a platform without a channel cannot be answered: its
+/// sends fail for good (a configuration change removed the platform while its messages waited).
+public struct PlatformReplies: ReplyChannel {
+    private let channels: [String: any ReplyChannel]
+
+    public init(_ channels: [String: any ReplyChannel]) {
+        self.channels = channels
+    }
+
+    private func channel(for message: InboundMessage) -> (any ReplyChannel)? { channels[message.platform] }
+
+    public func parts(of text: String, replyingTo message: InboundMessage) -> [String] {
+        channel(for: message)?.parts(of: text, replyingTo: message) ?? [text]
+    }
+
+    public func deliver(part: String, replyingTo message: InboundMessage) async throws {
+        guard let channel = channel(for: message) else {
+            throw DeliveryError(isRetryable: false, reason: "no reply channel for platform \"\(message.platform)\" is configured")
+        }
+        try await channel.deliver(part: part, replyingTo: message)
+    }
+
+    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
+        channel(for: message)?.liveReply(to: message, reference: reference)
     }
 }
 
@@ -182,12 +224,14 @@ public struct InboxItem: Sendable, Equatable {
     public var uncertainSends: Int
     /// Whether an earlier attempt showed a live reply (or was refused one).
     public var live: LiveReplyState
+    /// What an earlier attempt recorded to find its live reply again (``LiveReply/prepare()``).
+    public var liveReference: String?
 
     public var id: Int64 { lease.id }
 
     public init(
         lease: Lease, message: InboundMessage, conversation: ConversationKey, attempts: Int, reply: StoredReply? = nil,
-        deliveredParts: Int = 0, uncertainSends: Int = 0, live: LiveReplyState = .none
+        deliveredParts: Int = 0, uncertainSends: Int = 0, live: LiveReplyState = .none, liveReference: String? = nil
     ) {
         self.lease = lease
         self.message = message
@@ -197,6 +241,7 @@ public struct InboxItem: Sendable, Equatable {
         self.deliveredParts = deliveredParts
         self.uncertainSends = uncertainSends
         self.live = live
+        self.liveReference = liveReference
     }
 }
 
@@ -237,11 +282,21 @@ public struct ReleasedClaims: Sendable, Equatable {
     public var gaveUp = 0
     /// The messages among those given up whose live reply may be showing (a card "thinking" or half
     /// written): the dispatcher tells it the answer failed.
-    public var gaveUpLive: [InboundMessage] = []
-    public init(requeued: Int = 0, gaveUp: Int = 0, gaveUpLive: [InboundMessage] = []) {
+    public var gaveUpLive: [LiveReplyAddress] = []
+    public init(requeued: Int = 0, gaveUp: Int = 0, gaveUpLive: [LiveReplyAddress] = []) {
         self.requeued = requeued
         self.gaveUp = gaveUp
         self.gaveUpLive = gaveUpLive
+    }
+}
+
+/// Where a message's live reply is: the message it answers and the reference an attempt recorded for it.
+public struct LiveReplyAddress: Sendable, Equatable {
+    public var message: InboundMessage
+    public var reference: String?
+    public init(message: InboundMessage, reference: String? = nil) {
+        self.message = message
+        self.reference = reference
     }
 }
 
@@ -269,8 +324,9 @@ public protocol Inbox: Sendable {
     /// Records that the next part is about to be sent (its outcome is unknown until recorded) and extends
     /// the lease to `leaseUntil`. Called immediately before every send.
     func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws
-    /// Records how far the message's live reply got (shown, or refused by the platform).
-    func recordLive(_ lease: Lease, state: LiveReplyState, now: Date) async throws
+    /// Records how far the message's live reply got (shown, or refused by the platform), with the
+    /// platform's reference to it when there is a new one (nil keeps the recorded one).
+    func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws
     /// Records that the first `parts` parts of the reply were delivered.
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws
     /// The whole reply was delivered: marks the row answered (or failed, for an error reply) and applies

@@ -30,6 +30,7 @@ public struct DingTalkCard: LiveReply {
 
     var settings: DingTalkSettings { channel.settings }
     var key: String { settings.card.contentKey }
+    public var updateInterval: Duration { settings.card.updateInterval }
 
     /// Creates and delivers the card, then sets it inputting. Resuming, the card is set inputting first and
     /// created only when DingTalk does not know it, so an earlier attempt's card is never doubled.

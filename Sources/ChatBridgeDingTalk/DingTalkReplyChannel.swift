@@ -43,16 +43,14 @@ public struct DingTalkReplyChannel: ReplyChannel {
     private let cardProblems: CardProblems
 
     /// With `dingtalk.card.template_id` set (and OpenAPI credentials), every answer streams into an AI card.
-    public func liveReply(to message: InboundMessage) -> (any LiveReply)? {
+    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
         guard settings.card.isEnabled, settings.hasOpenAPICredentials else { return nil }
         return DingTalkCard(
             outTrackID: DingTalkCard.outTrackID(robotCode: settings.robotCode, messageID: message.messageID), message: message,
             channel: self, limiter: cardLimiter, problems: cardProblems)
     }
 
-    public var liveUpdateInterval: Duration { settings.card.updateInterval }
-
-    public func parts(of text: String) -> [String] {
+    public func parts(of text: String, replyingTo message: InboundMessage) -> [String] {
         let parts = TextSplitter(maxCharacters: max(settings.maxMessageChars - 16, 16)).split(text)
         guard parts.count > 1 else { return parts }
         return parts.enumerated().map { index, part in "(\(index + 1)/\(parts.count))\n\n" + part }

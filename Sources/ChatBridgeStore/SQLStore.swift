@@ -189,6 +189,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         (3, [
             "ALTER TABLE inbox ADD COLUMN live_state TEXT NOT NULL DEFAULT 'none'",
         ]),
+        // The platform's reference to the live reply (a Lark card entity, the message showing it), so every
+        // attempt continues the same card.
+        (4, [
+            "ALTER TABLE inbox ADD COLUMN live_ref TEXT",
+        ]),
     ]
 
     /// The newest schema version this build knows.
@@ -261,7 +266,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                     ORDER BY i.id
                     LIMIT \(bind: limit))
                 RETURNING id, lease_token, payload, conversation_key, attempts, answer, reply_kind, reply_effect,
-                    delivered_parts, uncertain_sends, live_state
+                    delivered_parts, uncertain_sends, live_state, live_ref
                 """).all()
         }
         var claimed: [ClaimedRow] = []
@@ -308,7 +313,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             attempts: try row.decode(column: "attempts", as: Int.self), reply: reply,
             deliveredParts: try row.decode(column: "delivered_parts", as: Int.self),
             uncertainSends: try row.decode(column: "uncertain_sends", as: Int.self),
-            live: LiveReplyState(rawValue: try row.decode(column: "live_state", as: String.self)) ?? .none)
+            live: LiveReplyState(rawValue: try row.decode(column: "live_state", as: String.self)) ?? .none,
+            liveReference: try row.decode(column: "live_ref", as: String?.self))
     }
 
     public func renewLeases(_ leases: [Lease], until: Date) async throws -> Int {
@@ -391,7 +397,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     /// What a release returns: the new state, and for a message given up while its live reply may be
     /// showing, the message (so the reply can be told).
     private static let releasedColumns = SQLQueryString("""
-        state, CASE WHEN state = 'failed' AND live_state IN ('opening', 'opened') THEN payload END AS live_payload
+        state, CASE WHEN state = 'failed' AND live_state IN ('opening', 'opened') THEN payload END AS live_payload, live_ref
         """)
 
     private static func released(_ rows: [any SQLRow]) -> ReleasedClaims {
@@ -405,7 +411,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             if let payload = try? row.decode(column: "live_payload", as: String?.self),
                 let message = try? decoder.decode(InboundMessage.self, from: Data(payload.utf8))
             {
-                result.gaveUpLive.append(message)
+                let reference = try? row.decode(column: "live_ref", as: String?.self)
+                result.gaveUpLive.append(LiveReplyAddress(message: message, reference: reference))
             }
         }
         return result
@@ -425,8 +432,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             """)
     }
 
-    public func recordLive(_ lease: Lease, state: LiveReplyState, now: Date) async throws {
-        try await update(lease, set: "live_state = \(bind: state.rawValue), updated_at = \(bind: now.millis)")
+    public func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws {
+        try await update(lease, set: """
+            live_state = \(bind: state.rawValue), live_ref = COALESCE(\(bind: reference), live_ref), updated_at = \(bind: now.millis)
+            """)
     }
 
     public func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {

@@ -48,6 +48,24 @@ import Testing
         await f.stop()
     }
 
+    @Test func aPreparedReferenceIsRecordedBeforeTheReplyShowsAndHandedToTheNextAttempt() async throws {
+        let live = LiveTwin(references: (prepared: "card-7", shown: "card-7 in om_1"))
+        let f = DispatcherFixture(live: live)
+        live.script(.open, DeliveryError(isRetryable: true, reason: "timed out after sending"))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await eventually { await f.inbox.row(id)?.lastError?.contains("live reply failed") == true })
+        // The card entity exists before anything is shown: its reference is on the row with `opening`.
+        #expect(await f.inbox.row(id)?.live == .opening)
+        #expect(await f.inbox.row(id)?.liveReference == "card-7")
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "answered" })
+        // The resumed attempt gets the recorded card, not a new one; once shown, its own reference is kept.
+        #expect(live.calls == [.prepare, .open(resuming: false), .open(resuming: true), .finish("Answer to: question")])
+        #expect(f.replies.references.withLock { $0 } == [nil, "card-7"])
+        #expect(await f.inbox.row(id)?.liveReference == "card-7 in om_1")
+        await f.stop()
+    }
+
     @Test func aLiveReplyThatCannotBeShownInAnyAttemptIsAnsweredAsAMessage() async throws {
         let live = LiveTwin()
         let f = DispatcherFixture(maxAttempts: 3, live: live)
@@ -97,7 +115,7 @@ import Testing
     @Test func liveRepliesOfMessagesGivenUpAtStartAreMarkedFailed() async throws {
         let live = LiveTwin()
         let f = DispatcherFixture(live: live)
-        f.dispatcher.failLiveRepliesWhenRunning([textMessage("m1", "question")])
+        f.dispatcher.failLiveRepliesWhenRunning([LiveReplyAddress(message: textMessage("m1", "question"))])
         f.start()
         let failed = EngineSettings(language: .en).messages.failed
         #expect(await eventually { live.calls == [.fail(failed)] })
@@ -111,7 +129,7 @@ import Testing
         // Another worker claimed it, showed its card and died on its last allowed attempt.
         let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 1, now: f.clock.now)
         guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
-        try await f.inbox.recordLive(item.lease, state: .opened, now: f.clock.now)
+        try await f.inbox.recordLive(item.lease, state: .opened, reference: nil, now: f.clock.now)
         f.start()
         // This dispatcher's reaper finds the expired claim, gives the message up and marks its card failed.
         #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "failed" })

@@ -122,21 +122,21 @@ import Testing
         let claimed = items(try await store.claim(limit: 10, owner: "dead", leaseUntil: now.addingTimeInterval(30), maxAttempts: 1, now: now))
         #expect(claimed.count == 3)
         let byID = Dictionary(uniqueKeysWithValues: claimed.map { ($0.message.messageID, $0) })
-        try await store.recordLive(byID["shown"]!.lease, state: .opened, now: now)
-        try await store.recordLive(byID["opening"]!.lease, state: .opening, now: now)
+        try await store.recordLive(byID["shown"]!.lease, state: .opened, reference: "card-1", now: now)
+        try await store.recordLive(byID["opening"]!.lease, state: .opening, reference: nil, now: now)
         // The process dies on the last allowed attempt; the next start gives up all three and names the two
         // whose card may be showing, so they can be marked failed instead of "thinking" forever.
         let released = try await store.reclaimRunning(now: now, maxAttempts: 1)
         #expect(released.gaveUp == 3)
-        #expect(Set(released.gaveUpLive.map(\.messageID)) == ["shown", "opening"])
-        #expect(released.gaveUpLive.first { $0.messageID == "shown" } == byID["shown"]!.message)
+        #expect(Set(released.gaveUpLive.map(\.message.messageID)) == ["shown", "opening"])
+        #expect(released.gaveUpLive.first { $0.message.messageID == "shown" } == LiveReplyAddress(message: byID["shown"]!.message, reference: "card-1"))
         // The same through the lease reaper.
         try await accept(store, ["late"])
         let later = Date()
         let late = try #require(items(try await store.claim(limit: 1, owner: "dead", leaseUntil: later.addingTimeInterval(30), maxAttempts: 1, now: later)).first)
-        try await store.recordLive(late.lease, state: .opened, now: later)
+        try await store.recordLive(late.lease, state: .opened, reference: nil, now: later)
         let reaped = try await store.releaseExpiredLeases(now: later.addingTimeInterval(31), maxAttempts: 1, keeping: [])
-        #expect(reaped.gaveUpLive.map(\.messageID) == ["late"])
+        #expect(reaped.gaveUpLive.map(\.message.messageID) == ["late"])
         await store.close()
     }
 

@@ -102,6 +102,7 @@ actor InMemoryInbox: Inbox {
         var deliveredParts = 0
         var uncertainSends = 0
         var live = LiveReplyState.none
+        var liveReference: String?
         var lastError: String?
     }
 
@@ -212,7 +213,8 @@ actor InMemoryInbox: Inbox {
             if let message = try? Self.decoder.decode(InboundMessage.self, from: row.payload) {
                 result.append(.ready(InboxItem(
                     lease: lease, message: message, conversation: row.conversation, attempts: rows[index].attempts,
-                    reply: row.reply, deliveredParts: row.deliveredParts, uncertainSends: row.uncertainSends, live: row.live)))
+                    reply: row.reply, deliveredParts: row.deliveredParts, uncertainSends: row.uncertainSends, live: row.live,
+                    liveReference: rows[index].liveReference)))
             } else {
                 result.append(.unreadable(lease, reason: "the stored message payload does not decode"))
             }
@@ -244,7 +246,7 @@ actor InMemoryInbox: Inbox {
                 if rows[index].live == .opening || rows[index].live == .opened,
                     let message = try? Self.decoder.decode(InboundMessage.self, from: rows[index].payload)
                 {
-                    released.gaveUpLive.append(message)
+                    released.gaveUpLive.append(LiveReplyAddress(message: message, reference: rows[index].liveReference))
                 }
             } else {
                 rows[index].state = "pending"
@@ -279,9 +281,10 @@ actor InMemoryInbox: Inbox {
         rows[index].leaseExpires = leaseUntil
     }
 
-    func recordLive(_ lease: Lease, state: LiveReplyState, now: Date) async throws {
+    func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws {
         let index = try index(lease, .recordLive)
         rows[index].live = state
+        if let reference { rows[index].liveReference = reference }
     }
 
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
@@ -366,13 +369,18 @@ final class ScriptedModel: ChatModel {
 /// A live reply twin: records every call, in order, and fails by script.
 final class LiveTwin: Sendable {
     enum Call: Equatable, Sendable {
+        case prepare
         case open(resuming: Bool)
         case update(String)
         case finish(String)
         case fail(String)
     }
-    enum Kind: Hashable, Sendable { case open, update, finish, fail }
+    enum Kind: Hashable, Sendable { case prepare, open, update, finish, fail }
     private let state = Mutex<(calls: [Call], script: [Kind: [DeliveryError]])>(([], [:]))
+    /// When set, the reply is prepared (a call recorded) and returns this reference, and once shown
+    /// reports `shown` as its reference, like a card entity and the message showing it.
+    let references: (prepared: String, shown: String)?
+    init(references: (prepared: String, shown: String)? = nil) { self.references = references }
 
     /// The next calls of `kind` fail with `errors`, in order.
     func script(_ kind: Kind, _ errors: DeliveryError...) { state.withLock { $0.script[kind, default: []].append(contentsOf: errors) } }
@@ -391,6 +399,12 @@ final class LiveTwin: Sendable {
 
     struct Reply: LiveReply {
         let twin: LiveTwin
+        func prepare() async throws -> String? {
+            guard let references = twin.references else { return nil }
+            try twin.perform(.prepare, .prepare)
+            return references.prepared
+        }
+        var reference: String? { twin.references?.shown }
         func open(resuming: Bool) async throws { try twin.perform(.open(resuming: resuming), .open) }
         func update(_ text: String) async throws { try twin.perform(.update(text), .update) }
         func finish(_ text: String) async throws { try twin.perform(.finish(text), .finish) }
@@ -403,7 +417,13 @@ final class LiveTwin: Sendable {
 final class RecordingReplies: ReplyChannel {
     let live: LiveTwin?
     init(live: LiveTwin? = nil) { self.live = live }
-    func liveReply(to message: InboundMessage) -> (any LiveReply)? { live.map { LiveTwin.Reply(twin: $0) } }
+    func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
+        guard let live else { return nil }
+        references.withLock { $0.append(reference) }
+        return LiveTwin.Reply(twin: live)
+    }
+    /// The reference each live reply was made with, in order.
+    let references = Mutex<[String?]>([])
 
     enum Outcome: Sendable {
         case delivered
@@ -418,7 +438,7 @@ final class RecordingReplies: ReplyChannel {
     /// Every part that was delivered (an uncertain send counts: the platform got it).
     var delivered: [String] { state.withLock { $0.delivered } }
 
-    func parts(of text: String) -> [String] { text.components(separatedBy: "|") }
+    func parts(of text: String, replyingTo message: InboundMessage) -> [String] { text.components(separatedBy: "|") }
 
     func deliver(part: String, replyingTo message: InboundMessage) async throws {
         let outcome = state.withLock { state -> Outcome in
