@@ -142,8 +142,10 @@ public struct LarkMessageEvent: Sendable, Equatable {
 
     /// The message for the engine, or nil when it is not for the bot (a group message that does not
     /// mention it, when only mentions are answered).
-    public func normalised(settings: LarkSettings, botOpenID: String, receivedAt: Date) -> InboundMessage? {
-        if isGroup, settings.groupReply == .mention, !mentions(botOpenID: botOpenID) { return nil }
+    /// `botOpenID` may be nil (not known yet) only where it is not needed: direct chats, and groups when
+    /// every message is answered.
+    public func normalised(settings: LarkSettings, botOpenID: String?, receivedAt: Date) -> InboundMessage? {
+        if isGroup, settings.groupReply == .mention, !(botOpenID.map(mentions(botOpenID:)) ?? false) { return nil }
         var chat = chatID
         if settings.replyInThread, let threadID { chat += "#" + threadID }
         return InboundMessage(
@@ -155,7 +157,7 @@ public struct LarkMessageEvent: Sendable, Equatable {
 
     /// Text and rich text become the question (mention placeholders replaced by names, the bot's own
     /// mention removed); anything else is named for the "I can only read text" reply.
-    func body(botOpenID: String) -> MessageBody {
+    func body(botOpenID: String?) -> MessageBody {
         let object = (try? JSONSerialization.jsonObject(with: Data(content.utf8))) as? [String: Any] ?? [:]
         switch messageType {
         case "text":
@@ -169,7 +171,7 @@ public struct LarkMessageEvent: Sendable, Equatable {
         }
     }
 
-    private func resolvingMentions(_ text: String, botOpenID: String) -> String {
+    private func resolvingMentions(_ text: String, botOpenID: String?) -> String {
         var text = text
         // Longest keys first, so @_user_1 does not eat the start of @_user_10.
         for mention in mentions.sorted(by: { $0.key.count > $1.key.count }) {

@@ -90,8 +90,10 @@ public struct LarkWebhookIngress: Sendable {
     /// Stores one authenticated message event (also the long connection's way in).
     public func store(_ event: LarkMessageEvent) async throws -> LarkWebhookOutcome {
         guard event.senderType == "user" else { return .ignored("a message from \(event.senderType)") }
-        guard let bot = await botOpenID() else {
-            throw IngressRejection(.unavailable, "the bot's own open_id is not known yet (GET /open-apis/bot/v3/info); Feishu re-pushes the event")
+        // Only a group message answered on mention needs the bot's own open_id to decide.
+        let bot = await botOpenID()
+        if bot == nil, event.isGroup, settings.groupReply == .mention {
+            throw reject(.unavailable, "the bot's own open_id is not known yet (GET /open-apis/bot/v3/info); Feishu re-pushes the event")
         }
         guard let message = event.normalised(settings: settings, botOpenID: bot, receivedAt: clock.now) else {
             return .ignored("a group message that does not mention the bot")

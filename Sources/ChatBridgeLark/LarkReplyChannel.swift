@@ -1,0 +1,147 @@
+import AsyncHTTPClient
+import ChatBridgeCore
+import Crypto
+import Foundation
+import Logging
+import NIOHTTP1
+import Synchronization
+
+/// The bot's own open_id, fetched once (at start, or at the first message that needs it) and cached.
+/// A failed fetch is tried again at most every `retryInterval`, so a flood of events cannot hammer the API.
+public actor LarkBotIdentity {
+    private let api: LarkAPI
+    private let logger: Logger
+    private let retryInterval: Duration
+    private var info: LarkBotInfo?
+    private var lastFailure: Date?
+    private var inFlight: Task<LarkBotInfo, any Error>?
+
+    public init(api: LarkAPI, retryInterval: Duration = .seconds(5), logger: Logger) {
+        self.api = api
+        self.logger = logger
+        self.retryInterval = retryInterval
+    }
+
+    /// The bot's open_id, or nil while it cannot be fetched.
+    public func openID() async -> String? {
+        if let info { return info.openID }
+        if let lastFailure, api.clock.now.timeIntervalSince(lastFailure) < retryInterval.seconds { return nil }
+        return try? await fetch().openID
+    }
+
+    /// Fetches the bot's info now (at start); logs what went wrong when it cannot.
+    @discardableResult
+    public func fetch() async throws -> LarkBotInfo {
+        if let info { return info }
+        let task: Task<LarkBotInfo, any Error>
+        if let inFlight {
+            task = inFlight
+        } else {
+            task = Task { [api] in try await api.botInfo() }
+            inFlight = task
+        }
+        defer { if inFlight == task { inFlight = nil } }
+        do {
+            let fetched = try await task.value
+            if info == nil {
+                logger.notice("Lark bot identified", metadata: ["bot": "\(fetched.name)", "open_id": "\(fetched.openID)"])
+            }
+            info = fetched
+            return fetched
+        } catch {
+            lastFailure = api.clock.now
+            logger.error("cannot fetch the Lark bot's own info; group messages that mention it are refused (Feishu re-pushes them) until it works", metadata: ["error": "\(error)"])
+            throw error
+        }
+    }
+}
+
+/// Answers Lark/Feishu messages (protocols E.4, E.5): every message is a reply
+/// (`POST /open-apis/im/v1/messages/{message_id}/reply`) carrying a `uuid` derived from the platform message
+/// id and the part, so Feishu itself refuses a second copy when a retry or a restart sends it again; with
+/// `lark.card.mode` the answer streams into a card (``LarkCard``).
+public struct LarkReplyChannel: ReplyChannel {
+    public let api: LarkAPI
+    let logger: Logger
+    let problems: LarkCardProblems
+    var settings: LarkSettings { api.settings }
+
+    /// Characters per text message: 150 KB of JSON even when every character takes three bytes and some
+    /// need escaping.
+    static let maxTextCharacters = 40_000
+
+    public init(api: LarkAPI, logger: Logger) {
+        self.api = api
+        self.logger = logger
+        problems = LarkCardProblems(logger: logger)
+    }
+
+    public func parts(of text: String, replyingTo message: InboundMessage) -> [String] {
+        Self.numberedParts(of: text, maxCharacters: Self.maxTextCharacters)
+    }
+
+    static func numberedParts(of text: String, maxCharacters: Int) -> [String] {
+        let parts = TextSplitter(maxCharacters: maxCharacters - 16).split(text)
+        guard parts.count > 1 else { return parts }
+        return parts.enumerated().map { index, part in "(\(index + 1)/\(parts.count))\n" + part }
+    }
+
+    public func deliver(part: String, replyingTo message: InboundMessage) async throws {
+        do {
+            _ = try await reply(to: message, type: "text", content: ["text": part], uuid: Self.uuid(message: message, salt: "text\n" + part))
+        } catch {
+            throw error.delivery
+        }
+    }
+
+    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
+        guard settings.cardMode != .off else { return nil }
+        return LarkCard(message: message, reference: reference.flatMap(LarkCard.Reference.decode), channel: self)
+    }
+
+    /// Replies to `message` with one message; returns the new message's id.
+    func reply(to message: InboundMessage, type: String, content: [String: Any], uuid: String) async throws(LarkAPIError) -> String {
+        guard let contentJSON = try? JSONSerialization.data(withJSONObject: content) else {
+            throw LarkAPIError(code: 0, httpStatus: 0, isRetryable: false, mayHaveBeenSent: false, description: "the reply could not be encoded")
+        }
+        let body: [String: Any] = [
+            "msg_type": type, "content": String(decoding: contentJSON, as: UTF8.self), "uuid": uuid,
+            "reply_in_thread": settings.replyInThread,
+        ]
+        let path = "/open-apis/im/v1/messages/\(Self.pathSegment(message.messageID))/reply"
+        do {
+            let data = try await api.call(.POST, path, body: body, what: "reply")
+            return data["message_id"] as? String ?? ""
+        } catch where error.code == 200770 {
+            // The uuid was used already: this reply is in the chat.
+            logger.notice("Feishu reports this reply as sent already (uuid in use); not sending it again", metadata: ["message_id": "\(message.messageID)"])
+            return ""
+        }
+    }
+
+    /// The reply's idempotency key (≤ 50 characters): a hash of the app, the platform message id and what
+    /// identifies the part, never a database row id (Feishu's uuids are not scoped to a chat, and row ids
+    /// repeat after a database reset).
+    static func uuid(message: InboundMessage, salt: String) -> String {
+        let digest = SHA256.hash(data: Data("\(message.botID)\n\(message.messageID)\n\(salt)".utf8))
+        return "cb-" + digest.prefix(20).lowercaseHex
+    }
+
+    /// A platform id as one URL path segment: ids are `om_…` and similar; anything else is percent-encoded.
+    static func pathSegment(_ id: String) -> String {
+        id.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "_-"))) ?? id
+    }
+}
+
+/// Card problems an admin must fix, each logged once (not once per message).
+public final class LarkCardProblems: Sendable {
+    private let logger: Logger
+    private let logged = Mutex<Set<String>>([])
+
+    init(logger: Logger) { self.logger = logger }
+
+    func once(_ key: String, _ message: Logger.Message, metadata: Logger.Metadata = [:]) {
+        guard logged.withLock({ $0.insert(key).inserted }) else { return }
+        logger.error(message, metadata: metadata)
+    }
+}
