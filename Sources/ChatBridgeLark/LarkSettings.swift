@@ -1,3 +1,5 @@
+import Foundation
+
 /// Lark / Feishu settings (`lark.*`).
 public struct LarkSettings: Sendable, Equatable {
     /// How events arrive.
@@ -38,6 +40,35 @@ public struct LarkSettings: Sendable, Equatable {
     public var replyInThread: Bool
     public var cardMode: CardMode
     public var cardUpdateInterval: Duration
+    /// The long connection's settings (`lark.stream.*`).
+    public var stream = Stream()
+
+    /// `lark.stream.*`: the long connection.
+    public struct Stream: Sendable, Equatable {
+        /// Hosts the WebSocket URL from `/callback/ws/endpoint` may point at (a host or any subdomain of
+        /// it); anything else is refused, so a forged endpoint answer cannot send the app's traffic elsewhere.
+        public var hosts = ["feishu.cn", "larksuite.com", "larkoffice.com"]
+        /// How long a ping may go unanswered before the connection counts as dead and is replaced.
+        public var keepaliveTimeout: Duration = .seconds(10)
+        /// The longest pause between reconnection attempts.
+        public var maxBackoff: Duration = .seconds(60)
+        public var initialBackoff: Duration = .seconds(1)
+        public init() {}
+
+        /// Whether the platform-supplied WebSocket URL may be used: `wss` on an allowed host (`ws` only on
+        /// loopback, for local gateways).
+        public func allows(_ url: String) -> Bool {
+            guard let components = URLComponents(string: url), let scheme = components.scheme?.lowercased(),
+                let host = components.host?.lowercased(), !host.isEmpty
+            else { return false }
+            let loopback = ["127.0.0.1", "localhost", "::1"].contains(host)
+            guard scheme == "wss" || (scheme == "ws" && loopback) else { return false }
+            return hosts.contains { allowed in
+                let allowed = allowed.lowercased()
+                return host == allowed || host.hasSuffix("." + allowed)
+            }
+        }
+    }
 
     public init(
         appID: String = "", appSecret: String = "", verificationToken: String = "", encryptKey: String = "",
@@ -58,6 +89,9 @@ public struct LarkSettings: Sendable, Equatable {
 
     /// The app can call the OpenAPI (tokens, replies, bot info).
     public var hasCredentials: Bool { !appID.isEmpty && !appSecret.isEmpty }
+
+    /// Lark is configured at all (an app id is set): its routes, replies and connection are active.
+    public var isEnabled: Bool { !appID.isEmpty }
 
     /// Why the webhook route cannot accept events, or nil when it can: it never accepts unauthenticated ones.
     public var webhookConfigurationProblem: String? {

@@ -87,6 +87,32 @@ public struct LarkWebhookIngress: Sendable {
         return try await store(message)
     }
 
+    /// Handles one event from the long connection, which is authenticated when it connects: the payload
+    /// is the E.2 JSON (decrypted first if it comes encrypted). Throws like ``receive(body:timestamp:nonce:signature:)``.
+    public func receiveTrusted(_ payload: Data) async throws -> LarkWebhookOutcome {
+        var json = payload
+        struct Outer: Decodable { var encrypt: String? }
+        if let encrypted = (try? JSONDecoder().decode(Outer.self, from: payload))?.encrypt {
+            guard !settings.encryptKey.isEmpty else { throw reject(.badRequest, "an encrypted event although lark.encrypt_key is not set") }
+            do {
+                json = try LarkCrypto.decrypt(encrypted, encryptKey: settings.encryptKey)
+            } catch {
+                throw reject(.badRequest, error.description)
+            }
+        }
+        let event: LarkEvent
+        do {
+            event = try LarkEvent.decode(json)
+        } catch {
+            throw reject(.badRequest, error.description)
+        }
+        guard case .message(let message, _) = event else {
+            logger.debug("ignoring a Lark event", metadata: ["type": "\(event.type)"])
+            return .ignored(event.type)
+        }
+        return try await store(message)
+    }
+
     /// Stores one authenticated message event (also the long connection's way in).
     public func store(_ event: LarkMessageEvent) async throws -> LarkWebhookOutcome {
         guard event.senderType == "user" else { return .ignored("a message from \(event.senderType)") }

@@ -2,6 +2,7 @@ import AsyncHTTPClient
 import ChatBridgeCore
 import ChatBridgeDingTalk
 import ChatBridgeHTTP
+import ChatBridgeLark
 import ChatBridgeLLM
 import ChatBridgeStore
 import Foundation
@@ -38,6 +39,13 @@ public struct ChatBridgeComponents: Sendable {
     public let ingress: DingTalkIngress
     /// The DingTalk Stream-mode connection (status `off` when not configured to connect).
     public let stream: DingTalkStream
+    /// The Lark webhook ingress (answers 503 until Lark is configured).
+    public let larkIngress: LarkWebhookIngress
+    /// The Lark long connection (status `off` when not configured to connect); it also fetches the bot's
+    /// identity at start.
+    public let larkConnection: LarkLongConnection
+    /// The Lark OpenAPI client (nil when Lark is not configured).
+    public let larkAPI: LarkAPI?
     public let httpClient: HTTPClient
     /// The registry `/metrics` renders; every metric of this application is recorded in it.
     public let metrics: PrometheusCollectorRegistry
@@ -105,7 +113,7 @@ public struct ChatBridgeApplication: ApplicationProtocol {
             timeout: components.configuration.server.drainTimeout, logger: logger)
         // Shut down in reverse: the Stream connection first (no frame is read, so none is acknowledged, after
         // this point), then the drain (the HTTP server still accepts), then the server and its services.
-        let group = ServiceGroup(configuration: .init(services: [http, drain, components.stream], logger: logger))
+        let group = ServiceGroup(configuration: .init(services: [http, drain, components.stream, components.larkConnection], logger: logger))
         do {
             try await group.run()
         } catch let error as IOError where error.errnoCode == EADDRINUSE {
@@ -281,7 +289,11 @@ public func buildApplication(
         connectionsPerHost: max(configuration.worker.concurrency, 8))
     let model = OpenAIChatModel(settings: configuration.llm, client: httpClient, metrics: factory, logger: logger)
     let engine = Engine(settings: configuration.engine, model: model, conversations: store, clock: clock)
-    let replies = DingTalkReplyChannel(settings: configuration.dingtalk, client: httpClient, logger: logger)
+    let dingtalkReplies = DingTalkReplyChannel(settings: configuration.dingtalk, client: httpClient, logger: logger)
+    var channels: [String: any ReplyChannel] = ["dingtalk": dingtalkReplies]
+    let larkAPI = configuration.lark.isEnabled ? LarkAPI(settings: configuration.lark, client: httpClient, clock: clock, logger: logger) : nil
+    if let larkAPI { channels["lark"] = LarkReplyChannel(api: larkAPI, logger: logger) }
+    let replies = PlatformReplies(channels)
     let owner = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     let dispatcher = Dispatcher(
         inbox: store, engine: engine, replies: replies,
@@ -297,8 +309,16 @@ public func buildApplication(
     let stream = DingTalkStream(
         settings: configuration.dingtalk, ingress: ingress, client: httpClient, clock: clock, metrics: factory,
         logger: logger)
+    let larkBot = LarkBotIdentity(api: larkAPI ?? LarkAPI(settings: configuration.lark, client: httpClient, clock: clock, logger: logger), logger: logger)
+    let larkIngress = LarkWebhookIngress(
+        settings: configuration.lark, groupScope: configuration.engine.groupScope, inbox: store, clock: clock,
+        botOpenID: { configuration.lark.isEnabled ? await larkBot.openID() : nil }, metrics: factory, logger: logger,
+        onAccepted: { [dispatcher] in dispatcher.wake() })
+    let larkConnection = LarkLongConnection(
+        settings: configuration.lark, ingress: larkIngress, bot: larkBot, client: httpClient, clock: clock, metrics: factory, logger: logger)
     let components = ChatBridgeComponents(
         configuration: configuration, store: store, engine: engine, dispatcher: dispatcher, ingress: ingress, stream: stream,
+        larkIngress: larkIngress, larkConnection: larkConnection, larkAPI: larkAPI,
         httpClient: httpClient,
         metrics: metrics, lifecycle: LifecycleState(), ports: BoundPorts(), serverRunning: OneTimeEvent(),
         dispatcherStopped: OneTimeEvent())
@@ -306,19 +326,21 @@ public func buildApplication(
     let router = Router()
     router.get("/healthz") { _, _ in Response.json(.ok, ["status": "ok"]) }
     router.get("/readyz") { _, _ in
-        // The Stream state is reported, not required: callbacks and answers work without it.
-        let streamState = stream.status.rawValue
+        // The connection states are reported, not required: callbacks and answers work without them.
+        func body(_ status: String) -> [String: String] {
+            ["status": status, "dingtalk_stream": stream.status.rawValue, "lark_stream": larkConnection.status.rawValue]
+        }
         if components.lifecycle.isDraining {
-            return Response.json(.serviceUnavailable, ["status": "draining", "dingtalk_stream": streamState])
+            return Response.json(.serviceUnavailable, body("draining"))
         }
         do {
             let version = try await store.schemaVersion()
             guard version == SQLStore.latestVersion else {
-                return Response.json(.serviceUnavailable, ["status": "migrations pending", "dingtalk_stream": streamState])
+                return Response.json(.serviceUnavailable, body("migrations pending"))
             }
-            return Response.json(.ok, ["status": "ready", "dingtalk_stream": streamState])
+            return Response.json(.ok, body("ready"))
         } catch {
-            return Response.json(.serviceUnavailable, ["status": "database unreachable", "dingtalk_stream": streamState])
+            return Response.json(.serviceUnavailable, body("database unreachable"))
         }
     }
     if configuration.server.metricsAddress == nil {
@@ -326,6 +348,9 @@ public func buildApplication(
     }
     DingTalkCallbackController(
         ingress: ingress, maxBodyBytes: configuration.server.maxBodyBytes, metrics: factory, logger: logger
+    ).addRoutes(to: router)
+    LarkCallbackController(
+        ingress: larkIngress, maxBodyBytes: configuration.server.maxBodyBytes, metrics: factory, logger: logger
     ).addRoutes(to: router)
 
     var app = ChatBridgeApplication(

@@ -1,5 +1,6 @@
 import ChatBridgeCore
 import ChatBridgeDingTalk
+import ChatBridgeLark
 import ChatBridgeLLM
 import ChatBridgeStore
 import Configuration
@@ -72,6 +73,7 @@ public struct ChatBridgeConfiguration: Sendable {
     public var llm = LLMSettings()
     public var engine = EngineSettings()
     public var dingtalk = DingTalkSettings()
+    public var lark = LarkSettings()
     public var worker = Worker()
     public var log = Log()
     /// Where the file came from, if any.
@@ -240,6 +242,8 @@ public struct ChatBridgeConfiguration: Sendable {
             r.warning("dingtalk.client_id", "not set; replies can only go through sessionWebhooks, not the OpenAPI fallback")
         }
 
+        readLark(&r)
+
         worker.concurrency = r.int("worker.concurrency", range: 1...100_000) ?? worker.concurrency
         worker.maxAttempts = r.int("worker.max_attempts", range: 1...100) ?? worker.maxAttempts
         worker.lease = r.duration("worker.lease") ?? worker.lease
@@ -259,6 +263,71 @@ public struct ChatBridgeConfiguration: Sendable {
             }
         }
         problems = r.problems
+    }
+
+    private mutating func readLark(_ r: inout Reader) {
+        lark.appID = r.string("lark.app_id")?.trimmingCharacters(in: .whitespaces) ?? ""
+        lark.appSecret = r.string("lark.app_secret", secret: true) ?? ""
+        lark.verificationToken = r.string("lark.verification_token", secret: true) ?? ""
+        lark.encryptKey = r.string("lark.encrypt_key", secret: true) ?? ""
+        if let base = r.string("lark.base_url") {
+            var trimmed = base.trimmingCharacters(in: .whitespaces)
+            while trimmed.hasSuffix("/") { trimmed.removeLast() }
+            if let url = URLComponents(string: trimmed), let scheme = url.scheme?.lowercased(), ["http", "https"].contains(scheme), url.host?.isEmpty == false {
+                lark.baseURL = trimmed
+            } else {
+                r.error("lark.base_url", "must be an http(s) URL such as https://open.feishu.cn or https://open.larksuite.com, got '\(base.prefix(60))'")
+            }
+        }
+        if let mode = r.string("lark.mode") {
+            if let value = LarkSettings.Mode(rawValue: mode.lowercased()) { lark.mode = value } else {
+                r.error("lark.mode", "must be websocket or webhook, got '\(mode.prefix(60))'")
+            }
+        }
+        if let reply = r.string("lark.group_reply") {
+            if let value = LarkSettings.GroupReply(rawValue: reply.lowercased()) { lark.groupReply = value } else {
+                r.error("lark.group_reply", "must be mention or all, got '\(reply.prefix(60))'")
+            }
+        }
+        if let thread = r.string("lark.reply_in_thread") {
+            switch thread.lowercased() {
+            case "true", "yes", "1", "on": lark.replyInThread = true
+            case "false", "no", "0", "off": lark.replyInThread = false
+            default: r.error("lark.reply_in_thread", "must be true or false, got '\(thread.prefix(60))'")
+            }
+        }
+        if let mode = r.string("lark.card.mode") {
+            if let value = LarkSettings.CardMode(rawValue: mode.lowercased()) { lark.cardMode = value } else {
+                r.error("lark.card.mode", "must be cardkit, patch or off, got '\(mode.prefix(60))'")
+            }
+        }
+        lark.cardUpdateInterval = r.duration("lark.card.update_interval") ?? lark.cardUpdateInterval
+        if lark.cardUpdateInterval < .milliseconds(100) {
+            r.error("lark.card.update_interval", "must be at least 100ms (Feishu limits updates per card and per message)")
+            lark.cardUpdateInterval = .milliseconds(500)
+        }
+        lark.stream.hosts = r.list("lark.stream.hosts") ?? lark.stream.hosts
+        lark.stream.keepaliveTimeout = r.duration("lark.stream.keepalive_timeout") ?? lark.stream.keepaliveTimeout
+        if lark.stream.keepaliveTimeout < .milliseconds(100) {
+            r.error("lark.stream.keepalive_timeout", "must be at least 100ms")
+            lark.stream.keepaliveTimeout = .seconds(10)
+        }
+        lark.stream.maxBackoff = r.duration("lark.stream.max_backoff") ?? lark.stream.maxBackoff
+        if lark.stream.maxBackoff < .milliseconds(100) {
+            r.error("lark.stream.max_backoff", "must be at least 100ms")
+            lark.stream.maxBackoff = .seconds(60)
+        }
+        lark.stream.initialBackoff = min(lark.stream.initialBackoff, lark.stream.maxBackoff)
+        guard lark.isEnabled else {
+            if !lark.appSecret.isEmpty { r.warning("lark.app_id", "lark.app_secret is set but lark.app_id is not; Lark stays off until it is") }
+            return
+        }
+        if lark.appSecret.isEmpty {
+            r.error("lark.app_secret", "not set (CHATBRIDGE_LARK_APP_SECRET): Lark needs the app secret to fetch tokens and reply")
+        }
+        if lark.mode == .webhook, let problem = lark.webhookConfigurationProblem {
+            r.warning("lark.mode", problem + "; until then /callbacks/lark answers 503")
+        }
     }
 
     /// The effective settings, one `key = value` line each, with secrets masked.
@@ -295,6 +364,12 @@ public struct ChatBridgeConfiguration: Sendable {
             ("dingtalk.card.update_interval", "\(dingtalk.card.updateInterval)"),
             ("dingtalk.card.max_qps", "\(dingtalk.card.maxQPS)"),
             ("dingtalk.card.qps_backoff", "\(dingtalk.card.qpsLimitPause)"),
+            ("lark.app_id", lark.appID.isEmpty ? "(not set: Lark off)" : lark.appID), ("lark.app_secret", mask(lark.appSecret)),
+            ("lark.verification_token", mask(lark.verificationToken)), ("lark.encrypt_key", mask(lark.encryptKey)),
+            ("lark.base_url", lark.baseURL), ("lark.mode", lark.mode.rawValue), ("lark.group_reply", lark.groupReply.rawValue),
+            ("lark.reply_in_thread", "\(lark.replyInThread)"), ("lark.card.mode", lark.cardMode.rawValue),
+            ("lark.card.update_interval", "\(lark.cardUpdateInterval)"), ("lark.stream.hosts", lark.stream.hosts.joined(separator: ", ")),
+            ("lark.stream.keepalive_timeout", "\(lark.stream.keepaliveTimeout)"), ("lark.stream.max_backoff", seconds(lark.stream.maxBackoff)),
             ("worker.concurrency", "\(worker.concurrency)"), ("worker.max_attempts", "\(worker.maxAttempts)"), ("worker.lease", seconds(worker.lease)),
             ("worker.max_retry_wait", seconds(worker.maxRetryWait)),
             ("log.level", log.level.rawValue), ("log.format", log.format.rawValue),
