@@ -259,6 +259,9 @@ public final class LarkLongConnection: Service, Sendable {
         var configuration = WebSocketClientConfiguration()
         configuration.maxFrameSize = 1 << 20
         configuration.closeTimeout = .seconds(3)
+        // WebSocket pings as well: a peer that stops answering them has its socket closed by the client,
+        // which ends the read below (a dead peer never answers a close either).
+        configuration.autoPing = .enabled(timePeriod: settings.stream.keepaliveTimeout)
         var wsLogger = logger
         wsLogger.logLevel = max(logger.logLevel, .notice)
         let service = Self.serviceID(of: url)
@@ -271,9 +274,11 @@ public final class LarkLongConnection: Service, Sendable {
                 self.logger.notice("Lark long connection open")
                 defer { self.changeOpen(by: -1) }
                 let fragments = Fragments()
-                await withDiscardingTaskGroup { tasks in
-                    tasks.addTask {
-                        // Pings: at once, then every PingInterval; an unanswered one ends the connection.
+                // The pinger ends the connection when a ping goes unanswered: the reader is cancelled and the
+                // socket closed, whatever the other side does (a dead peer never answers a close either).
+                await withTaskGroup(of: Void.self) { connection in
+                    connection.addTask {
+                        // Pings: at once, then every PingInterval.
                         while !Task.isCancelled {
                             liveness.pinged(at: self.clock.now)
                             try? await outbound.write(.binary(ByteBuffer(bytes: Self.ping(service: service))))
@@ -290,37 +295,42 @@ public final class LarkLongConnection: Service, Sendable {
                             }
                         }
                     }
-                    do {
-                        for try await message in inbound.messages(maxSize: 1 << 20) {
-                            guard case .binary(let buffer) = message else { continue }
-                            let frame: Pbbp2_Frame
+                    connection.addTask {
+                        await withDiscardingTaskGroup { tasks in
                             do {
-                                frame = try Pbbp2_Frame(serializedBytes: Array(buffer.readableBytesView))
-                            } catch {
-                                self.frameCounters["malformed"]?.increment()
-                                self.logger.warning("ignoring a frame that is not pbbp2", metadata: ["error": "\(error)"])
-                                continue
-                            }
-                            if frame.method == 0 {
-                                self.control(frame, liveness: liveness)
-                                continue
-                            }
-                            guard let payload = self.data(frame, fragments: fragments) else { continue }
-                            tasks.addTask {
-                                let started = ContinuousClock.now
-                                let response = await self.respond(to: frame, payload: payload, started: started)
-                                do {
-                                    try await outbound.write(.binary(ByteBuffer(bytes: response)))
-                                    self.responseTimer.recordNanoseconds((ContinuousClock.now - started).nanoseconds)
-                                } catch {
-                                    self.logger.debug("could not write a response; Feishu pushes the event again", metadata: ["error": "\(error)"])
+                                for try await message in inbound.messages(maxSize: 1 << 20) {
+                                    guard case .binary(let buffer) = message else { continue }
+                                    let frame: Pbbp2_Frame
+                                    do {
+                                        frame = try Pbbp2_Frame(serializedBytes: Array(buffer.readableBytesView))
+                                    } catch {
+                                        self.frameCounters["malformed"]?.increment()
+                                        self.logger.warning("ignoring a frame that is not pbbp2", metadata: ["error": "\(error)"])
+                                        continue
+                                    }
+                                    if frame.method == 0 {
+                                        self.control(frame, liveness: liveness)
+                                        continue
+                                    }
+                                    guard let payload = self.data(frame, fragments: fragments) else { continue }
+                                    tasks.addTask {
+                                        let started = ContinuousClock.now
+                                        let response = await self.respond(to: frame, payload: payload, started: started)
+                                        do {
+                                            try await outbound.write(.binary(ByteBuffer(bytes: response)))
+                                            self.responseTimer.recordNanoseconds((ContinuousClock.now - started).nanoseconds)
+                                        } catch {
+                                            self.logger.debug("could not write a response; Feishu pushes the event again", metadata: ["error": "\(error)"])
+                                        }
+                                    }
                                 }
+                            } catch {
+                                self.logger.debug("the long connection's read ended with an error", metadata: ["error": "\(error)"])
                             }
                         }
-                    } catch {
-                        self.logger.debug("the long connection's read ended with an error", metadata: ["error": "\(error)"])
                     }
-                    tasks.cancelAll()
+                    await connection.next()
+                    connection.cancelAll()
                 }
             }
             if liveness.dead { return ("a ping went unanswered for \(settings.stream.keepaliveTimeout)", "keepalive") }

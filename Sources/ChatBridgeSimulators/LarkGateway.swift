@@ -90,7 +90,14 @@ public final class LarkGateway: Sendable {
     }
 
     /// Open connections stop reading and writing: nothing pushed arrives, pings go unanswered.
-    public func goSilent() { silence.withLock { $0 }.signal() }
+    public func goSilent() {
+        // Marked at once, so nothing pushed after this call is written to them.
+        state.withLock { state in
+            for id in state.links.keys { state.links[id]?.silent = true }
+        }
+        silence.withLock { $0 }.signal()
+        changed.notify()
+    }
     /// New connections are not silent any more.
     public func endSilence() { silence.withLock { $0 = OneTimeEvent() } }
     /// Closes every connection now.
@@ -109,12 +116,26 @@ public final class LarkGateway: Sendable {
         state.withLock { state in state.replies.compactMap { reply in state.pushTimes[reply.messageID].map { reply.at - $0 } } }
     }
 
-    /// Waits until `condition` holds (checked after every change).
-    public func wait(until condition: @Sendable (LarkGateway) -> Bool) async {
-        while true {
-            let seen = changed.generation
-            if condition(self) { return }
-            await changed.wait(past: seen)
+    /// Waits until `condition` holds (checked after every change); false when `seconds` pass first.
+    @discardableResult
+    public func wait(seconds: Double = 20, until condition: @escaping @Sendable (LarkGateway) -> Bool) async -> Bool {
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                while !Task.isCancelled {
+                    let seen = self.changed.generation
+                    if condition(self) { return true }
+                    await self.changed.wait(past: seen)
+                }
+                return false
+            }
+            group.addTask {
+                try? await Task.sleep(for: .seconds(seconds))
+                return false
+            }
+            let first = await group.next() ?? false
+            group.cancelAll()
+            self.changed.notify()
+            return first
         }
     }
 
@@ -124,6 +145,10 @@ public final class LarkGateway: Sendable {
     /// not the Feishu message's).
     @discardableResult
     public func pushEvent(_ event: Data, fragments: Int = 1, type: String = "event", messageID: String? = nil, to connection: Int? = nil) async throws -> String {
+        try await pushEvent(event, fragments: fragments, type: type, messageID: messageID, to: connection, repeating: false)
+    }
+
+    private func pushEvent(_ event: Data, fragments: Int, type: String, messageID: String?, to connection: Int?, repeating: Bool) async throws -> String {
         let id = messageID ?? UUID().uuidString.lowercased()
         guard let (linkID, link) = self.link(connection) else { throw SimulatorError(description: "no open Lark connection") }
         let count = max(1, min(fragments, event.count))
@@ -152,6 +177,19 @@ public final class LarkGateway: Sendable {
             state.pushTimes[id] = Date().timeIntervalSince1970
         }
         changed.notify()
+        if !repeating, let delay = state.withLock({ $0.redeliverAfter }) {
+            // Feishu pushes an event again when no success response came back (to any open connection),
+            // until one does (here every `delay`, at most 20 times; Feishu waits 15 s, 5 min, 1 h, 6 h).
+            Task {
+                for _ in 0..<20 {
+                    try? await Task.sleep(for: delay)
+                    if self.replies(for: id).contains(where: { $0.code == 200 }) || self.stopped.hasHappened { return }
+                    guard self.link(nil) != nil else { continue }
+                    _ = try? await self.pushEvent(event, fragments: fragments, type: type, messageID: id, to: nil, repeating: true)
+                    return
+                }
+            }
+        }
         guard !link.silent else { return id }
         // Fragments out of order, as the protocol allows: the last one first when there are several.
         let order = frames.count > 1 ? [frames.count - 1] + Array(0..<(frames.count - 1)) : [0]
@@ -159,14 +197,6 @@ public final class LarkGateway: Sendable {
             try await link.outbound.write(.binary(ByteBuffer(bytes: try frames[index].serializedBytes() as [UInt8])))
         }
         _ = linkID
-        if let delay = state.withLock({ $0.redeliverAfter }) {
-            Task {
-                try? await Task.sleep(for: delay)
-                if !self.replies(for: id).contains(where: { $0.code == 200 }) {
-                    _ = try? await self.pushEvent(event, fragments: fragments, type: type, messageID: id, to: nil)
-                }
-            }
-        }
         return id
     }
 

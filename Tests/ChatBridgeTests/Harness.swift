@@ -40,6 +40,8 @@ func metricValue(_ text: String, _ sample: String) -> Double? {
 final class Harness: @unchecked Sendable {
     let model: ModelSimulator
     let dingtalk: DingTalkSimulator
+    /// Feishu on loopback, when started with `lark: true`.
+    let lark: LarkSimulator?
     let client: HTTPClient
     let directory: String
     let configuration: ChatBridgeConfiguration
@@ -51,8 +53,17 @@ final class Harness: @unchecked Sendable {
 
     var store: SQLStore { app.components.store }
 
-    static func start(_ overrides: [String: String] = [:], behaviour: ModelSimulator.Behaviour = .init()) async throws -> Harness {
+    static let larkVerificationToken = "lark-verification-token-123"
+    static let larkEncryptKey = "lark-encrypt-key-456"
+
+    static func start(
+        _ overrides: [String: String] = [:], behaviour: ModelSimulator.Behaviour = .init(), lark larkEnabled: Bool = false, larkSimulator: LarkSimulator? = nil
+    ) async throws -> Harness {
         let model = try await ModelSimulator.start(behaviour: behaviour)
+        var lark: LarkSimulator?
+        if larkEnabled {
+            if let larkSimulator { lark = larkSimulator } else { lark = try await LarkSimulator.start() }
+        }
         let dingtalk = try await DingTalkSimulator.start()
         dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
         let directory = temporaryDirectory()
@@ -63,6 +74,13 @@ final class Harness: @unchecked Sendable {
             "dingtalk.webhook_hosts": "127.0.0.1", "bot.language": "en", "worker.max_attempts": "3", "dingtalk.mode": "http",
             "dingtalk.stream.hosts": "127.0.0.1", "dingtalk.stream.max_backoff": "300ms",
         ]
+        if let lark {
+            values.merge([
+                "lark.app_id": lark.appID, "lark.app_secret": lark.appSecret, "lark.base_url": lark.baseURL, "lark.mode": "webhook",
+                "lark.verification_token": larkVerificationToken, "lark.encrypt_key": larkEncryptKey, "lark.stream.hosts": "127.0.0.1",
+                "lark.stream.max_backoff": "300ms", "lark.card.update_interval": "100ms",
+            ]) { $1 }
+        }
         values.merge(overrides) { $1 }
         let configuration = ChatBridgeConfiguration.from(values: values)
         precondition(configuration.errors.isEmpty, "\(configuration.errors)")
@@ -70,7 +88,7 @@ final class Harness: @unchecked Sendable {
         let (app, group, task, port) = try await launch(configuration)
         let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
         return Harness(
-            model: model, dingtalk: dingtalk, client: client, directory: directory, configuration: configuration, app: app, sender: sender,
+            model: model, dingtalk: dingtalk, lark: lark, client: client, directory: directory, configuration: configuration, app: app, sender: sender,
             port: port, group: group, task: task)
     }
 
@@ -93,11 +111,12 @@ final class Harness: @unchecked Sendable {
     }
 
     private init(
-        model: ModelSimulator, dingtalk: DingTalkSimulator, client: HTTPClient, directory: String, configuration: ChatBridgeConfiguration,
+        model: ModelSimulator, dingtalk: DingTalkSimulator, lark: LarkSimulator?, client: HTTPClient, directory: String, configuration: ChatBridgeConfiguration,
         app: ChatBridgeApplication, sender: CallbackSender, port: Int, group: ServiceGroup, task: Task<Void, any Error>
     ) {
         self.model = model
         self.dingtalk = dingtalk
+        self.lark = lark
         self.client = client
         self.directory = directory
         self.configuration = configuration
@@ -115,6 +134,22 @@ final class Harness: @unchecked Sendable {
             messageID: id, text: text, conversationID: conversation, senderStaffID: staff, group: group,
             webhook: webhook ?? dingtalk.webhookURL(session: id), webhookExpiresAt: webhookExpiresAt)
         return try await sender.post(body, client: client)
+    }
+
+    /// Signs and encrypts Lark events for `/callbacks/lark`, as Feishu does.
+    var larkSender: LarkEventSender {
+        LarkEventSender(
+            url: "http://127.0.0.1:\(port)/callbacks/lark", verificationToken: Self.larkVerificationToken, encryptKey: Self.larkEncryptKey,
+            appID: lark?.appID ?? "cli_sim")
+    }
+
+    /// Posts a Lark text message event to the webhook.
+    @discardableResult
+    func sendLark(
+        _ id: String, _ text: String, chat: String = "oc_direct", group: Bool = false, mentions: [LarkEventSender.Mention] = [], sender: String = "ou_user1"
+    ) async throws -> (status: Int, body: String) {
+        let event = larkSender.messageEvent(messageID: id, text: text, chatID: chat, group: group, sender: sender, mentions: mentions)
+        return try await larkSender.post(event, client: client)
     }
 
     func get(_ path: String, port: Int? = nil) async throws -> (status: Int, body: String) {
@@ -159,6 +194,7 @@ final class Harness: @unchecked Sendable {
         try? await client.shutdown()
         await model.stop()
         await dingtalk.stop()
+        await lark?.stop()
         try? FileManager.default.removeItem(atPath: directory)
     }
 }

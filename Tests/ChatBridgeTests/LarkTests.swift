@@ -140,8 +140,15 @@ import Testing
         }
         // Neither key nor token: the route accepts nothing.
         await expectRejected(.notConfigured) { try await Rig(encryptKey: "", token: "").send(Self.message(), encryptKey: "") }
-        // The bot's identity is not known yet: not stored, so Feishu pushes it again later.
-        await expectRejected(.unavailable) { try await Rig(botKnown: false).send(Self.message()) }
+        // The bot's identity is not known yet: a group message cannot be judged, so it is not stored and
+        // Feishu pushes it again later.
+        let unknownBot = Rig(botKnown: false)
+        await expectRejected(.unavailable) {
+            try await unknownBot.send(Self.message(chatType: "group", content: ["text": "@_user_1 hi"], mentions: [Self.mention("@_user_1", Self.bot, "Bot")]))
+        }
+        #expect(await unknownBot.inbox.rows.isEmpty)
+        // A direct message does not need it.
+        #expect(try await unknownBot.send(Self.message(id: "om_p2p")) == .stored(.accepted))
         #expect(await rig.inbox.rows.isEmpty)
         #expect(await tokenOnly.inbox.rows.isEmpty)
     }
