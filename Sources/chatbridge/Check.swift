@@ -3,6 +3,7 @@ import AsyncHTTPClient
 import ChatBridgeCore
 import ChatBridgeDingTalk
 import ChatBridgeHTTP
+import ChatBridgeLark
 import ChatBridgeLLM
 import ChatBridgeServer
 import Foundation
@@ -11,12 +12,12 @@ import Logging
 struct Check: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Validate the configuration and print the effective settings with secrets masked.",
-        discussion: "Secrets are shown only as set or not set, with a length class, never any of their characters. Prints one line per problem (a bad value names its key); exits 1 if any is an error. With --probe it also sends one tiny request to the model and, when DingTalk credentials are set, requests one access token, and reports each as ok or the exact failure (\"cannot reach HOST: why; check llm.base_url and the network\")."
+        discussion: "Secrets are shown only as set or not set, with a length class, never any of their characters. Prints one line per problem (a bad value names its key); exits 1 if any is an error. With --probe it also sends one tiny request to the model and, when DingTalk credentials are set, requests one access token, and when Lark is configured fetches a tenant token and the bot's info, and reports each as ok or the exact failure (\"cannot reach HOST: why; check llm.base_url and the network\")."
     )
 
     @OptionGroup var options: ConfigOption
 
-    @Flag(help: "Also make one small model request and one DingTalk access-token request.")
+    @Flag(help: "Also make one small model request, one DingTalk access-token request, and a Lark tenant-token and bot-info request.")
     var probe = false
 
     func run() async throws {
@@ -61,6 +62,24 @@ struct Check: AsyncParsableCommand {
                 }
             } else {
                 print("probe dingtalk: skipped (dingtalk.client_id and dingtalk.client_secret not both set)")
+            }
+            if configuration.lark.hasCredentials {
+                let lark = LarkAPI(settings: configuration.lark, client: client, logger: logger)
+                if let problem = await lark.probeToken() {
+                    failed = true
+                    print("probe lark token: failed: \(problem)")
+                } else {
+                    print("probe lark token: ok (tenant access token issued by \(configuration.lark.baseURL))")
+                    do {
+                        let bot = try await lark.botInfo()
+                        print("probe lark bot: ok (\"\(bot.name)\", open_id \(bot.openID))")
+                    } catch {
+                        failed = true
+                        print("probe lark bot: failed: \(error)")
+                    }
+                }
+            } else {
+                print("probe lark: skipped (lark.app_id and lark.app_secret not both set)")
             }
             try? await client.shutdown()
         }

@@ -55,6 +55,30 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         await model.stop()
     }
 
+    @Test func checkProbesLarkTokenAndBotInfoWithoutShowingSecrets() async throws {
+        let model = try await ModelSimulator.start()
+        let lark = try await LarkSimulator.start()
+        let directory = temporaryDirectory()
+        var env = [
+            "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-very-secret-value",
+            "CHATBRIDGE_LARK_APP_ID": lark.appID, "CHATBRIDGE_LARK_APP_SECRET": lark.appSecret, "CHATBRIDGE_LARK_BASE_URL": lark.baseURL,
+            "CHATBRIDGE_LARK_ENCRYPT_KEY": "encrypt-key-value", "CHATBRIDGE_LARK_VERIFICATION_TOKEN": "verification-token-value",
+        ]
+        let ok = try runChatbridge(["check", "--probe"], environment: env, directory: directory)
+        #expect(ok.status == 0, "\(ok.stdout)")
+        #expect(ok.stdout.contains("probe lark token: ok"))
+        #expect(ok.stdout.contains("probe lark bot: ok (\"ChatBridge\", open_id ou_bot)"))
+        for secret in [lark.appSecret, "encrypt-key", "verification-token"] { #expect(!ok.stdout.contains(secret)) }
+        env["CHATBRIDGE_LARK_APP_SECRET"] = "wrong-secret"
+        let refused = try runChatbridge(["check", "--probe"], environment: env, directory: directory)
+        #expect(refused.status == 1)
+        #expect(refused.stdout.contains("probe lark token: failed: Feishu refused the tenant access token request (HTTP 400 code 10014"))
+        #expect(refused.stdout.contains("check lark.app_id and lark.app_secret"))
+        #expect(!refused.stdout.contains("wrong-secret"))
+        await model.stop()
+        await lark.stop()
+    }
+
     @Test func checkMasksSecretsReportsProblemsAndProbes() async throws {
         let model = try await ModelSimulator.start()
         let dingtalk = try await DingTalkSimulator.start()

@@ -1,4 +1,5 @@
 import ChatBridgeDingTalk
+import ChatBridgeLark
 import ChatBridgeSimulators
 import ChatBridgeStore
 import Logging
@@ -188,5 +189,63 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
         await store.close()
         await model.stop()
         await dingtalk.stop()
+    }
+}
+
+/// The real binary over the Lark long connection with CardKit answers, killed mid-stream.
+@Suite(.serialized) struct LarkCrashTests {
+    @Test func killedWhileCardKitCardsStreamTheSameCardsAreFinishedOnceAfterTheRestart() async throws {
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.tokensPerSecond = 20
+        behaviour.answerTokens = 40
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        let lark = try await LarkSimulator.start()
+        lark.gateway.setRedelivery(after: .seconds(1))
+        let directory = temporaryDirectory()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment.merge([
+            "CHATBRIDGE_LARK_APP_ID": lark.appID, "CHATBRIDGE_LARK_APP_SECRET": lark.appSecret, "CHATBRIDGE_LARK_BASE_URL": lark.baseURL,
+            "CHATBRIDGE_LARK_MODE": "websocket", "CHATBRIDGE_LARK_STREAM_HOSTS": "127.0.0.1", "CHATBRIDGE_LARK_CARD_UPDATE_INTERVAL": "100ms",
+            "CHATBRIDGE_LARK_STREAM_MAX_BACKOFF": "300ms",
+        ]) { $1 }
+        let executable = chatbridgeExecutable()
+        let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
+        _ = try await first.waitUntilListening()
+        #expect(await lark.gateway.wait { !$0.openConnections.isEmpty })
+        let sender = LarkEventSender(url: "", verificationToken: "", encryptKey: "")
+        for i in 0..<4 {
+            let event = sender.messageEvent(messageID: "om_k\(i)", text: "q\(i)", chatID: "oc_k\(i)", sender: "ou_k\(i)")
+            let frame = try await lark.gateway.pushEvent(event)
+            #expect(await lark.gateway.wait { $0.replies(for: frame).contains { $0.code == 200 } })
+        }
+        // Kill while the cards are half written.
+        #expect(await eventually { lark.cards.count == 4 && lark.cards.allSatisfy { $0.text.contains(" w3") } })
+        first.signal(SIGKILL)
+        _ = await first.wait()
+        #expect(lark.cards.allSatisfy { $0.streaming })
+
+        let second = try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
+        _ = try await second.waitUntilListening()
+        #expect(await eventually(seconds: 60) { lark.cards.count == 4 && lark.cards.allSatisfy { !$0.streaming } })
+        second.signal(SIGTERM)
+        #expect(await second.wait() == 0)
+        for i in 0..<4 {
+            let replies = lark.replies(to: "om_k\(i)")
+            #expect(replies.count == 1, "one card message per question")
+            let card = try #require(replies.first?.cardID.flatMap { lark.card($0) })
+            #expect(card.sends == 1)
+            #expect(card.text == ModelSimulator.answer(to: "q\(i)") + (0..<40).map { " w\($0)" }.joined())
+            #expect(zip(card.sequences, card.sequences.dropFirst()).allSatisfy { $0 < $1 }, "sequences rise across the restart")
+        }
+        #expect(lark.cards.count == 4, "no second card entity for any message")
+        let store = try await SQLStore.open(.sqliteFile(path: "\(directory)/chatbridge.sqlite"), logger: Logger(label: "t"))
+        let rows = try await store.inboxRows()
+        #expect(rows.count == 4)
+        #expect(rows.allSatisfy { $0.state == "answered" && $0.live == "finalized" })
+        await store.close()
+        await model.stop()
+        await dingtalk.stop()
+        await lark.stop()
     }
 }
