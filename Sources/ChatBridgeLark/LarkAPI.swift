@@ -151,7 +151,7 @@ struct LarkHTTP: Sendable {
             }
         }
         let json = buffer.flatMap { try? JSONSerialization.jsonObject(with: Data(buffer: $0)) as? [String: Any] } ?? [:]
-        let code = (json["code"] as? NSNumber)?.intValue ?? (json["code"] == nil ? -1 : 0)
+        let code = (json["code"] as? NSNumber)?.intValue ?? -1
         return Answer(status: status, code: code, message: json["msg"] as? String ?? "", json: json, headers: response.headers)
     }
 
@@ -205,6 +205,11 @@ public struct LarkAPI: Sendable {
     /// Calls `path` with a tenant token and returns the answer's `data` object. `body` is a JSON object.
     @discardableResult
     public func call(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil, what: String) async throws(LarkAPIError) -> [String: Any] {
+        try await answer(method, path, body: body, what: what)["data"] as? [String: Any] ?? [:]
+    }
+
+    /// Like ``call(_:_:body:what:)`` but returns the whole JSON answer.
+    func answer(_ method: HTTPMethod, _ path: String, body: [String: Any]? = nil, what: String) async throws(LarkAPIError) -> [String: Any] {
         let payload = body.flatMap { try? JSONSerialization.data(withJSONObject: $0) }
         var refreshedToken = false
         var limited = 0
@@ -212,7 +217,7 @@ public struct LarkAPI: Sendable {
             let token = try await tokens.token()
             let answer = try await http.exchange(method, path, body: payload, token: token, what: what)
             if (200..<300).contains(answer.status), answer.code == 0 {
-                return answer.json["data"] as? [String: Any] ?? [:]
+                return answer.json
             }
             if LarkAPIError.tokenCodes.contains(answer.code), !refreshedToken {
                 await tokens.invalidate(token)
@@ -278,15 +283,12 @@ public struct LarkAPI: Sendable {
     /// The bot's own identity (`GET /open-apis/bot/v3/info`); the open_id is how a group message's
     /// mention of the bot is recognised.
     public func botInfo() async throws(LarkAPIError) -> LarkBotInfo {
-        let token = try await tokens.token()
-        let answer = try await http.exchange(.GET, "/open-apis/bot/v3/info", body: nil, token: token, what: "bot info request")
-        guard answer.status == 200, answer.code == 0, let bot = answer.json["bot"] as? [String: Any], let openID = bot["open_id"] as? String, !openID.isEmpty else {
-            var failure = failure(answer, what: "bot info request", retryAfter: nil)
-            if answer.status == 200, answer.code == 0 {
-                failure.description = "bot info request answered without the bot's open_id; enable the Bot capability of the app"
-                failure.isRetryable = false
-            }
-            throw failure
+        // Through the same token refresh and frequency-limit waits as every other call.
+        let json = try await answer(.GET, "/open-apis/bot/v3/info", what: "bot info request")
+        guard let bot = json["bot"] as? [String: Any], let openID = bot["open_id"] as? String, !openID.isEmpty else {
+            throw LarkAPIError(
+                code: 0, httpStatus: 200, isRetryable: false, mayHaveBeenSent: false,
+                description: "bot info request answered without the bot's open_id; enable the Bot capability of the app")
         }
         return LarkBotInfo(openID: openID, name: bot["app_name"] as? String ?? "", activateStatus: (bot["activate_status"] as? NSNumber)?.intValue)
     }

@@ -85,15 +85,13 @@ public final class LarkCard: LiveReply {
                 throw DeliveryError(isRetryable: true, reason: "CardKit card create answered without a card_id")
             }
             return Reference(mode: .cardkit, card: id, created: created)
-        } catch let error as LarkAPIError where !error.isRetryable && !error.mayHaveBeenSent {
-            if LarkAPIError.permissionCodes.contains(error.code) || error.httpStatus == 403 {
-                channel.problems.once(
-                    "cardkit-permission",
-                    "CardKit cards are refused for lack of permission; answers use patched interactive cards instead. Grant the scope cardkit:card:write (Permissions & Scopes) and publish a version, or set lark.card.mode: patch",
-                    metadata: ["error": "\(error)"])
-            } else {
-                channel.problems.once("cardkit-refused", "CardKit refused to create a card; answers use patched interactive cards instead", metadata: ["error": "\(error)"])
-            }
+        } catch let error as LarkAPIError where !error.isRetryable && !error.mayHaveBeenSent
+            && (LarkAPIError.permissionCodes.contains(error.code) || error.httpStatus == 403)
+        {
+            channel.problems.once(
+                "cardkit-permission",
+                "CardKit cards are refused for lack of permission; answers use patched interactive cards instead. Grant the scope cardkit:card:write (Permissions & Scopes) and publish a version, or set lark.card.mode: patch",
+                metadata: ["error": "\(error)"])
             return Reference(mode: .patch)
         } catch let error as LarkAPIError {
             throw error.delivery
@@ -104,6 +102,10 @@ public final class LarkCard: LiveReply {
         var reference: Reference
         if let current {
             reference = current
+        } else if resuming, settings.cardMode == .cardkit {
+            // An earlier attempt may have shown a card whose entity this one does not know: a new entity
+            // sent under the same uuid would never be seen. The answer goes out as a message instead.
+            throw DeliveryError(isRetryable: false, reason: "the card an earlier attempt may have shown is not recorded")
         } else {
             reference = try await makeReference()
             state.withLock { $0.reference = reference }

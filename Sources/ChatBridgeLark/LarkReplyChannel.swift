@@ -95,7 +95,8 @@ public struct LarkReplyChannel: ReplyChannel {
     }
 
     public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
-        guard settings.cardMode != .off else { return nil }
+        // A card an earlier attempt began is continued even when cards were switched off since.
+        guard settings.cardMode != .off || reference != nil else { return nil }
         return LarkCard(message: message, reference: reference.flatMap(LarkCard.Reference.decode), channel: self)
     }
 

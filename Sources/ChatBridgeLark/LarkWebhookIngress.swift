@@ -45,6 +45,9 @@ public struct LarkWebhookIngress: Sendable {
     /// (``IngressRejection``) for a delivery that must not be stored, any other error when the inbox could
     /// not store it (503).
     public func receive(body: Data, timestamp: String?, nonce: String?, signature: String?) async throws -> LarkWebhookOutcome {
+        guard settings.isEnabled else {
+            throw reject(.notConfigured, "Lark is not configured: set lark.app_id and lark.app_secret (CHATBRIDGE_LARK_APP_ID, CHATBRIDGE_LARK_APP_SECRET)")
+        }
         if let problem = settings.webhookConfigurationProblem { throw reject(.notConfigured, problem) }
         // With an encrypt key, the signature over the raw bytes is checked before anything is decrypted, and
         // an unsigned body (only the challenge may come unsigned) gets one answer whatever fails, so the
@@ -116,9 +119,11 @@ public struct LarkWebhookIngress: Sendable {
     /// Stores one authenticated message event (also the long connection's way in).
     public func store(_ event: LarkMessageEvent) async throws -> LarkWebhookOutcome {
         guard event.senderType == "user" else { return .ignored("a message from \(event.senderType)") }
-        // Only a group message answered on mention needs the bot's own open_id to decide.
-        let bot = await botOpenID()
-        if bot == nil, event.isGroup, settings.groupReply == .mention {
+        // Only a group message answered on mention needs the bot's own open_id to decide; nothing else waits
+        // for it in the acknowledgement path.
+        let needsBot = event.isGroup && settings.groupReply == .mention
+        let bot = needsBot ? await botOpenID() : nil
+        if bot == nil, needsBot {
             throw reject(.unavailable, "the bot's own open_id is not known yet (GET /open-apis/bot/v3/info); Feishu re-pushes the event")
         }
         guard let message = event.normalised(settings: settings, botOpenID: bot, receivedAt: clock.now) else {

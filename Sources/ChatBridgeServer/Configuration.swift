@@ -273,8 +273,13 @@ public struct ChatBridgeConfiguration: Sendable {
         if let base = r.string("lark.base_url") {
             var trimmed = base.trimmingCharacters(in: .whitespaces)
             while trimmed.hasSuffix("/") { trimmed.removeLast() }
-            if let url = URLComponents(string: trimmed), let scheme = url.scheme?.lowercased(), ["http", "https"].contains(scheme), url.host?.isEmpty == false {
+            let url = URLComponents(string: trimmed)
+            let host = url?.host?.lowercased() ?? ""
+            let loopback = ["127.0.0.1", "localhost", "::1"].contains(host)
+            if let scheme = url?.scheme?.lowercased(), scheme == "https" || (scheme == "http" && loopback), !host.isEmpty {
                 lark.baseURL = trimmed
+            } else if url?.scheme?.lowercased() == "http" {
+                r.error("lark.base_url", "must use https (the app secret and tokens travel on it); plain http only on loopback, got '\(base.prefix(60))'")
             } else {
                 r.error("lark.base_url", "must be an http(s) URL such as https://open.feishu.cn or https://open.larksuite.com, got '\(base.prefix(60))'")
             }

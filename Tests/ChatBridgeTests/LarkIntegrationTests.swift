@@ -118,6 +118,19 @@ import Testing
         #expect(try await h.store.inboxRows().isEmpty)
     }
 
+    @Test func withoutAnAppIDTheWebhookStoresNothingAndThePlainHTTPBaseURLIsRefused() async throws {
+        let h = try await Harness.start()
+        defer { Task { await h.stop() } }
+        let answer = try await h.larkSender.post(h.larkSender.messageEvent(messageID: "om_1", text: "hi"), client: h.client)
+        #expect(answer.status == 503)
+        #expect(answer.body.contains("lark.app_id"))
+        #expect(try await h.store.inboxRows().isEmpty)
+        let plain = ChatBridgeConfiguration.from(values: ["lark.app_id": "cli_x", "lark.app_secret": "s", "lark.base_url": "http://open.feishu.cn"])
+        #expect(plain.errors.contains { $0.key == "lark.base_url" && $0.message.contains("https") })
+        let loopback = ChatBridgeConfiguration.from(values: ["lark.app_id": "cli_x", "lark.app_secret": "s", "lark.base_url": "http://127.0.0.1:9"])
+        #expect(!loopback.errors.contains { $0.key == "lark.base_url" })
+    }
+
     @Test func inGroupsOnlyAMentionOfTheBotItselfIsAnsweredEvenAfterARename() async throws {
         let h = try await Harness.start(["lark.card.mode": "off"], lark: true)
         defer { Task { await h.stop() } }
