@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import ChatBridgeCore
 import ChatBridgeHTTP
 import Foundation
 import Logging
@@ -6,19 +7,19 @@ import NIOCore
 import NIOFoundationCompat
 import NIOHTTP1
 
-/// Obtains DingTalk OpenAPI access tokens and caches each until shortly before it expires.
-/// Concurrent callers share one request.
-public actor AccessTokenCache {
+/// Obtains DingTalk OpenAPI access tokens and caches each until shortly before it expires
+/// (``CachedToken``: concurrent callers share one request).
+public struct AccessTokenCache: Sendable {
     private let settings: DingTalkSettings
     private let client: HTTPClient
-    private let refreshMargin: TimeInterval
-    private var cached: (token: String, expiresAt: Date)?
-    private var inFlight: Task<(String, Date), any Error>?
+    private let cache: CachedToken
 
     public init(settings: DingTalkSettings, client: HTTPClient, refreshMargin: TimeInterval = 300) {
         self.settings = settings
         self.client = client
-        self.refreshMargin = refreshMargin
+        cache = CachedToken(refreshMargin: refreshMargin) { [settings, client] in
+            try await Self.fetch(settings: settings, client: client)
+        }
     }
 
     public struct TokenError: Error, CustomStringConvertible {
@@ -27,23 +28,12 @@ public actor AccessTokenCache {
     }
 
     /// A valid token, from the cache when it has more than the refresh margin left.
-    public func token(now: Date = Date()) async throws -> String {
-        if let cached, cached.expiresAt.timeIntervalSince(now) > refreshMargin { return cached.token }
-        if let inFlight { return try await inFlight.value.0 }
-        let task = Task { try await self.fetch() }
-        inFlight = task
-        defer { inFlight = nil }
-        let (token, expiresAt) = try await task.value
-        cached = (token, expiresAt)
-        return token
-    }
+    public func token() async throws -> String { try await cache.token() }
 
     /// Drops the cached token, after the API rejected it.
-    public func invalidate(_ token: String) {
-        if cached?.token == token { cached = nil }
-    }
+    public func invalidate(_ token: String) async { await cache.invalidate(token) }
 
-    private func fetch() async throws -> (String, Date) {
+    private static func fetch(settings: DingTalkSettings, client: HTTPClient) async throws -> (token: String, expiresAt: Date) {
         var request = HTTPClientRequest(url: settings.apiBaseURL + "/v1.0/oauth2/accessToken")
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")

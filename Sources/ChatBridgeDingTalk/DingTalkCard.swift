@@ -216,22 +216,19 @@ struct CardMissing: Error {
 
 /// Permanent card errors are logged once per process with what to fix; every message still gets its answer.
 final class CardProblems: Sendable {
-    private let logged = Mutex<Set<String>>([])
-    private let logger: Logger
+    private let once: LogOnce
     private let templateID: String
 
     init(logger: Logger, templateID: String) {
-        self.logger = logger
+        once = LogOnce(logger: logger)
         self.templateID = templateID
     }
 
     func permanent(_ reason: String) -> DeliveryError {
-        let first = logged.withLock { $0.insert(reason).inserted }
-        if first {
-            logger.error(
-                "DingTalk refused the AI card; answering with markdown instead. Check that dingtalk.card.template_id is an AI-card template of this app with the streaming variable dingtalk.card.content_key, and that the app has the card permissions (Card.Instance.Write and Card.Streaming.Write) and the robot send permission",
-                metadata: ["reason": "\(reason)", "template": "\(templateID)"])
-        }
+        once.error(
+            reason,
+            "DingTalk refused the AI card; answering with markdown instead. Check that dingtalk.card.template_id is an AI-card template of this app with the streaming variable dingtalk.card.content_key, and that the app has the card permissions (Card.Instance.Write and Card.Streaming.Write) and the robot send permission",
+            metadata: ["reason": "\(reason)", "template": "\(templateID)"])
         return DeliveryError(isRetryable: false, reason: reason)
     }
 }

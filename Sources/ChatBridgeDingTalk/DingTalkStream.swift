@@ -26,15 +26,7 @@ import Synchronization
 ///   connection. Failures reconnect with exponential backoff and jitter; rejected credentials wait the cap.
 public final class DingTalkStream: Service, Sendable {
     /// What `/readyz` shows.
-    public enum Status: String, Sendable {
-        /// Not configured to connect (mode `http`, or no credentials).
-        case off
-        case connecting
-        case connected
-        /// DingTalk refused the credentials; retried at the backoff cap.
-        case rejected
-        case stopped
-    }
+    public typealias Status = ConnectionStatus
 
     private let settings: DingTalkSettings
     private let ingress: DingTalkIngress
@@ -45,8 +37,8 @@ public final class DingTalkStream: Service, Sendable {
     private let state = Mutex(State())
     private let metrics: any MetricsFactory
     private let connectedGauge: Gauge
-    private let frames: DingTalkStreamFrame.Counters
-    private let reconnects: DingTalkStreamFrame.Counters
+    private let frames: LabelledCounters
+    private let reconnects: LabelledCounters
 
     private struct State {
         /// What the supervisor is doing; shown as `connected` while a connection is open.
@@ -69,19 +61,12 @@ public final class DingTalkStream: Service, Sendable {
         self.logger = logger
         self.random = random
         connectedGauge = Gauge(label: "chatbridge_stream_connected", factory: metrics)
-        frames = DingTalkStreamFrame.Counters(label: "chatbridge_stream_frames_total", dimension: "type", values: DingTalkStreamFrame.frameTypes, metrics: metrics)
-        reconnects = DingTalkStreamFrame.Counters(label: "chatbridge_stream_reconnects_total", dimension: "reason", values: DingTalkStreamFrame.reconnectReasons, metrics: metrics)
+        frames = LabelledCounters(label: "chatbridge_stream_frames_total", dimension: "type", values: DingTalkStreamFrame.frameTypes, metrics: metrics)
+        reconnects = LabelledCounters(label: "chatbridge_stream_reconnects_total", dimension: "reason", values: DingTalkStreamFrame.reconnectReasons, metrics: metrics)
         connectedGauge.record(0)
     }
 
-    public var status: Status {
-        state.withLock { state in
-            switch state.phase {
-            case .off, .stopped: state.phase
-            case .connecting, .connected, .rejected: state.open > 0 ? .connected : state.phase == .rejected ? .rejected : .connecting
-            }
-        }
-    }
+    public var status: Status { state.withLock { $0.phase.with(openConnections: $0.open) } }
     /// Connections open now (two for a moment during a rotation).
     public var openConnections: Int { state.withLock { $0.open } }
 
@@ -669,14 +654,4 @@ public struct DingTalkStreamFrame: Sendable, Equatable {
     /// ping, a close by the other side, a network error, a failed connect (ticket or upgrade).
     static let reconnectReasons = ["disconnect", "keepalive", "closed", "error", "connect_failed"]
 
-    /// A counter per value of one dimension, made once.
-    struct Counters: Sendable {
-        private let counters: [String: Counter]
-        init(label: String, dimension: String, values: [String], metrics: any MetricsFactory) {
-            counters = Dictionary(uniqueKeysWithValues: values.map {
-                ($0, Counter(label: label, dimensions: [(dimension, $0)], factory: metrics))
-            })
-        }
-        func count(_ value: String) { counters[value]?.increment() }
-    }
 }

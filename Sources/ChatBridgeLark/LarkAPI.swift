@@ -66,47 +66,6 @@ public struct LarkBotInfo: Sendable, Equatable {
     public var activateStatus: Int?
 }
 
-/// Obtains tenant access tokens (protocols E.3) and caches each until shortly before it expires;
-/// concurrent callers share one request.
-public actor LarkTokenCache {
-    private let api: LarkHTTP
-    private let refreshMargin: TimeInterval
-    private var cached: (token: String, expiresAt: Date)?
-    private var inFlight: Task<(String, Date), any Error>?
-
-    init(api: LarkHTTP, refreshMargin: TimeInterval = 300) {
-        self.api = api
-        self.refreshMargin = refreshMargin
-    }
-
-    /// A valid token, from the cache while more than the refresh margin is left.
-    func token() async throws(LarkAPIError) -> String {
-        let now = api.clock.now
-        if let cached, cached.expiresAt.timeIntervalSince(now) > refreshMargin { return cached.token }
-        let task: Task<(String, Date), any Error>
-        if let inFlight {
-            task = inFlight
-        } else {
-            task = Task { try await self.api.fetchTenantToken() }
-            inFlight = task
-        }
-        do {
-            let (token, expiresAt) = try await task.value
-            if inFlight == task { inFlight = nil }
-            cached = (token, expiresAt)
-            return token
-        } catch {
-            if inFlight == task { inFlight = nil }
-            throw error as? LarkAPIError ?? LarkAPIError(code: 0, httpStatus: 0, isRetryable: true, mayHaveBeenSent: false, description: "\(error)")
-        }
-    }
-
-    /// Drops the cached token after the API refused it.
-    func invalidate(_ token: String) {
-        if cached?.token == token { cached = nil }
-    }
-}
-
 /// The plain exchange with the OpenAPI: one request, its JSON answer, and the failure classified.
 struct LarkHTTP: Sendable {
     let settings: LarkSettings
@@ -155,7 +114,8 @@ struct LarkHTTP: Sendable {
         return Answer(status: status, code: code, message: json["msg"] as? String ?? "", json: json, headers: response.headers)
     }
 
-    func fetchTenantToken() async throws(LarkAPIError) -> (String, Date) {
+    /// A tenant access token (protocols E.3).
+    func fetchTenantToken() async throws(LarkAPIError) -> (token: String, expiresAt: Date) {
         let what = "tenant access token request"
         let body = try? JSONSerialization.data(withJSONObject: ["app_id": settings.appID, "app_secret": settings.appSecret])
         let answer = try await exchange(.POST, "/open-apis/auth/v3/tenant_access_token/internal", body: body, token: nil, what: what)
@@ -181,7 +141,8 @@ struct LarkHTTP: Sendable {
 public struct LarkAPI: Sendable {
     public let settings: LarkSettings
     let http: LarkHTTP
-    let tokens: LarkTokenCache
+    /// Tenant tokens, refreshed five minutes early; concurrent callers share one request.
+    let tokens: CachedToken
     let logger: Logger
     /// How many frequency-limit answers one call waits out before it gives up (the dispatcher retries later).
     let rateLimitRetries: Int
@@ -194,7 +155,7 @@ public struct LarkAPI: Sendable {
     ) {
         self.settings = settings
         http = LarkHTTP(settings: settings, client: client, clock: clock, requestTimeout: requestTimeout)
-        tokens = LarkTokenCache(api: http)
+        tokens = CachedToken(clock: clock) { [http] in try await http.fetchTenantToken() }
         self.logger = logger
         self.rateLimitRetries = rateLimitRetries
         self.maxRateLimitWait = maxRateLimitWait
@@ -214,7 +175,7 @@ public struct LarkAPI: Sendable {
         var refreshedToken = false
         var limited = 0
         while true {
-            let token = try await tokens.token()
+            let token = try await tenantToken()
             let answer = try await http.exchange(method, path, body: payload, token: token, what: what)
             if (200..<300).contains(answer.status), answer.code == 0 {
                 return answer.json
@@ -270,10 +231,20 @@ public struct LarkAPI: Sendable {
             retryAfter: retryAfter)
     }
 
+    private func tenantToken() async throws(LarkAPIError) -> String {
+        do {
+            return try await tokens.token()
+        } catch let error as LarkAPIError {
+            throw error
+        } catch {
+            throw LarkAPIError(code: 0, httpStatus: 0, isRetryable: true, mayHaveBeenSent: false, description: "\(error)")
+        }
+    }
+
     /// Fetches a tenant token (for `check --probe`): nil when it worked, else why not.
     public func probeToken() async -> String? {
         do {
-            _ = try await tokens.token()
+            _ = try await tenantToken()
             return nil
         } catch {
             return error.description

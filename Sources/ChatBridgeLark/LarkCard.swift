@@ -88,7 +88,7 @@ public final class LarkCard: LiveReply {
         } catch let error as LarkAPIError where !error.isRetryable && !error.mayHaveBeenSent
             && (LarkAPIError.permissionCodes.contains(error.code) || error.httpStatus == 403)
         {
-            channel.problems.once(
+            channel.problems.error(
                 "cardkit-permission",
                 "CardKit cards are refused for lack of permission; answers use patched interactive cards instead. Grant the scope cardkit:card:write (Permissions & Scopes) and publish a version, or set lark.card.mode: patch",
                 metadata: ["error": "\(error)"])
@@ -127,7 +127,7 @@ public final class LarkCard: LiveReply {
             state.withLock { $0.reference = reference }
         } catch let error as LarkAPIError {
             if !error.isRetryable, !error.mayHaveBeenSent {
-                channel.problems.once("card-refused-\(error.code)", "Feishu refused a card reply; such answers are sent as text", metadata: ["error": "\(error)"])
+                channel.problems.error("card-refused-\(error.code)", "Feishu refused a card reply; such answers are sent as text", metadata: ["error": "\(error)"])
             }
             throw error.delivery
         }

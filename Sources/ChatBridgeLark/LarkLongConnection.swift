@@ -27,15 +27,7 @@ import SwiftProtobuf
 ///   back with `biz_rt` and `{"code":200}` (`{"code":500}` when the store failed, so Feishu re-pushes).
 public final class LarkLongConnection: Service, Sendable {
     /// What `/readyz` shows.
-    public enum Status: String, Sendable {
-        /// Not configured to connect (`lark.mode: webhook`, or Lark not set up).
-        case off
-        case connecting
-        case connected
-        /// Feishu refused the app (credentials, or too many connections); retried at the backoff cap.
-        case rejected
-        case stopped
-    }
+    public typealias Status = ConnectionStatus
 
     /// The reconnect and ping settings Feishu hands out (seconds).
     struct ClientConfig: Sendable, Equatable, Decodable {
@@ -68,8 +60,8 @@ public final class LarkLongConnection: Service, Sendable {
     private let random: @Sendable () -> Double
     private let state = Mutex(State())
     private let connectedGauge: Gauge
-    private let frameCounters: [String: Counter]
-    private let reconnectCounters: [String: Counter]
+    private let frames: LabelledCounters
+    private let reconnects: LabelledCounters
     private let responseTimer: Metrics.Timer
 
     private struct State {
@@ -94,28 +86,13 @@ public final class LarkLongConnection: Service, Sendable {
         self.logger = logger
         self.random = random
         connectedGauge = Gauge(label: "chatbridge_lark_stream_connected", factory: metrics)
-        var frames: [String: Counter] = [:]
-        for type in Self.frameTypes {
-            frames[type] = Counter(label: "chatbridge_lark_stream_frames_total", dimensions: [("type", type)], factory: metrics)
-        }
-        frameCounters = frames
-        var reconnects: [String: Counter] = [:]
-        for reason in Self.reconnectReasons {
-            reconnects[reason] = Counter(label: "chatbridge_lark_stream_reconnects_total", dimensions: [("reason", reason)], factory: metrics)
-        }
-        reconnectCounters = reconnects
+        frames = LabelledCounters(label: "chatbridge_lark_stream_frames_total", dimension: "type", values: Self.frameTypes, metrics: metrics)
+        reconnects = LabelledCounters(label: "chatbridge_lark_stream_reconnects_total", dimension: "reason", values: Self.reconnectReasons, metrics: metrics)
         responseTimer = Metrics.Timer(label: "chatbridge_ack_seconds", dimensions: [("platform", "lark_stream")], factory: metrics)
         connectedGauge.record(0)
     }
 
-    public var status: Status {
-        state.withLock { state in
-            switch state.phase {
-            case .off, .stopped: state.phase
-            case .connecting, .connected, .rejected: state.open > 0 ? .connected : state.phase
-            }
-        }
-    }
+    public var status: Status { state.withLock { $0.phase.with(openConnections: $0.open) } }
 
     /// Why the long connection will not connect, or nil when it will.
     public var configurationProblem: String? {
@@ -167,7 +144,7 @@ public final class LarkLongConnection: Service, Sendable {
                 let started = clock.now
                 let (reason, kind) = await runConnection(url: url)
                 if Task.isCancelled { return }
-                reconnectCounters[kind]?.increment()
+                reconnects.count(kind)
                 // A connection that stayed up a while was healthy: the next one starts the backoff afresh.
                 let healthy = Duration.between(started, clock.now) >= .seconds(60)
                 failures = healthy ? 1 : failures + 1
@@ -175,14 +152,14 @@ public final class LarkLongConnection: Service, Sendable {
                 setPhase(.connecting)
                 wait = backoff(afterFailures: failures)
             } catch ConnectFailure.rejected(let reason) {
-                reconnectCounters["rejected"]?.increment()
+                reconnects.count("rejected")
                 setPhase(.rejected)
                 logger.error("Feishu refused the long connection: \(reason); trying again in \(settings.stream.maxBackoff)")
                 wait = settings.stream.maxBackoff
             } catch {
                 if Task.isCancelled { return }
                 failures += 1
-                reconnectCounters["connect_failed"]?.increment()
+                reconnects.count("connect_failed")
                 wait = backoff(afterFailures: failures)
                 logger.warning("cannot open the Lark long connection; retrying", metadata: ["error": "\(error)", "retry_in": "\(wait)"])
             }
@@ -280,7 +257,7 @@ public final class LarkLongConnection: Service, Sendable {
                     connection.addTask {
                         // Pings: at once, then every PingInterval.
                         while !Task.isCancelled {
-                            liveness.pinged(at: self.clock.now)
+                            liveness.pinged()
                             try? await outbound.write(.binary(ByteBuffer(bytes: Self.ping(service: service))))
                             do { try await self.clock.sleep(for: self.settings.stream.keepaliveTimeout) } catch { return }
                             if !liveness.answered {
@@ -304,7 +281,7 @@ public final class LarkLongConnection: Service, Sendable {
                                     do {
                                         frame = try Pbbp2_Frame(serializedBytes: Array(buffer.readableBytesView))
                                     } catch {
-                                        self.frameCounters["malformed"]?.increment()
+                                        self.frames.count("malformed")
                                         self.logger.warning("ignoring a frame that is not pbbp2", metadata: ["error": "\(error)"])
                                         continue
                                     }
@@ -359,10 +336,10 @@ public final class LarkLongConnection: Service, Sendable {
     /// A pong: the connection is alive, and its payload may carry a new ClientConfig.
     private func control(_ frame: Pbbp2_Frame, liveness: Liveness) {
         guard frame.header("type") == "pong" else {
-            frameCounters["unknown"]?.increment()
+            frames.count("unknown")
             return
         }
-        frameCounters["pong"]?.increment()
+        frames.count("pong")
         liveness.ponged()
         if frame.hasPayload, !frame.payload.isEmpty, let config = try? JSONDecoder().decode(ClientConfig.self, from: frame.payload) {
             state.withLock { $0.config = config }
@@ -377,23 +354,23 @@ public final class LarkLongConnection: Service, Sendable {
             break
         case "card":
             // Card callbacks are not used; like the official client, they get no response.
-            frameCounters["card"]?.increment()
+            frames.count("card")
             return nil
         default:
-            frameCounters["unknown"]?.increment()
+            frames.count("unknown")
             return nil
         }
         let sum = frame.header("sum").flatMap(Int.init) ?? 1
         guard sum > 1 else {
-            frameCounters["event"]?.increment()
+            frames.count("event")
             return frame.payload
         }
-        frameCounters["fragment"]?.increment()
+        frames.count("fragment")
         let seq = frame.header("seq").flatMap(Int.init) ?? 0
         guard let whole = fragments.add(messageID: frame.header("message_id") ?? "", seq: seq, sum: sum, payload: frame.payload, now: clock.now) else {
             return nil
         }
-        frameCounters["event"]?.increment()
+        frames.count("event")
         return whole
     }
 
@@ -443,10 +420,10 @@ extension Pbbp2_Frame {
     public func header(_ key: String) -> String? { headers.first { $0.key == key }?.value }
 }
 
-/// Whether the last ping was answered.
+/// Whether the last ping was answered, and whether the connection was given up for it.
 final class Liveness: Sendable {
-    private let state = Mutex((pingedAt: Date?.none, answered: true, dead: false))
-    func pinged(at date: Date) { state.withLock { $0 = (date, false, $0.dead) } }
+    private let state = Mutex((answered: true, dead: false))
+    func pinged() { state.withLock { $0.answered = false } }
     func ponged() { state.withLock { $0.answered = true } }
     var answered: Bool { state.withLock { $0.answered } }
     func markDead() { state.withLock { $0.dead = true } }

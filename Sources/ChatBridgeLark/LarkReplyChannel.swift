@@ -63,7 +63,8 @@ public actor LarkBotIdentity {
 public struct LarkReplyChannel: ReplyChannel {
     public let api: LarkAPI
     let logger: Logger
-    let problems: LarkCardProblems
+    /// Card problems an admin must fix, each logged once (not once per message).
+    let problems: LogOnce
     var settings: LarkSettings { api.settings }
 
     /// Characters per text message: 150 KB of JSON even when every character takes three bytes and some
@@ -73,7 +74,7 @@ public struct LarkReplyChannel: ReplyChannel {
     public init(api: LarkAPI, logger: Logger) {
         self.api = api
         self.logger = logger
-        problems = LarkCardProblems(logger: logger)
+        problems = LogOnce(logger: logger)
     }
 
     public func parts(of text: String, replyingTo message: InboundMessage) -> [String] {
@@ -134,15 +135,3 @@ public struct LarkReplyChannel: ReplyChannel {
     }
 }
 
-/// Card problems an admin must fix, each logged once (not once per message).
-public final class LarkCardProblems: Sendable {
-    private let logger: Logger
-    private let logged = Mutex<Set<String>>([])
-
-    init(logger: Logger) { self.logger = logger }
-
-    func once(_ key: String, _ message: Logger.Message, metadata: Logger.Metadata = [:]) {
-        guard logged.withLock({ $0.insert(key).inserted }) else { return }
-        logger.error(message, metadata: metadata)
-    }
-}

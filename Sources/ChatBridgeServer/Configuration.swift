@@ -207,25 +207,13 @@ public struct ChatBridgeConfiguration: Sendable {
                 r.error("dingtalk.mode", "must be stream or http, got '\(mode.prefix(60))'")
             }
         }
-        dingtalk.stream.keepaliveTimeout = r.duration("dingtalk.stream.keepalive_timeout") ?? dingtalk.stream.keepaliveTimeout
-        if dingtalk.stream.keepaliveTimeout < .milliseconds(100) {
-            r.error("dingtalk.stream.keepalive_timeout", "must be at least 100ms")
-            dingtalk.stream.keepaliveTimeout = .seconds(10)
-        }
-        dingtalk.stream.maxBackoff = r.duration("dingtalk.stream.max_backoff") ?? dingtalk.stream.maxBackoff
-        if dingtalk.stream.maxBackoff < .milliseconds(100) {
-            r.error("dingtalk.stream.max_backoff", "must be at least 100ms")
-            dingtalk.stream.maxBackoff = .seconds(60)
-        }
+        dingtalk.stream.keepaliveTimeout = r.duration("dingtalk.stream.keepalive_timeout", atLeast: .milliseconds(100), "100ms") ?? dingtalk.stream.keepaliveTimeout
+        dingtalk.stream.maxBackoff = r.duration("dingtalk.stream.max_backoff", atLeast: .milliseconds(100), "100ms") ?? dingtalk.stream.maxBackoff
         dingtalk.stream.initialBackoff = min(dingtalk.stream.initialBackoff, dingtalk.stream.maxBackoff)
         dingtalk.stream.endpointHosts = r.list("dingtalk.stream.hosts") ?? dingtalk.stream.endpointHosts
         dingtalk.card.templateID = r.string("dingtalk.card.template_id")?.trimmingCharacters(in: .whitespaces) ?? ""
         dingtalk.card.contentKey = r.string("dingtalk.card.content_key")?.trimmingCharacters(in: .whitespaces) ?? dingtalk.card.contentKey
-        dingtalk.card.updateInterval = r.duration("dingtalk.card.update_interval") ?? dingtalk.card.updateInterval
-        if dingtalk.card.updateInterval < .milliseconds(50) {
-            r.error("dingtalk.card.update_interval", "must be at least 50ms (DingTalk limits card updates per app)")
-            dingtalk.card.updateInterval = .milliseconds(500)
-        }
+        dingtalk.card.updateInterval = r.duration("dingtalk.card.update_interval", atLeast: .milliseconds(50), "50ms", why: " (DingTalk limits card updates per app)") ?? dingtalk.card.updateInterval
         dingtalk.card.maxQPS = r.int("dingtalk.card.max_qps", range: 1...1000) ?? dingtalk.card.maxQPS
         dingtalk.card.qpsLimitPause = r.duration("dingtalk.card.qps_backoff") ?? dingtalk.card.qpsLimitPause
         if dingtalk.card.isEnabled && !dingtalk.hasOpenAPICredentials {
@@ -306,22 +294,10 @@ public struct ChatBridgeConfiguration: Sendable {
                 r.error("lark.card.mode", "must be cardkit, patch or off, got '\(mode.prefix(60))'")
             }
         }
-        lark.cardUpdateInterval = r.duration("lark.card.update_interval") ?? lark.cardUpdateInterval
-        if lark.cardUpdateInterval < .milliseconds(100) {
-            r.error("lark.card.update_interval", "must be at least 100ms (Feishu limits updates per card and per message)")
-            lark.cardUpdateInterval = .milliseconds(500)
-        }
+        lark.cardUpdateInterval = r.duration("lark.card.update_interval", atLeast: .milliseconds(100), "100ms", why: " (Feishu limits updates per card and per message)") ?? lark.cardUpdateInterval
         lark.stream.hosts = r.list("lark.stream.hosts") ?? lark.stream.hosts
-        lark.stream.keepaliveTimeout = r.duration("lark.stream.keepalive_timeout") ?? lark.stream.keepaliveTimeout
-        if lark.stream.keepaliveTimeout < .milliseconds(100) {
-            r.error("lark.stream.keepalive_timeout", "must be at least 100ms")
-            lark.stream.keepaliveTimeout = .seconds(10)
-        }
-        lark.stream.maxBackoff = r.duration("lark.stream.max_backoff") ?? lark.stream.maxBackoff
-        if lark.stream.maxBackoff < .milliseconds(100) {
-            r.error("lark.stream.max_backoff", "must be at least 100ms")
-            lark.stream.maxBackoff = .seconds(60)
-        }
+        lark.stream.keepaliveTimeout = r.duration("lark.stream.keepalive_timeout", atLeast: .milliseconds(100), "100ms") ?? lark.stream.keepaliveTimeout
+        lark.stream.maxBackoff = r.duration("lark.stream.max_backoff", atLeast: .milliseconds(100), "100ms") ?? lark.stream.maxBackoff
         lark.stream.initialBackoff = min(lark.stream.initialBackoff, lark.stream.maxBackoff)
         guard lark.isEnabled else {
             if !lark.appSecret.isEmpty { r.warning("lark.app_id", "lark.app_secret is set but lark.app_id is not; Lark stays off until it is") }
@@ -447,6 +423,17 @@ private struct Reader {
         guard let raw = string(key) else { return nil }
         guard let value = DurationParser.parse(raw), value >= .zero else {
             error(key, "must be a duration between 0 and 1000 days, such as 30s, 5m, 1h or 500ms; got '\(raw.prefix(60))'")
+            return nil
+        }
+        return value
+    }
+
+    /// A duration of at least `minimum` (written `minimumText` in the message); a shorter one is an error
+    /// and nil, so the default stays.
+    mutating func duration(_ key: String, atLeast minimum: Duration, _ minimumText: String, why: String = "") -> Duration? {
+        guard let value = duration(key) else { return nil }
+        guard value >= minimum else {
+            error(key, "must be at least \(minimumText)\(why)")
             return nil
         }
         return value

@@ -59,7 +59,7 @@ public final class LarkGateway: Sendable {
     private let state = Mutex(State())
     private let changed = Broadcast()
     private let stopped = OneTimeEvent()
-    private let silence = Mutex(OneTimeEvent())
+    private let silence = Silence()
     let endpointBase: @Sendable () -> String
     let credentials: @Sendable () -> (String, String)
 
@@ -95,11 +95,11 @@ public final class LarkGateway: Sendable {
         state.withLock { state in
             for id in state.links.keys { state.links[id]?.silent = true }
         }
-        silence.withLock { $0 }.signal()
+        silence.begin()
         changed.notify()
     }
     /// New connections are not silent any more.
-    public func endSilence() { silence.withLock { $0 = OneTimeEvent() } }
+    public func endSilence() { silence.end() }
     /// Closes every connection now.
     public func closeAll() {
         for link in state.withLock({ Array($0.links.values) }) { link.close.signal() }
@@ -266,39 +266,16 @@ public final class LarkGateway: Sendable {
             state.withLock { _ = $0.links.removeValue(forKey: id) }
             changed.notify()
         }
-        let silenced = await withTaskGroup(of: Bool.self) { group in
-            group.addTask {
-                do {
-                    for try await message in inbound.messages(maxSize: 1 << 20) {
-                        if self.silence.withLock({ $0 }).hasHappened { return true }
-                        guard case .binary(let buffer) = message, let frame = try? Pbbp2_Frame(serializedBytes: Array(buffer.readableBytesView)) else { continue }
-                        await self.received(frame, connection: id, outbound: outbound)
-                    }
-                } catch {}
-                return false
-            }
-            group.addTask {
-                await close.wait()
-                return false
-            }
-            group.addTask {
-                await self.silence.withLock { $0 }.wait()
-                return !Task.isCancelled
-            }
-            let first = await group.next() ?? false
-            group.cancelAll()
-            return first
-        }
-        if silenced {
-            state.withLock { $0.links[id]?.silent = true }
-            changed.notify()
-            await withTaskGroup(of: Void.self) { group in
-                group.addTask { await self.stopped.wait() }
-                group.addTask { await close.wait() }
-                await group.next()
-                group.cancelAll()
-            }
-        }
+        await silence.serve(
+            inbound: inbound, close: close, stopped: stopped,
+            onSilent: {
+                self.state.withLock { $0.links[id]?.silent = true }
+                self.changed.notify()
+            },
+            receive: { message in
+                guard case .binary(let buffer) = message, let frame = try? Pbbp2_Frame(serializedBytes: Array(buffer.readableBytesView)) else { return }
+                await self.received(frame, connection: id, outbound: outbound)
+            })
     }
 
     private func received(_ frame: Pbbp2_Frame, connection: Int, outbound: WebSocketOutboundWriter) async {

@@ -1,7 +1,9 @@
+import ChatBridgeCore
 import Foundation
 import Hummingbird
 import HummingbirdCore
 import HTTPTypes
+import HummingbirdWebSocket
 import Logging
 import NIOCore
 import NIOFoundationCompat
@@ -93,6 +95,58 @@ final class Gate: Sendable {
                 return false
             }
             if now { continuation.resume() }
+        }
+    }
+}
+
+/// The "go silent" switch of a simulated WebSocket gateway: while it is on, open connections neither read
+/// nor write, like connections a NAT dropped. Ending it affects new connections only.
+final class Silence: Sendable {
+    private let current = Mutex(OneTimeEvent())
+
+    /// Happens when the silence begins; replaced by a fresh one when it ends.
+    var event: OneTimeEvent { current.withLock { $0 } }
+    func begin() { event.signal() }
+    func end() { current.withLock { $0 = OneTimeEvent() } }
+
+    /// Serves one connection: hands each message to `receive` until the connection is closed (`close`,
+    /// or the peer), or the silence begins. Silent, it calls `onSilent` and then neither reads (so pings go
+    /// unanswered) nor writes until `close` or `stopped` happens.
+    func serve(
+        inbound: WebSocketInboundStream, close: OneTimeEvent, stopped: OneTimeEvent, onSilent: @Sendable () -> Void,
+        receive: @escaping @Sendable (WebSocketMessage) async -> Void
+    ) async {
+        let silent = event
+        let silenced = await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                do {
+                    for try await message in inbound.messages(maxSize: 1 << 20) {
+                        if silent.hasHappened { return true }
+                        await receive(message)
+                    }
+                } catch {}
+                return false
+            }
+            group.addTask {
+                await close.wait()
+                return false
+            }
+            group.addTask {
+                // Silence also while nothing arrives.
+                await silent.wait()
+                return !Task.isCancelled
+            }
+            let first = await group.next() ?? false
+            group.cancelAll()
+            return first
+        }
+        guard silenced else { return }
+        onSilent()
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await stopped.wait() }
+            group.addTask { await close.wait() }
+            await group.next()
+            group.cancelAll()
         }
     }
 }

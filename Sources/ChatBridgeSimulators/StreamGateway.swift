@@ -68,8 +68,7 @@ public final class StreamGateway: Sendable {
     private let state = Mutex(State())
     private let changed = Broadcast()
     private let stopped = OneTimeEvent()
-    /// Happens when ``goSilent()`` is called; replaced by a fresh one when the silence ends.
-    private let silence = Mutex(OneTimeEvent())
+    private let silence = Silence()
     let endpointBase: @Sendable () -> String
 
     init(endpointBase: @escaping @Sendable () -> String) {
@@ -102,12 +101,12 @@ public final class StreamGateway: Sendable {
 
     /// The open connections stop reading and writing: no frames, no acks seen, pings unanswered.
     public func goSilent() {
-        silence.withLock { $0 }.signal()
+        silence.begin()
     }
 
     /// Ends a silence for new connections (silent ones stay silent until they are closed).
     public func endSilence() {
-        silence.withLock { $0 = OneTimeEvent() }
+        silence.end()
     }
 
     /// Closes every connection now (a network drop as the client sees it, but with a close frame).
@@ -293,44 +292,19 @@ public final class StreamGateway: Sendable {
             state.withLock { _ = $0.links.removeValue(forKey: id) }
             changed.notify()
         }
-        let silenced = await withTaskGroup(of: Bool.self) { group in
-            group.addTask {
-                do {
-                    for try await message in inbound.messages(maxSize: 1 << 20) {
-                        if self.silence.withLock({ $0 }).hasHappened { return true }
-                        guard case .text(let text) = message else { continue }
-                        self.record(ack: text, connection: id)
-                    }
-                } catch {}
-                return false
-            }
-            group.addTask {
-                await close.wait()
-                return false
-            }
-            group.addTask {
-                // Silence also while nothing arrives.
-                await self.silence.withLock { $0 }.wait()
-                return !Task.isCancelled
-            }
-            let first = await group.next() ?? false
-            group.cancelAll()
-            return first
-        }
-        if silenced {
-            state.withLock {
-                $0.silenced += 1
-                $0.links[id]?.silent = true
-            }
-            changed.notify()
-            // Neither reads (so pings go unanswered) nor writes, until the silence ends or the link is closed.
-            await withTaskGroup(of: Void.self) { group in
-                group.addTask { await self.stopped.wait() }
-                group.addTask { await close.wait() }
-                await group.next()
-                group.cancelAll()
-            }
-        }
+        await silence.serve(
+            inbound: inbound, close: close, stopped: stopped,
+            onSilent: {
+                self.state.withLock {
+                    $0.silenced += 1
+                    $0.links[id]?.silent = true
+                }
+                self.changed.notify()
+            },
+            receive: { message in
+                guard case .text(let text) = message else { return }
+                self.record(ack: text, connection: id)
+            })
     }
 
     private func record(ack text: String, connection: Int) {
