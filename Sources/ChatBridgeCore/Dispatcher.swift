@@ -238,17 +238,23 @@ public final class Dispatcher: Sendable {
         }
     }
 
-    /// Messages given up while their live reply may be showing: each reply is told the answer failed (one
-    /// try each), so no card is left "thinking". Also called at start for the previous run's give-ups.
+    /// Messages given up while their live reply may be showing: each reply is completed with the reply
+    /// stored for the message (it may show it already: an attempt finished the card and was interrupted
+    /// before recording it), or told the answer failed (one try each), so no card is left "thinking".
+    /// Also called at start for the previous run's give-ups.
     public func failLiveReplies(of addresses: [LiveReplyAddress]) async {
-        let text = engine.settings.messages.failed
+        let failedText = engine.settings.messages.failed
         await withDiscardingTaskGroup { group in
             for address in addresses {
                 let message = address.message
-                guard let live = replies.liveReply(to: message, reference: address.reference) else { continue }
+                guard let live = replies.liveReply(to: message, reference: address.reference, begun: true) else { continue }
                 group.addTask {
                     do {
-                        try await live.fail(text)
+                        switch address.reply?.kind {
+                        case .answer: try await live.finish(address.reply?.text ?? failedText)
+                        case .error: try await live.fail(address.reply?.text ?? failedText)
+                        case nil: try await live.fail(failedText)
+                        }
                     } catch {
                         self.logger.warning("could not mark a given-up message's live reply failed", metadata: ["message_id": "\(message.messageID)", "error": "\(error)"])
                     }
@@ -279,9 +285,15 @@ public final class Dispatcher: Sendable {
         do {
             // A message already (partly) sent as whole messages stays on that path: a card would repeat it.
             let sentWhole = item.live == .none && (item.deliveredParts > 0 || item.uncertainSends > 0)
-            let live = item.live == .declined || sentWhole ? nil : replies.liveReply(to: item.message, reference: item.liveReference)
+            // A live reply an earlier attempt began is continued whatever the card settings are now.
+            let begun = item.live == .opening || item.live == .opened || item.live == .finalized
+            let live = item.live == .declined || sentWhole ? nil : replies.liveReply(to: item.message, reference: item.liveReference, begun: begun)
             let finished: StoredReply?
-            if let live {
+            if item.live == .finalized, let stored = item.reply {
+                // The live reply shows the final text already: only recording it is left.
+                try await recordFinished(stored, for: item, metadata: metadata)
+                finished = stored
+            } else if let live {
                 finished = try await answerLive(item, live: live, metadata: metadata)
             } else if let reply = try await reply(for: item, metadata: metadata) {
                 finished = try await deliver(reply, for: item, metadata: metadata) ? reply : nil

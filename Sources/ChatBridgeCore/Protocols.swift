@@ -74,7 +74,9 @@ public protocol ReplyChannel: Sendable {
     func deliver(part: String, replyingTo message: InboundMessage) async throws
     /// A live reply for `message` (a card that grows), or nil to answer with whole messages. `reference`
     /// is what an earlier attempt recorded for it (``LiveReply/prepare()``, ``LiveReply/reference``).
-    func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)?
+    /// `begun`: an earlier attempt began showing one; it is returned whenever the platform can still reach
+    /// it, even when live replies were switched off since (else the answer would show twice).
+    func liveReply(to message: InboundMessage, reference: String?, begun: Bool) -> (any LiveReply)?
 }
 
 /// An answer shown while it is being written: opened, updated with the whole text so far, then finished
@@ -120,7 +122,7 @@ public enum LiveReplyState: String, Sendable, Equatable, Codable {
 }
 
 extension ReplyChannel {
-    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? { nil }
+    public func liveReply(to message: InboundMessage, reference: String?, begun: Bool) -> (any LiveReply)? { nil }
 
     /// Delivers every part of `text`, in order.
     public func deliver(_ text: String, replyingTo message: InboundMessage) async throws {
@@ -157,8 +159,8 @@ public struct PlatformReplies: ReplyChannel {
         try await channel.deliver(part: part, replyingTo: message)
     }
 
-    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
-        channel(for: message)?.liveReply(to: message, reference: reference)
+    public func liveReply(to message: InboundMessage, reference: String?, begun: Bool) -> (any LiveReply)? {
+        channel(for: message)?.liveReply(to: message, reference: reference, begun: begun)
     }
 }
 
@@ -281,7 +283,7 @@ public struct ReleasedClaims: Sendable, Equatable {
     /// Rows that had used every attempt and were marked failed instead.
     public var gaveUp = 0
     /// The messages among those given up whose live reply may be showing (a card "thinking" or half
-    /// written): the dispatcher tells it the answer failed.
+    /// written): the dispatcher completes it with the stored reply, or tells it the answer failed.
     public var gaveUpLive: [LiveReplyAddress] = []
     public init(requeued: Int = 0, gaveUp: Int = 0, gaveUpLive: [LiveReplyAddress] = []) {
         self.requeued = requeued
@@ -290,13 +292,17 @@ public struct ReleasedClaims: Sendable, Equatable {
     }
 }
 
-/// Where a message's live reply is: the message it answers and the reference an attempt recorded for it.
+/// Where a message's live reply is: the message it answers, the reference an attempt recorded for it,
+/// and the reply stored for the message, if one was (its text and kind; the live reply may already show
+/// it, so a give-up completes the reply with it rather than overwriting it with a failure).
 public struct LiveReplyAddress: Sendable, Equatable {
     public var message: InboundMessage
     public var reference: String?
-    public init(message: InboundMessage, reference: String? = nil) {
+    public var reply: StoredReply?
+    public init(message: InboundMessage, reference: String? = nil, reply: StoredReply? = nil) {
         self.message = message
         self.reference = reference
+        self.reply = reply
     }
 }
 

@@ -43,8 +43,9 @@ public struct DingTalkReplyChannel: ReplyChannel {
     private let cardProblems: CardProblems
 
     /// With `dingtalk.card.template_id` set (and OpenAPI credentials), every answer streams into an AI card.
-    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
-        guard settings.card.isEnabled, settings.hasOpenAPICredentials else { return nil }
+    public func liveReply(to message: InboundMessage, reference: String?, begun: Bool) -> (any LiveReply)? {
+        // A card an earlier attempt began is continued even when cards were switched off since.
+        guard settings.card.isEnabled || begun, settings.hasOpenAPICredentials else { return nil }
         return DingTalkCard(
             outTrackID: DingTalkCard.outTrackID(robotCode: settings.robotCode, messageID: message.messageID), message: message,
             channel: self, limiter: cardLimiter, problems: cardProblems)

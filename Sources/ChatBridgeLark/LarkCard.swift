@@ -34,8 +34,9 @@ public final class LarkCard: LiveReply {
         static func decode(_ text: String) -> Reference? { try? JSONDecoder().decode(Reference.self, from: Data(text.utf8)) }
     }
 
-    /// Characters shown in one card: 30 KB of card JSON even when every character takes three bytes.
-    static let maxCardCharacters = 9_000
+    /// Bytes of text shown in one card, counted as sent (UTF-8, escaped in JSON): a card takes 30 KB of
+    /// JSON; the rest is room for its structure and summary.
+    static let maxCardBytes = 28_000
     static let elementID = "markdown_1"
     /// What an empty card shows while the model has written nothing yet.
     static let placeholder = "…"
@@ -147,7 +148,7 @@ public final class LarkCard: LiveReply {
 
     /// Shows the first part of `text` in the card, closed, then sends the rest as further replies.
     private func complete(_ text: String) async throws {
-        let parts = LarkReplyChannel.numberedParts(of: text, maxCharacters: Self.maxCardCharacters)
+        let parts = LarkReplyChannel.numberedParts(of: text, maxBytes: Self.maxCardBytes)
         try await show(parts.first ?? text, final: true)
         for part in parts.dropFirst() {
             try await channel.deliver(part: part, replyingTo: message)
@@ -201,30 +202,36 @@ public final class LarkCard: LiveReply {
 
     /// Runs one card operation with the next `sequence`. The numbers rise with the time since the card was
     /// made (hundredths of a second), so an attempt after a restart continues above every number an earlier
-    /// attempt used; a refusal for a low sequence (300317) is tried once more with a higher one.
+    /// attempt used. A refusal for a low sequence (300317: this host's clock is behind the one that made
+    /// the earlier updates) is tried again with ever larger jumps, up to about a day of clock difference.
     private func withSequence(_ reference: Reference, _ operation: (Int64) async throws -> Void) async throws {
         let base = reference.created ?? 0
         let elapsed = max(Int64(api.clock.now.timeIntervalSince1970 * 1000) - base, 0) / 10
-        let sequence = state.withLock { state -> Int64 in
+        var sequence = state.withLock { state -> Int64 in
             state.lastSequence = min(max(state.lastSequence + 1, elapsed + 1), Int64(Int32.max))
             return state.lastSequence
         }
-        do {
-            try await operation(sequence)
-        } catch let error as LarkAPIError where error.code == 300317 {
-            logger.debug("card sequence refused; trying a higher one", metadata: ["error": "\(error)"])
-            let retry = state.withLock { state -> Int64 in
-                state.lastSequence = min(state.lastSequence + 1000, Int64(Int32.max))
-                return state.lastSequence
+        for jump in Self.sequenceJumps {
+            do {
+                return try await operation(sequence)
+            } catch let error as LarkAPIError where error.code == 300317 {
+                logger.debug("card sequence refused; trying a higher one", metadata: ["error": "\(error)"])
+                sequence = state.withLock { state -> Int64 in
+                    state.lastSequence = min(state.lastSequence + jump, Int64(Int32.max))
+                    return state.lastSequence
+                }
             }
-            try await operation(retry)
         }
+        try await operation(sequence)
     }
+
+    /// How far a refused sequence jumps, one after the other (hundredths of a second: 10 s, 17 min, 28 h).
+    static let sequenceJumps: [Int64] = [1_000, 100_000, 10_000_000]
 
     /// The text a streaming card shows: at most what one card holds.
     static func visible(_ text: String) -> String {
-        guard text.count > maxCardCharacters else { return text }
-        return String(text.prefix(maxCardCharacters - 1)) + "…"
+        let shown = LarkReplyChannel.splitter(maxBytes: maxCardBytes - 3).prefix(text)
+        return shown.endIndex == text.endIndex ? text : shown + "…"
     }
 
     /// A JSON 2.0 card with one markdown element; while streaming, the summary is Feishu's default, after

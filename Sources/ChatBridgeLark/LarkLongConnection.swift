@@ -142,7 +142,7 @@ public final class LarkLongConnection: Service, Sendable {
                 let (url, config) = try await endpoint()
                 state.withLock { $0.config = config }
                 let started = clock.now
-                let (reason, kind) = await runConnection(url: url)
+                let (reason, kind) = await runGuarded(url: url)
                 if Task.isCancelled { return }
                 reconnects.count(kind)
                 // A connection that stayed up a while was healthy: the next one starts the backoff afresh.
@@ -231,8 +231,40 @@ public final class LarkLongConnection: Service, Sendable {
 
     // MARK: One connection
 
+    /// How long the WebSocket upgrade may take before the connect counts as failed.
+    static let upgradeTimeout = Duration.seconds(15)
+
+    /// Runs one connection in a task of its own, so a connect that stalls before the upgrade (which does
+    /// not answer cancellation) holds up neither reconnection nor shutdown: after ``upgradeTimeout`` without
+    /// an open socket, or at cancellation, it is cancelled and left behind.
+    private func runGuarded(url: String) async -> (String, String) {
+        let opened = OneTimeEvent()
+        let outcome = FirstOutcome()
+        let done = OneTimeEvent()
+        let connection = Task {
+            let result = await self.runConnection(url: url, opened: opened)
+            outcome.set(result)
+            done.signal()
+        }
+        let watchdog = Task {
+            do { try await self.clock.sleep(for: Self.upgradeTimeout) } catch { return }
+            guard !opened.hasHappened else { return }
+            outcome.set(("the WebSocket upgrade did not complete within \(Self.upgradeTimeout)", "connect_failed"))
+            connection.cancel()
+            done.signal()
+        }
+        await withTaskCancellationHandler {
+            await done.wait()
+        } onCancel: {
+            connection.cancel()
+        }
+        watchdog.cancel()
+        if Task.isCancelled { connection.cancel() }
+        return outcome.value ?? ("stopped", "closed")
+    }
+
     /// Runs one connection until it ends; returns why and the reconnect reason.
-    private func runConnection(url: String) async -> (String, String) {
+    private func runConnection(url: String, opened: OneTimeEvent) async -> (String, String) {
         var configuration = WebSocketClientConfiguration()
         configuration.maxFrameSize = 1 << 20
         configuration.closeTimeout = .seconds(3)
@@ -243,10 +275,11 @@ public final class LarkLongConnection: Service, Sendable {
         wsLogger.logLevel = max(logger.logLevel, .notice)
         let service = Self.serviceID(of: url)
         let liveness = Liveness()
-        let opened = Mutex(false)
         do {
             let close = try await WebSocketClient.connect(url: url, configuration: configuration, logger: wsLogger) { inbound, outbound, _ in
-                opened.withLock { $0 = true }
+                // An upgrade that completed after its deadline: that attempt was given up already.
+                guard !Task.isCancelled else { return }
+                opened.signal()
                 self.changeOpen(by: 1)
                 self.logger.notice("Lark long connection open")
                 defer { self.changeOpen(by: -1) }
@@ -315,7 +348,7 @@ public final class LarkLongConnection: Service, Sendable {
             return ("closed", "closed")
         } catch {
             if Task.isCancelled { return ("stopped", "closed") }
-            if !opened.withLock({ $0 }) {
+            if !opened.hasHappened {
                 return (
                     "the WebSocket handshake failed (\(error)); Feishu refuses it for bad credentials (514) or when the app has too many connections (1000040350: at most 50 per app)",
                     "connect_failed")
@@ -418,6 +451,13 @@ public final class LarkLongConnection: Service, Sendable {
 extension Pbbp2_Frame {
     /// The value of the first header named `key`.
     public func header(_ key: String) -> String? { headers.first { $0.key == key }?.value }
+}
+
+/// How a connection ended: the first of its own end and the upgrade watchdog.
+final class FirstOutcome: Sendable {
+    private let state = Mutex<(String, String)?>(nil)
+    func set(_ outcome: (String, String)) { state.withLock { if $0 == nil { $0 = outcome } } }
+    var value: (String, String)? { state.withLock { $0 } }
 }
 
 /// Whether the last ping was answered, and whether the connection was given up for it.

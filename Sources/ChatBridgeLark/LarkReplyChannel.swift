@@ -67,9 +67,9 @@ public struct LarkReplyChannel: ReplyChannel {
     let problems: LogOnce
     var settings: LarkSettings { api.settings }
 
-    /// Characters per text message: 150 KB of JSON even when every character takes three bytes and some
-    /// need escaping.
-    static let maxTextCharacters = 40_000
+    /// Bytes of text per message, counted as they are sent (UTF-8, escaped in JSON): Feishu takes 150 KB
+    /// of content; the rest is room for the wrapper and the part number.
+    static let maxTextBytes = 148_000
 
     public init(api: LarkAPI, logger: Logger) {
         self.api = api
@@ -78,13 +78,31 @@ public struct LarkReplyChannel: ReplyChannel {
     }
 
     public func parts(of text: String, replyingTo message: InboundMessage) -> [String] {
-        Self.numberedParts(of: text, maxCharacters: Self.maxTextCharacters)
+        Self.numberedParts(of: text, maxBytes: Self.maxTextBytes)
     }
 
-    static func numberedParts(of text: String, maxCharacters: Int) -> [String] {
-        let parts = TextSplitter(maxCharacters: maxCharacters - 16).split(text)
+    /// `text` in parts of at most `maxBytes` each as sent (part numbers included), numbered when several.
+    static func numberedParts(of text: String, maxBytes: Int) -> [String] {
+        let parts = splitter(maxBytes: maxBytes - 16).split(text)
         guard parts.count > 1 else { return parts }
         return parts.enumerated().map { index, part in "(\(index + 1)/\(parts.count))\n" + part }
+    }
+
+    /// Splits by the size Feishu counts: UTF-8 bytes of the text escaped in a JSON string.
+    static func splitter(maxBytes: Int) -> TextSplitter {
+        TextSplitter(maxCharacters: maxBytes, maxSize: maxBytes, size: jsonSize)
+    }
+
+    /// A character's UTF-8 bytes inside a JSON string: quotes, backslashes, slashes and line breaks take
+    /// two, other control characters six (`\u0001`).
+    @Sendable static func jsonSize(_ character: Character) -> Int {
+        character.unicodeScalars.reduce(0) { total, scalar in
+            switch scalar {
+            case "\"", "\\", "/", "\n", "\r", "\t", "\u{08}", "\u{0C}": total + 2
+            case _ where scalar.value < 0x20: total + 6
+            default: total + scalar.utf8.count
+            }
+        }
     }
 
     public func deliver(part: String, replyingTo message: InboundMessage) async throws {
@@ -95,9 +113,9 @@ public struct LarkReplyChannel: ReplyChannel {
         }
     }
 
-    public func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
+    public func liveReply(to message: InboundMessage, reference: String?, begun: Bool) -> (any LiveReply)? {
         // A card an earlier attempt began is continued even when cards were switched off since.
-        guard settings.cardMode != .off || reference != nil else { return nil }
+        guard settings.cardMode != .off || reference != nil || begun else { return nil }
         return LarkCard(message: message, reference: reference.flatMap(LarkCard.Reference.decode), channel: self)
     }
 

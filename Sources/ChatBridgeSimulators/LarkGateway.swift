@@ -50,10 +50,14 @@ public final class LarkGateway: Sendable {
         var pushed: [String: [Pbbp2_Frame]] = [:]
         var pushTimes: [String: Double] = [:]
         var replies: [Reply] = []
+        var succeeded: Set<String> = []
         var pings = 0
         var pongConfig: [String: Int]?
         var pingInterval = 120
         var redeliverAfter: Duration?
+        var pongs = true
+        var stall: OneTimeEvent?
+        var upgradesStalled = 0
     }
 
     private let state = Mutex(State())
@@ -76,6 +80,23 @@ public final class LarkGateway: Sendable {
     public func setPongConfig(_ config: [String: Int]?) { state.withLock { $0.pongConfig = config } }
     /// Pushes an event again (same `message_id`) when no `{"code":200}` came back for it within `delay`.
     public func setRedelivery(after delay: Duration?) { state.withLock { $0.redeliverAfter = delay } }
+    /// Whether pbbp2 pings get a pong (WebSocket pings are answered either way): off, the connection
+    /// looks alive to the socket but not to the protocol.
+    public func answerPings(_ answer: Bool) { state.withLock { $0.pongs = answer } }
+    /// While on, WebSocket upgrades are held unanswered (the TCP connection stays open), until switched off.
+    public func stallUpgrades(_ stall: Bool) {
+        let released = state.withLock { state -> OneTimeEvent? in
+            if stall {
+                if state.stall == nil { state.stall = OneTimeEvent() }
+                return nil
+            }
+            defer { state.stall = nil }
+            return state.stall
+        }
+        released?.signal()
+    }
+    /// Upgrades that were held by ``stallUpgrades(_:)``.
+    public var upgradesStalled: Int { state.withLock { $0.upgradesStalled } }
     /// The endpoint answers this client-error code (nil: accept the app again).
     public func refuseApp(code: Int?) { state.withLock { $0.refusal = code } }
 
@@ -100,6 +121,10 @@ public final class LarkGateway: Sendable {
     }
     /// New connections are not silent any more.
     public func endSilence() { silence.end() }
+    /// Closes one connection now (as Feishu does when it moves a client elsewhere).
+    public func close(_ connection: Int) {
+        state.withLock { $0.links[connection] }?.close.signal()
+    }
     /// Closes every connection now.
     public func closeAll() {
         for link in state.withLock({ Array($0.links.values) }) { link.close.signal() }
@@ -109,9 +134,11 @@ public final class LarkGateway: Sendable {
     public var connectionsAccepted: Int { state.withLock { $0.connectionsAccepted } }
     public var endpointRequests: Int { state.withLock { $0.endpointRequests } }
     public var pings: Int { state.withLock { $0.pings } }
+    /// Events (frame message_ids) that got a `{"code":200}` response.
+    public var succeededEvents: Int { state.withLock { $0.succeeded.count } }
     public var replies: [Reply] { state.withLock { $0.replies } }
     public func replies(for messageID: String) -> [Reply] { state.withLock { $0.replies.filter { $0.messageID == messageID } } }
-    /// Seconds from the (last fragment's) push to each response, for the bench.
+    /// Seconds from the first push of an event to each response, for the bench.
     public var responseDelays: [Double] {
         state.withLock { state in state.replies.compactMap { reply in state.pushTimes[reply.messageID].map { reply.at - $0 } } }
     }
@@ -174,7 +201,7 @@ public final class LarkGateway: Sendable {
         }
         state.withLock { state in
             state.pushed[id] = frames
-            state.pushTimes[id] = Date().timeIntervalSince1970
+            if state.pushTimes[id] == nil { state.pushTimes[id] = Date().timeIntervalSince1970 }
         }
         changed.notify()
         if !repeating, let delay = state.withLock({ $0.redeliverAfter }) {
@@ -183,10 +210,9 @@ public final class LarkGateway: Sendable {
             Task {
                 for _ in 0..<20 {
                     try? await Task.sleep(for: delay)
-                    if self.replies(for: id).contains(where: { $0.code == 200 }) || self.stopped.hasHappened { return }
+                    if self.state.withLock({ $0.succeeded.contains(id) }) || self.stopped.hasHappened { return }
                     guard self.link(nil) != nil else { continue }
                     _ = try? await self.pushEvent(event, fragments: fragments, type: type, messageID: id, to: nil, repeating: true)
-                    return
                 }
             }
         }
@@ -247,8 +273,16 @@ public final class LarkGateway: Sendable {
         ])
     }
 
-    /// The connection a `/ws/v2?…&ticket=` upgrade may open (the ticket is used up), or nil.
-    func admit(_ target: String) -> (connection: Int, service: Int32)? {
+    /// The connection a `/ws/v2?…&ticket=` upgrade may open (the ticket is used up), or nil; held first
+    /// while upgrades are stalled.
+    func admit(_ target: String) async -> (connection: Int, service: Int32)? {
+        if let stall = state.withLock({ state -> OneTimeEvent? in
+            if state.stall != nil { state.upgradesStalled += 1 }
+            return state.stall
+        }) {
+            changed.notify()
+            await stall.wait()
+        }
         guard let components = URLComponents(string: target), components.path == "/ws/v2" else { return nil }
         let ticket = components.queryItems?.first(where: { $0.name == "ticket" })?.value ?? ""
         return state.withLock { state in
@@ -281,11 +315,12 @@ public final class LarkGateway: Sendable {
     private func received(_ frame: Pbbp2_Frame, connection: Int, outbound: WebSocketOutboundWriter) async {
         if frame.method == 0 {
             guard frame.header("type") == "ping" else { return }
-            let config = state.withLock { state -> [String: Int]? in
+            let (config, answer) = state.withLock { state -> ([String: Int]?, Bool) in
                 state.pings += 1
-                return state.pongConfig
+                return (state.pongConfig, state.pongs)
             }
             changed.notify()
+            guard answer else { return }
             var pong = frame
             pong.headers = [Self.header("type", "pong")]
             if let config, let payload = try? JSONSerialization.data(withJSONObject: config) { pong.payload = payload }
@@ -306,6 +341,7 @@ public final class LarkGateway: Sendable {
                 connection: connection, messageID: messageID, code: code, bizRT: frame.header("biz_rt"), echoesFrame: echoes,
                 at: Date().timeIntervalSince1970)
             state.replies.append(reply)
+            if code == 200 { state.succeeded.insert(messageID) }
             return reply
         }
         _ = reply
@@ -313,6 +349,7 @@ public final class LarkGateway: Sendable {
     }
 
     func shutdown() {
+        stallUpgrades(false)
         stopped.signal()
         closeAll()
     }

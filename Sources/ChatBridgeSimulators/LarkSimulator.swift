@@ -31,6 +31,8 @@ public final class LarkSimulator: Sendable {
         public var uuid: String?
         public var replyInThread: Bool
         public var patches: Int
+        /// When it was sent, in seconds since 1970.
+        public var at: Double
         /// The text a user sees: the text message's text, or the markdown of a patched card.
         public var text: String {
             let object = (try? JSONSerialization.jsonObject(with: Data(content.utf8))) as? [String: Any] ?? [:]
@@ -61,6 +63,10 @@ public final class LarkSimulator: Sendable {
         public var sends: Int
         /// Full updates (PUT of the whole card) and settings changes.
         public var closes: Int
+        /// Operations refused with 300317 because their sequence was not larger than the last one.
+        public var refusedSequences = 0
+        /// When streaming mode was last closed, in seconds since 1970.
+        public var closedAt: Double?
     }
 
     /// A canned answer for the next request to an endpoint.
@@ -146,7 +152,7 @@ public final class LarkSimulator: Sendable {
         let server = try await LoopbackServer.start(
             router: router, port: port, name: "lark",
             server: .http1WebSocketUpgrade(configuration: .init(ws: wsConfiguration)) { request, _, _ in
-                guard let connection = gateway.admit(request.path ?? "") else { return .dontUpgrade }
+                guard let connection = await gateway.admit(request.path ?? "") else { return .dontUpgrade }
                 return .upgrade([:]) { inbound, outbound, _ in await gateway.serve(connection, inbound: inbound, outbound: outbound) }
             })
         portBox.withLock { $0 = server.port }
@@ -272,7 +278,7 @@ public final class LarkSimulator: Sendable {
             }
             let message = Message(
                 id: "om_sim_\(state.messages.count + 1)", replyTo: replyTo, type: type, content: content, uuid: uuid,
-                replyInThread: body["reply_in_thread"] as? Bool ?? false, patches: 0)
+                replyInThread: body["reply_in_thread"] as? Bool ?? false, patches: 0, at: Date().timeIntervalSince1970)
             state.messages.append(message)
             if let uuid { state.byUUID[uuid] = state.messages.count - 1 }
             return .json(.ok, ["code": 0, "msg": "success", "data": Self.data(of: message)])
@@ -341,6 +347,7 @@ public final class LarkSimulator: Sendable {
             return failure(300301, "sequence is required (int32 ≥ 1)")
         }
         if let last = card.sequences.last, sequence <= last {
+            card.refusedSequences += 1
             return failure(300317, "sequence must be larger than the last one (\(last))")
         }
         card.sequences.append(sequence)
@@ -358,7 +365,10 @@ public final class LarkSimulator: Sendable {
             guard var card = state.cards[id] else { return Self.failure(300302, "card not found") }
             guard element == "markdown_1" else { return Self.failure(300303, "element not found") }
             guard card.streaming else { return Self.failure(300309, "streaming mode is closed") }
-            if let problem = Self.sequenceProblem(&card, body) { return problem }
+            if let problem = Self.sequenceProblem(&card, body) {
+                state.cards[id] = card
+                return problem
+            }
             card.text = content
             card.contentUpdates += 1
             state.cards[id] = card
@@ -378,8 +388,12 @@ public final class LarkSimulator: Sendable {
         let elements = (new["body"] as? [String: Any])?["elements"] as? [[String: Any]] ?? []
         return state.withLock { state -> Response in
             guard var card = state.cards[id] else { return Self.failure(300302, "card not found") }
-            if let problem = Self.sequenceProblem(&card, body) { return problem }
+            if let problem = Self.sequenceProblem(&card, body) {
+                state.cards[id] = card
+                return problem
+            }
             card.streaming = config["streaming_mode"] as? Bool ?? false
+            if !card.streaming { card.closedAt = Date().timeIntervalSince1970 }
             card.summary = (config["summary"] as? [String: Any])?["content"] as? String
             card.text = elements.first?["content"] as? String ?? ""
             card.closes += 1
@@ -395,8 +409,14 @@ public final class LarkSimulator: Sendable {
         let settings = (body["settings"] as? String).flatMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] } ?? [:]
         return state.withLock { state -> Response in
             guard var card = state.cards[id] else { return Self.failure(300302, "card not found") }
-            if let problem = Self.sequenceProblem(&card, body) { return problem }
-            if let streaming = (settings["config"] as? [String: Any])?["streaming_mode"] as? Bool { card.streaming = streaming }
+            if let problem = Self.sequenceProblem(&card, body) {
+                state.cards[id] = card
+                return problem
+            }
+            if let streaming = (settings["config"] as? [String: Any])?["streaming_mode"] as? Bool {
+                card.streaming = streaming
+                if !streaming { card.closedAt = Date().timeIntervalSince1970 }
+            }
             card.closes += 1
             state.cards[id] = card
             return .json(.ok, ["code": 0, "msg": "success", "data": [:] as [String: Any]])

@@ -397,7 +397,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     /// What a release returns: the new state, and for a message given up while its live reply may be
     /// showing, the message (so the reply can be told).
     private static let releasedColumns = SQLQueryString("""
-        state, CASE WHEN state = 'failed' AND live_state IN ('opening', 'opened') THEN payload END AS live_payload, live_ref
+        state, CASE WHEN state = 'failed' AND live_state IN ('opening', 'opened') THEN payload END AS live_payload, live_ref,
+        answer, reply_kind
         """)
 
     private static func released(_ rows: [any SQLRow]) -> ReleasedClaims {
@@ -412,7 +413,12 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 let message = try? decoder.decode(InboundMessage.self, from: Data(payload.utf8))
             {
                 let reference = try? row.decode(column: "live_ref", as: String?.self)
-                result.gaveUpLive.append(LiveReplyAddress(message: message, reference: reference))
+                var reply: StoredReply?
+                if let text = try? row.decode(column: "answer", as: String?.self) {
+                    let kind = (try? row.decode(column: "reply_kind", as: String?.self)).flatMap { $0.flatMap(StoredReply.Kind.init(rawValue:)) } ?? .answer
+                    reply = StoredReply(text: text, kind: kind, effect: .none)
+                }
+                result.gaveUpLive.append(LiveReplyAddress(message: message, reference: reference, reply: reply))
             }
         }
         return result

@@ -13,7 +13,7 @@ import Synchronization
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure acknowledgement latency, answer throughput and memory against loopback simulators.",
-        discussion: "Starts a simulated model server and a simulated DingTalk on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or drives --target), sends signed callbacks and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, and the server's peak RSS and CPU time. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
+        discussion: "Starts a simulated model server and a simulated DingTalk (or, with --platform lark, Feishu) on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or drives --target, DingTalk only), sends signed callbacks, encrypted and signed Lark webhook events, or frames over the simulated stream gateway, and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, and the server's peak RSS and CPU time. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
     )
 
     @Option(help: "Distinct senders (each has its own conversation).") var users = 200
@@ -29,11 +29,13 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "The target's dingtalk.client_secret (with --target).") var secret = "bench-secret"
     @Option(help: "Fixed port for the model simulator (0 = any).") var modelPort = 0
     @Option(help: "Fixed port for the DingTalk simulator (0 = any).") var dingtalkPort = 0
+    @Option(help: "Fixed port for the Lark simulator (0 = any).") var larkPort = 0
+    @Option(help: "The platform to drive: dingtalk or lark.") var platform: BenchPlatform = .dingtalk
     @Option(help: "Seconds to wait for outstanding answers after sending stops.") var drainWait = 120.0
-    @Flag(help: "Send through the simulated DingTalk Stream gateway instead of HTTP callbacks (reports frame-to-ack latency).") var stream = false
-    @Option(help: "With --stream: the gateway sends disconnect to the current connection every this many seconds (0 = never).") var disconnectEvery = 0.0
-    @Flag(help: "Answer into simulated AI cards (dingtalk.card.template_id set); reports card updates and rates.") var card = false
-    @Option(help: "With --card: dingtalk.card.update_interval in milliseconds.") var cardInterval = 500
+    @Flag(help: "Send through the simulated DingTalk Stream gateway (or, with --platform lark, the Lark long connection) instead of HTTP callbacks or webhooks; reports frame-to-ack latency.") var stream = false
+    @Option(help: "With --stream: the gateway ends the newest connection every this many seconds (0 = never); DingTalk sends disconnect, Lark closes the socket.") var disconnectEvery = 0.0
+    @Flag(help: "Answer into simulated cards (DingTalk AI cards, or Lark CardKit cards); reports card updates.") var card = false
+    @Option(help: "With --card: dingtalk.card.update_interval or lark.card.update_interval, in milliseconds.") var cardInterval = 500
     @Option(help: "With --card: dingtalk.card.max_qps.") var cardQps = 20
     @Flag(help: "Print the report as JSON.") var json = false
     @Flag(help: "Measure context assembly for a 10-turn and a 10,000-turn conversation, then exit.") var context = false
@@ -46,83 +48,36 @@ struct Bench: AsyncParsableCommand {
         behaviour.answerTokens = answerTokens
         behaviour.errorRate = errorRate
         let model = try await ModelSimulator.start(port: modelPort, behaviour: behaviour)
-        let dingtalk = try await DingTalkSimulator.start(port: dingtalkPort)
-        dingtalk.gateway.setCredentials(clientID: "dingbench", clientSecret: secret)
-        log("model simulator: \(model.baseURL)  dingtalk simulator: \(dingtalk.baseURL)")
         let directory = NSTemporaryDirectory() + "chatbridge-bench-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        var child: ChildServer?
-        let url: String
-        if let target {
-            url = target
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let report: Report
+        switch platform {
+        case .dingtalk: report = try await runDingTalk(model: model, directory: directory)
+        case .lark: report = try await runLark(model: model, directory: directory)
+        }
+        await model.stop()
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
         } else {
-            let server = try ChildServer(
-                executable: Self.ownExecutable(),
-                environment: [
-                    "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
-                    "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/bench.sqlite", "CHATBRIDGE_LLM_BASE_URL": model.baseURL,
-                    "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbench",
-                    "CHATBRIDGE_DINGTALK_CLIENT_SECRET": secret, "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL,
-                    "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)",
-                    "CHATBRIDGE_LOG_LEVEL": "notice", "CHATBRIDGE_DINGTALK_MODE": stream ? "stream" : "http",
-                    "CHATBRIDGE_DINGTALK_STREAM_HOSTS": "127.0.0.1",
-                    "CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID": card ? "bench-template.schema" : "",
-                    "CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms", "CHATBRIDGE_DINGTALK_CARD_MAX_QPS": "\(cardQps)",
-                ],
-                logPath: directory + "/server.log")
-            let port = try await server.waitUntilListening()
-            url = "http://127.0.0.1:\(port)/callbacks/dingtalk"
-            child = server
+            report.printTable()
         }
-        try await Task.sleep(for: .seconds(1))
-        if stream {
-            await dingtalk.gateway.wait { !$0.openConnections.isEmpty }
-            // As DingTalk: a frame still unacknowledged after 5s is delivered again (maybe on another connection).
-            dingtalk.gateway.setRedelivery(after: .seconds(5))
-        }
-        let idleRSS = child?.memory()?.current
+    }
 
-        var clientConfiguration = HTTPClient.Configuration()
-        clientConfiguration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 256)
-        clientConfiguration.redirectConfiguration = .disallow
-        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
-        let sender = CallbackSender(url: url, secret: secret, robotCode: "dingbench")
-        let run = UUID().uuidString.prefix(8)
-        let recorder = Recorder()
-        let start = Date().timeIntervalSince1970
-        let end = start + duration
+    /// The environment every started server gets, whatever the platform.
+    private func baseEnvironment(model: ModelSimulator, directory: String) -> [String: String] {
+        [
+            "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
+            "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/bench.sqlite", "CHATBRIDGE_LLM_BASE_URL": model.baseURL,
+            "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)", "CHATBRIDGE_LOG_LEVEL": "notice",
+        ]
+    }
 
-        let users = self.users
-        let streamMode = stream
-        let sendOne: @Sendable (Int) async -> Void = { index in
-            let id = "bench-\(run)-\(index)"
-            let user = index % max(users, 1)
-            let body = sender.body(
-                messageID: id, text: "question \(index)", conversationID: "cidBench\(user)==", senderStaffID: "user\(user)",
-                webhook: dingtalk.webhookURL(session: id))
-            let sent = Date().timeIntervalSince1970
-            if streamMode {
-                guard let frame = try? await dingtalk.gateway.pushMessage(body) else { return recorder.record(id, sent: sent, acked: nil) }
-                let ack = await SystemClock().withTimeout(.seconds(60)) { await dingtalk.gateway.firstAck(frame) } ?? nil
-                recorder.record(id, sent: sent, acked: ack?.code == 200 ? ack?.at : nil)
-                return
-            }
-            let status = try? await sender.post(body, client: client).status
-            let acked = status == 200 ? Date().timeIntervalSince1970 : nil
-            recorder.record(id, sent: sent, acked: acked)
-        }
-        let disconnects = Task { [disconnectEvery] in
-            guard streamMode, disconnectEvery > 0 else { return 0 }
-            var count = 0
-            while Date().timeIntervalSince1970 < end {
-                try? await Task.sleep(for: .milliseconds(Int64(disconnectEvery * 1000)))
-                guard Date().timeIntervalSince1970 < end, let newest = dingtalk.gateway.openConnections.max() else { continue }
-                try? await dingtalk.gateway.disconnect(newest)
-                count += 1
-            }
-            return count
-        }
-
+    /// Calls `sendOne` with increasing indexes until `end`: at `--rate` per second, or from `--concurrency`
+    /// senders that each wait for their acknowledgement.
+    private func drive(start: Double, end: Double, recorder: Recorder, _ sendOne: @escaping @Sendable (Int) async -> Void) async {
         if let concurrency {
             await withDiscardingTaskGroup { group in
                 for _ in 0..<concurrency {
@@ -144,20 +99,28 @@ struct Bench: AsyncParsableCommand {
                 }
             }
         }
-        let sendingEnded = Date().timeIntervalSince1970
-        let acknowledged = recorder.snapshot.values.filter { $0.ack != nil }.count
-        log("sent \(recorder.snapshot.count), acknowledged \(acknowledged); waiting for answers")
+    }
+
+    /// Closes the newest connection every `--disconnect-every` seconds until `end`; returns how many it closed.
+    private func forceDisconnects(until end: Double, _ disconnectNewest: @escaping @Sendable () async -> Bool) -> Task<Int, Never> {
+        Task { [disconnectEvery, stream] in
+            guard stream, disconnectEvery > 0 else { return 0 }
+            var count = 0
+            while Date().timeIntervalSince1970 < end {
+                try? await Task.sleep(for: .milliseconds(Int64(disconnectEvery * 1000)))
+                guard Date().timeIntervalSince1970 < end else { continue }
+                if await disconnectNewest() { count += 1 }
+            }
+            return count
+        }
+    }
+
+    /// Waits until `answered` reaches `expected`, or nothing progressed for 10 s, or `--drain-wait` passed.
+    private func drain(expected: Int, sendingEnded: Double, answered: @Sendable () -> Int, progress: @Sendable () -> Int) async throws {
         var lastCount = -1
         var lastProgress = Date()
-        let forcedDisconnects = await disconnects.value
-        let cardMode = card
-        let answeredCount: @Sendable () -> Int = {
-            cardMode ? dingtalk.cards.cards.filter { $0.flowStatus == "3" }.count : Set(dingtalk.deliveries.map(\.target)).count
-        }
-        // Card calls are progress too: many cards share the card API rate.
-        let progress: @Sendable () -> Int = { answeredCount() + (cardMode ? dingtalk.cards.calls.count : 0) }
         while Date().timeIntervalSince(lastProgress) < 10, Date().timeIntervalSince1970 - sendingEnded < drainWait {
-            if answeredCount() >= acknowledged { break }
+            if answered() >= expected { break }
             let count = progress()
             if count != lastCount {
                 lastCount = count
@@ -166,7 +129,82 @@ struct Bench: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(100))
         }
         try await Task.sleep(for: .milliseconds(300))
-        var deliveries = dingtalk.deliveries
+    }
+
+    private func runDingTalk(model: ModelSimulator, directory: String) async throws -> Report {
+        let dingtalk = try await DingTalkSimulator.start(port: dingtalkPort)
+        dingtalk.gateway.setCredentials(clientID: "dingbench", clientSecret: secret)
+        log("model simulator: \(model.baseURL)  dingtalk simulator: \(dingtalk.baseURL)")
+        var child: ChildServer?
+        let url: String
+        if let target {
+            url = target
+        } else {
+            var environment = baseEnvironment(model: model, directory: directory)
+            environment.merge([
+                "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbench",
+                "CHATBRIDGE_DINGTALK_CLIENT_SECRET": secret, "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL,
+                "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1", "CHATBRIDGE_DINGTALK_MODE": stream ? "stream" : "http",
+                "CHATBRIDGE_DINGTALK_STREAM_HOSTS": "127.0.0.1",
+                "CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID": card ? "bench-template.schema" : "",
+                "CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms", "CHATBRIDGE_DINGTALK_CARD_MAX_QPS": "\(cardQps)",
+            ]) { $1 }
+            let server = try ChildServer(executable: Self.ownExecutable(), environment: environment, logPath: directory + "/server.log")
+            let port = try await server.waitUntilListening()
+            url = "http://127.0.0.1:\(port)/callbacks/dingtalk"
+            child = server
+        }
+        try await Task.sleep(for: .seconds(1))
+        if stream {
+            await dingtalk.gateway.wait { !$0.openConnections.isEmpty }
+            // As DingTalk: a frame still unacknowledged after 5s is delivered again (maybe on another connection).
+            dingtalk.gateway.setRedelivery(after: .seconds(5))
+        }
+        let idleRSS = child?.memory()?.current
+
+        let client = Self.httpClient()
+        let sender = CallbackSender(url: url, secret: secret, robotCode: "dingbench")
+        let run = UUID().uuidString.prefix(8)
+        let recorder = Recorder()
+        let start = Date().timeIntervalSince1970
+        let end = start + duration
+
+        let users = self.users
+        let streamMode = stream
+        let disconnects = forceDisconnects(until: end) {
+            guard let newest = dingtalk.gateway.openConnections.max() else { return false }
+            return (try? await dingtalk.gateway.disconnect(newest)) != nil
+        }
+        await drive(start: start, end: end, recorder: recorder) { index in
+            let id = "bench-\(run)-\(index)"
+            let user = index % max(users, 1)
+            let body = sender.body(
+                messageID: id, text: "question \(index)", conversationID: "cidBench\(user)==", senderStaffID: "user\(user)",
+                webhook: dingtalk.webhookURL(session: id))
+            let sent = Date().timeIntervalSince1970
+            if streamMode {
+                guard let frame = try? await dingtalk.gateway.pushMessage(body) else { return recorder.record(id, sent: sent, acked: nil) }
+                let ack = await SystemClock().withTimeout(.seconds(60)) { await dingtalk.gateway.firstAck(frame) } ?? nil
+                recorder.record(id, sent: sent, acked: ack?.code == 200 ? ack?.at : nil)
+                return
+            }
+            let status = try? await sender.post(body, client: client).status
+            let acked = status == 200 ? Date().timeIntervalSince1970 : nil
+            recorder.record(id, sent: sent, acked: acked)
+        }
+        let sendingEnded = Date().timeIntervalSince1970
+        let acknowledged = recorder.snapshot.values.filter { $0.ack != nil }.count
+        log("sent \(recorder.snapshot.count), acknowledged \(acknowledged); waiting for answers")
+        let forcedDisconnects = await disconnects.value
+        let cardMode = card
+        let answeredCount: @Sendable () -> Int = {
+            cardMode ? dingtalk.cards.cards.filter { $0.flowStatus == "3" }.count : Set(dingtalk.deliveries.map(\.target)).count
+        }
+        // Card calls are progress too: many cards share the card API rate.
+        try await drain(expected: acknowledged, sendingEnded: sendingEnded, answered: answeredCount) {
+            answeredCount() + (cardMode ? dingtalk.cards.calls.count : 0)
+        }
+        var deliveries = dingtalk.deliveries.map { Answer(id: $0.target, at: $0.receivedAt) }
         let cards = dingtalk.cards.cards
         let cardCalls = dingtalk.cards.calls
         let peakCardQPS = dingtalk.cards.peakCallsPerSecond
@@ -177,7 +215,6 @@ struct Bench: AsyncParsableCommand {
             _ = await child.wait()
         }
         try? await client.shutdown()
-        await model.stop()
         await dingtalk.stop()
 
         let snapshot = recorder.snapshot
@@ -204,10 +241,8 @@ struct Bench: AsyncParsableCommand {
                     visible.append((created - record.sent) * 1000)
                 }
                 if let first = streaming.first { firstText.append((first - record.sent) * 1000 - Double(modelLatency)) }
-                deliveries.append(.init(channel: .direct, target: id, title: "card", text: card.streamed, atUserIds: [], receivedAt: calls.last?.at ?? 0))
-                for _ in 1..<max(card.deliveries, 1) {
-                    deliveries.append(.init(channel: .direct, target: id, title: "card", text: card.streamed, atUserIds: [], receivedAt: 0))
-                }
+                deliveries.append(Answer(id: id, at: calls.last?.at ?? 0))
+                for _ in 1..<max(card.deliveries, 1) { deliveries.append(Answer(id: id, at: 0)) }
             }
             let finished = cards.filter { $0.flowStatus == "3" }.count
             visible.sort()
@@ -217,33 +252,151 @@ struct Bench: AsyncParsableCommand {
                 peakCardCallsPerSecond: peakCardQPS, cardVisibleP99: percentile(visible, 0.99),
                 firstTextAfterFirstTokenP99: percentile(firstText, 0.99), markdownReplies: dingtalk.deliveries.count)
         }
-        let ackLatencies = snapshot.values.compactMap { record in record.ack.map { ($0 - record.sent) * 1000 } }.sorted()
-        var firstDelivery: [String: Double] = [:]
-        for delivery in deliveries where firstDelivery[delivery.target] == nil { firstDelivery[delivery.target] = delivery.receivedAt }
-        let answerLatencies = firstDelivery.compactMap { id, at in snapshot[id].map { (at - $0.sent) * 1000 } }.sorted()
-        let ackedIDs = Set(snapshot.filter { $0.value.ack != nil }.keys)
-        let answeredIDs = Set(firstDelivery.keys)
-        let lastAnswer = deliveries.map(\.receivedAt).max() ?? sendingEnded
-        let report = Report(
-            sent: snapshot.count, acknowledged: ackedIDs.count,
-            ackP50: percentile(ackLatencies, 0.5), ackP90: percentile(ackLatencies, 0.9), ackP99: percentile(ackLatencies, 0.99),
-            ackMax: ackLatencies.last ?? 0, answered: answeredIDs.count,
-            answerP50: percentile(answerLatencies, 0.5), answerP99: percentile(answerLatencies, 0.99),
-            throughput: Double(answeredIDs.count) / max(lastAnswer - start, 0.001),
+        return Report(
+            snapshot: snapshot, answers: deliveries, start: start, sendingEnded: sendingEnded,
             // Over the stream an unacknowledged frame is delivered again, so every message sent must be answered;
             // over HTTP the bench does not re-send, so only acknowledged ones must.
-            lost: (stream ? Set(snapshot.keys) : ackedIDs).subtracting(answeredIDs).count, duplicated: deliveries.count - answeredIDs.count,
-            idleRSSMB: idleRSS.map { Double($0) / 1_048_576 }, peakRSSMB: memory.map { Double($0.peak) / 1_048_576 },
-            cpuSeconds: cpu, modelRequests: model.requestCount, transport: stream ? "stream" : "http",
-            forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
-        if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
-        } else {
-            report.printTable()
+            everySentMustBeAnswered: stream, idleRSS: idleRSS, memory: memory, cpu: cpu, modelRequests: model.requestCount,
+            platform: "dingtalk", transport: stream ? "stream" : "http", forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
+    }
+
+    private func runLark(model: ModelSimulator, directory: String) async throws -> Report {
+        guard target == nil else { throw ValidationError("--target drives a DingTalk callback URL; --platform lark always starts its own server") }
+        let lark = try await LarkSimulator.start(port: larkPort)
+        log("model simulator: \(model.baseURL)  lark simulator: \(lark.baseURL)")
+        let verificationToken = "bench-verification-token"
+        let encryptKey = "bench-encrypt-key"
+        var environment = baseEnvironment(model: model, directory: directory)
+        environment.merge([
+            "CHATBRIDGE_LARK_APP_ID": lark.appID, "CHATBRIDGE_LARK_APP_SECRET": lark.appSecret, "CHATBRIDGE_LARK_BASE_URL": lark.baseURL,
+            "CHATBRIDGE_LARK_MODE": stream ? "websocket" : "webhook", "CHATBRIDGE_LARK_STREAM_HOSTS": "127.0.0.1",
+            "CHATBRIDGE_LARK_VERIFICATION_TOKEN": verificationToken, "CHATBRIDGE_LARK_ENCRYPT_KEY": encryptKey,
+            "CHATBRIDGE_LARK_CARD_MODE": card ? "cardkit" : "off", "CHATBRIDGE_LARK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms",
+        ]) { $1 }
+        let child = try ChildServer(executable: Self.ownExecutable(), environment: environment, logPath: directory + "/server.log")
+        let port = try await child.waitUntilListening()
+        try await Task.sleep(for: .seconds(1))
+        let gateway = lark.gateway
+        if stream {
+            guard await gateway.wait(seconds: 30, until: { !$0.openConnections.isEmpty }) else {
+                throw ValidationError("the server did not open the long connection within 30 s; see its log")
+            }
+            // As Feishu: an event still without {"code":200} after 5 s is pushed again, maybe on another connection.
+            gateway.setRedelivery(after: .seconds(5))
         }
-        try? FileManager.default.removeItem(atPath: directory)
+        let idleRSS = child.memory()?.current
+
+        let client = Self.httpClient()
+        let sender = LarkEventSender(
+            url: "http://127.0.0.1:\(port)/callbacks/lark", verificationToken: verificationToken, encryptKey: encryptKey, appID: lark.appID)
+        let run = UUID().uuidString.prefix(8)
+        let recorder = Recorder()
+        // Long connection: the frame's message_id → the Feishu message it carries, and when it was pushed.
+        let frames = Mutex<[String: (id: String, sent: Double)]>([:])
+        let start = Date().timeIntervalSince1970
+        let end = start + duration
+        let users = self.users
+        let streamMode = stream
+        let disconnects = forceDisconnects(until: end) {
+            guard let newest = gateway.openConnections.max() else { return false }
+            gateway.close(newest)
+            return true
+        }
+        await drive(start: start, end: end, recorder: recorder) { index in
+            let id = "om_bench_\(run)_\(index)"
+            let user = index % max(users, 1)
+            let event = sender.messageEvent(messageID: id, text: "question \(index)", chatID: "oc_bench\(user)", sender: "ou_bench\(user)")
+            let sent = Date().timeIntervalSince1970
+            guard streamMode else {
+                let status = try? await sender.post(event, client: client).status
+                return recorder.record(id, sent: sent, acked: status == 200 ? Date().timeIntervalSince1970 : nil)
+            }
+            // As Feishu: an event waits for a connection when none is open (during a reconnect).
+            recorder.record(id, sent: sent, acked: nil)
+            for _ in 0..<3 {
+                if let frame = try? await gateway.pushEvent(event) {
+                    frames.withLock { $0[frame] = (id, sent) }
+                    return
+                }
+                await gateway.wait(seconds: 30) { !$0.openConnections.isEmpty }
+            }
+        }
+        let sendingEnded = Date().timeIntervalSince1970
+        if stream {
+            // The first {"code":200} response to each frame is its acknowledgement.
+            let pushed = frames.withLock { $0 }
+            await gateway.wait(seconds: 10) { $0.succeededEvents >= pushed.count }
+            var firstSuccess: [String: Double] = [:]
+            for reply in gateway.replies where reply.code == 200 && firstSuccess[reply.messageID] == nil {
+                firstSuccess[reply.messageID] = reply.at
+            }
+            for (frame, message) in pushed {
+                recorder.record(message.id, sent: message.sent, acked: firstSuccess[frame])
+            }
+        }
+        let acknowledged = recorder.snapshot.values.filter { $0.ack != nil }.count
+        log("sent \(recorder.snapshot.count), acknowledged \(acknowledged); waiting for answers")
+        let forcedDisconnects = await disconnects.value
+        let cardMode = card
+        let expected = stream ? recorder.snapshot.count : acknowledged
+        let answeredCount: @Sendable () -> Int = {
+            cardMode ? lark.cards.filter { $0.closedAt != nil }.count : Set(lark.messages.compactMap(\.replyTo)).count
+        }
+        try await drain(expected: expected, sendingEnded: sendingEnded, answered: answeredCount) {
+            answeredCount() + lark.cards.reduce(0) { $0 + $1.contentUpdates }
+        }
+        let messages = lark.messages
+        let cards = Dictionary(uniqueKeysWithValues: lark.cards.map { ($0.id, $0) })
+        let replays = lark.duplicateReplies
+        let memory = child.memory()
+        let cpu = child.cpuSeconds()
+        child.signal(SIGTERM)
+        _ = await child.wait()
+        try? await client.shutdown()
+        await lark.stop()
+
+        let snapshot = recorder.snapshot
+        // An answer is a text reply, or a card reply whose card was closed; every further one is a duplicate.
+        var answers: [Answer] = []
+        var cardReport: CardReport?
+        var updates = 0
+        var visible: [Double] = []
+        var refusedSequences = 0
+        for message in messages {
+            guard let id = message.replyTo, let record = snapshot[id] else { continue }
+            guard let cardID = message.cardID else {
+                answers.append(Answer(id: id, at: message.at))
+                continue
+            }
+            guard let card = cards[cardID], let closed = card.closedAt else { continue }
+            answers.append(Answer(id: id, at: closed))
+            updates += card.contentUpdates
+            refusedSequences += card.refusedSequences
+            visible.append((message.at - record.sent) * 1000)
+        }
+        if card {
+            visible.sort()
+            let shown = answers.count
+            cardReport = CardReport(
+                cards: cards.count, updatesPerAnswer: Double(updates) / Double(max(shown, 1)), fastestCardUpdatesPerSecond: nil,
+                peakCardCallsPerSecond: nil, cardVisibleP99: percentile(visible, 0.99), firstTextAfterFirstTokenP99: nil,
+                markdownReplies: messages.filter { $0.cardID == nil }.count, refusedSequences: refusedSequences)
+        }
+        var report = Report(
+            snapshot: snapshot, answers: answers, start: start, sendingEnded: sendingEnded,
+            // Over the long connection an event without a response is pushed again, so every one sent must be
+            // answered; over webhooks the bench does not re-send, so only acknowledged ones must.
+            everySentMustBeAnswered: stream, idleRSS: idleRSS, memory: memory, cpu: cpu, modelRequests: model.requestCount,
+            platform: "lark", transport: stream ? "websocket" : "webhook", forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
+        report.replaysRefusedByUUID = replays
+        return report
+    }
+
+    private static func httpClient() -> HTTPClient {
+        var configuration = HTTPClient.Configuration()
+        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 256)
+        configuration.redirectConfiguration = .disallow
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }
 
     private func log(_ text: String) {
@@ -281,14 +434,26 @@ struct Bench: AsyncParsableCommand {
     }
 }
 
+enum BenchPlatform: String, ExpressibleByArgument, Sendable {
+    case dingtalk, lark
+}
+
+/// One answer the simulated platform showed: for which message, and when (seconds since 1970).
+struct Answer {
+    var id: String
+    var at: Double
+}
+
 struct CardReport: Encodable {
     var cards: Int
     var updatesPerAnswer: Double
-    var fastestCardUpdatesPerSecond: Double
-    var peakCardCallsPerSecond: Int
+    var fastestCardUpdatesPerSecond: Double?
+    var peakCardCallsPerSecond: Int?
     var cardVisibleP99: Double
-    var firstTextAfterFirstTokenP99: Double
+    var firstTextAfterFirstTokenP99: Double?
     var markdownReplies: Int
+    /// Lark: card operations refused because their sequence did not increase.
+    var refusedSequences: Int?
 }
 
 /// What the load generator sent and when it was acknowledged.
@@ -305,6 +470,7 @@ private func percentile(_ sorted: [Double], _ p: Double) -> Double {
 }
 
 struct Report: Encodable {
+    var platform: String
     var sent: Int
     var acknowledged: Int
     var ackP50: Double
@@ -324,28 +490,70 @@ struct Report: Encodable {
     var transport: String
     var forcedDisconnects: Int?
     var card: CardReport?
+    /// Lark: replies the platform recognised by their uuid and did not show again.
+    var replaysRefusedByUUID: Int?
+
+    /// The figures for what was sent (`snapshot`) and what the platform showed (`answers`, one entry per
+    /// answer shown, so a message shown twice counts as a duplicate).
+    init(
+        snapshot: [String: (sent: Double, ack: Double?)], answers: [Answer], start: Double, sendingEnded: Double,
+        everySentMustBeAnswered: Bool, idleRSS: Int?, memory: (current: Int, peak: Int)?, cpu: Double?, modelRequests: Int,
+        platform: String, transport: String, forcedDisconnects: Int?, card: CardReport?
+    ) {
+        let ackLatencies = snapshot.values.compactMap { record in record.ack.map { ($0 - record.sent) * 1000 } }.sorted()
+        var firstAnswer: [String: Double] = [:]
+        for answer in answers where firstAnswer[answer.id] == nil { firstAnswer[answer.id] = answer.at }
+        let answerLatencies = firstAnswer.compactMap { id, at in snapshot[id].map { (at - $0.sent) * 1000 } }.sorted()
+        let ackedIDs = Set(snapshot.filter { $0.value.ack != nil }.keys)
+        let answeredIDs = Set(firstAnswer.keys)
+        let lastAnswer = answers.map(\.at).max() ?? sendingEnded
+        self.platform = platform
+        sent = snapshot.count
+        acknowledged = ackedIDs.count
+        ackP50 = percentile(ackLatencies, 0.5)
+        ackP90 = percentile(ackLatencies, 0.9)
+        ackP99 = percentile(ackLatencies, 0.99)
+        ackMax = ackLatencies.last ?? 0
+        answered = answeredIDs.count
+        answerP50 = percentile(answerLatencies, 0.5)
+        answerP99 = percentile(answerLatencies, 0.99)
+        throughput = Double(answeredIDs.count) / max(lastAnswer - start, 0.001)
+        lost = (everySentMustBeAnswered ? Set(snapshot.keys) : ackedIDs).subtracting(answeredIDs).count
+        duplicated = answers.count - answeredIDs.count
+        idleRSSMB = idleRSS.map { Double($0) / 1_048_576 }
+        peakRSSMB = memory.map { Double($0.peak) / 1_048_576 }
+        cpuSeconds = cpu
+        self.modelRequests = modelRequests
+        self.transport = transport
+        self.forcedDisconnects = forcedDisconnects
+        self.card = card
+    }
 
     func printTable() {
         func f(_ v: Double) -> String { String(format: "%.1f", v) }
+        let frames = transport == "stream" || transport == "websocket"
         var rows: [(String, String)] = [
+            ("platform", platform),
             ("transport", transport + (forcedDisconnects.map { ", \($0) forced disconnects" } ?? "")),
             ("sent", "\(sent)"), ("acknowledged", "\(acknowledged)"),
-            (transport == "stream" ? "frame-to-ack p50 / p90 / p99 / max" : "ack latency p50 / p90 / p99 / max", "\(f(ackP50)) / \(f(ackP90)) / \(f(ackP99)) / \(f(ackMax)) ms"),
+            (frames ? "frame-to-ack p50 / p90 / p99 / max" : "ack latency p50 / p90 / p99 / max", "\(f(ackP50)) / \(f(ackP90)) / \(f(ackP99)) / \(f(ackMax)) ms"),
             ("answered", "\(answered)"), ("answer latency p50 / p99", "\(f(answerP50)) / \(f(answerP99)) ms"),
             ("throughput", "\(f(throughput)) answers/s"), ("lost", "\(lost)"), ("duplicated", "\(duplicated)"),
             ("model requests", "\(modelRequests)"),
             ("server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ("server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
             ("server CPU time", cpuSeconds.map { "\(f($0)) s" } ?? "n/a"),
         ]
+        if let replaysRefusedByUUID { rows.append(("replies refused by uuid", "\(replaysRefusedByUUID)")) }
         if let card {
             rows += [
-                ("cards (markdown replies)", "\(card.cards) (\(card.markdownReplies))"),
+                ("cards (text replies)", "\(card.cards) (\(card.markdownReplies))"),
                 ("card updates per answer", f(card.updatesPerAnswer)),
-                ("fastest updates of one card", "\(f(card.fastestCardUpdatesPerSecond)) /s"),
-                ("peak card API calls", "\(card.peakCardCallsPerSecond) /s"),
-                ("card visible after send p99", "\(f(card.cardVisibleP99)) ms"),
-                ("first text after first token p99", "\(f(card.firstTextAfterFirstTokenP99)) ms"),
             ]
+            if let fastest = card.fastestCardUpdatesPerSecond { rows.append(("fastest updates of one card", "\(f(fastest)) /s")) }
+            if let peak = card.peakCardCallsPerSecond { rows.append(("peak card API calls", "\(peak) /s")) }
+            rows.append(("card visible after send p99", "\(f(card.cardVisibleP99)) ms"))
+            if let first = card.firstTextAfterFirstTokenP99 { rows.append(("first text after first token p99", "\(f(first)) ms")) }
+            if let refused = card.refusedSequences { rows.append(("sequences refused", "\(refused)")) }
         }
         let width = rows.map(\.0.count).max() ?? 0
         for (name, value) in rows { print(name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + value) }

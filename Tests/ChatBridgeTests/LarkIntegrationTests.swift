@@ -217,8 +217,9 @@ import Testing
             lark: true)
         defer { Task { await h.stop() } }
         let lark = try #require(h.lark)
-        let question = String(repeating: "长", count: 50_000)
-        let parts = LarkReplyChannel.numberedParts(of: ModelSimulator.answer(to: question), maxCharacters: 40_000)
+        // 39,000 characters fit a message by count, but at four bytes each they are over Feishu's 150 KB.
+        let question = String(repeating: "😀", count: 39_000)
+        let parts = LarkReplyChannel.numberedParts(of: ModelSimulator.answer(to: question), maxBytes: LarkReplyChannel.maxTextBytes)
         #expect(parts.count == 2)
         _ = try await h.sendLark("om_long", question)
         #expect(await answered(h))

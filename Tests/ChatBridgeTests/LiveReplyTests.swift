@@ -138,6 +138,55 @@ import Testing
         await f.stop()
     }
 
+    @Test func aGivenUpMessageWhoseReplyWasStoredHasItsLiveReplyFinishedWithItNotFailed() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(maxAttempts: 1, live: live)
+        let id = try await f.accept("m1", "question")
+        // Another worker showed the card, stored the answer (and may have finished the card) and died.
+        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 1, now: f.clock.now)
+        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        try await f.inbox.recordLive(item.lease, state: .opened, reference: nil, now: f.clock.now)
+        try await f.inbox.storeReply(StoredReply(text: "the stored answer", kind: .answer, effect: .none), for: item.lease, error: nil, now: f.clock.now)
+        f.start()
+        #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "failed" })
+        // The card may already show the answer: it is completed with it, never overwritten with a failure.
+        #expect(await eventually { live.calls == [.finish("the stored answer")] })
+        await f.stop()
+    }
+
+    @Test func aLiveReplyAnEarlierAttemptBeganIsContinuedAfterLiveRepliesWereSwitchedOff() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        let id = try await f.accept("m1", "question")
+        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 5, now: f.clock.now)
+        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        try await f.inbox.recordLive(item.lease, state: .opened, reference: nil, now: f.clock.now)
+        // Cards were switched off before the restart: the card already showing is still the one finished.
+        live.setAvailability(.begunOnly)
+        f.start()
+        #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "answered" })
+        #expect(live.calls == [.finish("Answer to: question")])
+        #expect(f.replies.attempts.isEmpty, "the answer is not sent again as a message")
+        await f.stop()
+    }
+
+    @Test func aFinalizedLiveReplyIsOnlyRecordedEvenWithoutALiveChannel() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(live: live)
+        let id = try await f.accept("m1", "question")
+        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 5, now: f.clock.now)
+        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        try await f.inbox.storeReply(StoredReply(text: "the stored answer", kind: .answer, effect: .none), for: item.lease, error: nil, now: f.clock.now)
+        try await f.inbox.recordLive(item.lease, state: .finalized, reference: nil, now: f.clock.now)
+        // The card shows the final text; the worker died before recording the row done.
+        live.setAvailability(.off)
+        f.start()
+        #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "answered" })
+        #expect(live.calls.isEmpty)
+        #expect(f.replies.attempts.isEmpty, "the answer is not sent again as a message")
+        await f.stop()
+    }
+
     @Test func aModelThatFailsForGoodShowsTheErrorInTheLiveReply() async throws {
         let live = LiveTwin()
         let f = DispatcherFixture(live: live)

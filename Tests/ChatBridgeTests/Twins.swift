@@ -246,7 +246,7 @@ actor InMemoryInbox: Inbox {
                 if rows[index].live == .opening || rows[index].live == .opened,
                     let message = try? Self.decoder.decode(InboundMessage.self, from: rows[index].payload)
                 {
-                    released.gaveUpLive.append(LiveReplyAddress(message: message, reference: rows[index].liveReference))
+                    released.gaveUpLive.append(LiveReplyAddress(message: message, reference: rows[index].liveReference, reply: rows[index].reply.map { StoredReply(text: $0.text, kind: $0.kind, effect: .none) }))
                 }
             } else {
                 rows[index].state = "pending"
@@ -382,6 +382,19 @@ final class LiveTwin: Sendable {
     let references: (prepared: String, shown: String)?
     init(references: (prepared: String, shown: String)? = nil) { self.references = references }
 
+    /// Whether the channel offers live replies: always, only to continue one an attempt began (switched
+    /// off in the settings since), or never (the platform's channel is gone).
+    enum Availability: Sendable { case on, begunOnly, off }
+    private let availability = Mutex(Availability.on)
+    func setAvailability(_ value: Availability) { availability.withLock { $0 = value } }
+    func isOffered(begun: Bool) -> Bool {
+        switch availability.withLock({ $0 }) {
+        case .on: true
+        case .begunOnly: begun
+        case .off: false
+        }
+    }
+
     /// The next calls of `kind` fail with `errors`, in order.
     func script(_ kind: Kind, _ errors: DeliveryError...) { state.withLock { $0.script[kind, default: []].append(contentsOf: errors) } }
     var calls: [Call] { state.withLock { $0.calls } }
@@ -417,8 +430,8 @@ final class LiveTwin: Sendable {
 final class RecordingReplies: ReplyChannel {
     let live: LiveTwin?
     init(live: LiveTwin? = nil) { self.live = live }
-    func liveReply(to message: InboundMessage, reference: String?) -> (any LiveReply)? {
-        guard let live else { return nil }
+    func liveReply(to message: InboundMessage, reference: String?, begun: Bool) -> (any LiveReply)? {
+        guard let live, live.isOffered(begun: begun) else { return nil }
         references.withLock { $0.append(reference) }
         return LiveTwin.Reply(twin: live)
     }

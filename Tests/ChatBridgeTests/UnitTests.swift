@@ -1,5 +1,6 @@
 import ChatBridgeCore
 import ChatBridgeDingTalk
+@testable import ChatBridgeLark
 @testable import ChatBridgeLLM
 import ChatBridgeServer
 import ChatBridgeStore
@@ -312,6 +313,25 @@ import Testing
         #expect(parts.count > 1)
         #expect(parts.contains { $0.hasPrefix("```") && $0.contains("```\n") })
         #expect(TextSplitter(maxCharacters: 10).split(String(repeating: "x", count: 25)) == ["xxxxxxxxxx", "xxxxxxxxxx", "xxxxx"])
+    }
+
+    @Test func splitterKeepsPartsWithinASizeBudget() {
+        // Four-byte characters: 10 characters are 40 bytes, so a 20-byte budget takes 5 a part.
+        let emoji = String(repeating: "😀", count: 10)
+        let bytes = TextSplitter(maxCharacters: 100, maxSize: 20)
+        #expect(bytes.split(emoji) == [String(repeating: "😀", count: 5), String(repeating: "😀", count: 5)])
+        #expect(bytes.prefix(emoji) == String(repeating: "😀", count: 5))
+        // One character larger than the budget still moves on.
+        #expect(TextSplitter(maxCharacters: 100, maxSize: 2).split("😀a") == ["😀", "a"])
+        #expect(TextSplitter(maxCharacters: 5).split("") == [""])
+        // Sized as Feishu counts (escaped JSON), quotes and line breaks take two bytes.
+        let escaped = String(repeating: "\"\n", count: 50)
+        let parts = LarkReplyChannel.numberedParts(of: escaped, maxBytes: 66)
+        #expect(parts.count > 1)
+        for part in parts {
+            let json = try? JSONSerialization.data(withJSONObject: [part])
+            #expect((json?.count ?? .max) - 4 <= 66, "a part is within its budget once escaped")
+        }
     }
 }
 

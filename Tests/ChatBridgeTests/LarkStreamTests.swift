@@ -1,0 +1,167 @@
+import AsyncHTTPClient
+import ChatBridgeCore
+import ChatBridgeHTTP
+@testable import ChatBridgeLark
+import ChatBridgeSimulators
+import Foundation
+import Logging
+import Prometheus
+import Testing
+
+/// The real Lark long-connection client against the loopback gateway, on a manual clock, storing into the
+/// in-memory inbox twin (so a store failure or a slow commit can be injected). End-to-end answers over the
+/// long connection are in `LarkIntegrationTests`.
+final class LarkStreamRig: @unchecked Sendable {
+    let simulator: LarkSimulator
+    let inbox = InMemoryInbox()
+    let clock: ManualClock
+    let connection: LarkLongConnection
+    let registry = PrometheusCollectorRegistry()
+    let sender: LarkEventSender
+    private let client: HTTPClient
+    private let task: Task<Void, any Error>
+
+    var gateway: LarkGateway { simulator.gateway }
+
+    /// Runs `body` with a rig and stops the rig afterwards (also when `body` throws). `prepare` sets the
+    /// simulator up before the client starts.
+    static func with(
+        keepaliveTimeout: Duration = .seconds(5), prepare: (LarkSimulator) -> Void = { _ in }, _ body: (LarkStreamRig) async throws -> Void
+    ) async throws {
+        let simulator = try await LarkSimulator.start()
+        prepare(simulator)
+        let rig = LarkStreamRig(simulator: simulator, keepaliveTimeout: keepaliveTimeout)
+        do {
+            try await body(rig)
+        } catch {
+            await rig.stop()
+            throw error
+        }
+        await rig.stop()
+    }
+
+    private init(simulator: LarkSimulator, keepaliveTimeout: Duration) {
+        self.simulator = simulator
+        clock = ManualClock(start: Date())
+        var settings = LarkSettings(
+            appID: simulator.appID, appSecret: simulator.appSecret, baseURL: simulator.baseURL, mode: .websocket, cardMode: .off)
+        settings.stream.hosts = ["127.0.0.1"]
+        settings.stream.keepaliveTimeout = keepaliveTimeout
+        settings.stream.initialBackoff = .milliseconds(100)
+        settings.stream.maxBackoff = .seconds(1)
+        let logger = Logger(label: "lark-stream-test")
+        client = OutboundHTTP.makeClient(readTimeout: .seconds(10))
+        let api = LarkAPI(settings: settings, client: client, clock: clock, logger: logger)
+        let bot = LarkBotIdentity(api: api, logger: logger)
+        let metrics = PrometheusMetricsFactory(registry: registry)
+        let ingress = LarkWebhookIngress(
+            settings: settings, groupScope: .user, inbox: inbox, clock: clock, botOpenID: { await bot.openID() }, metrics: metrics,
+            logger: logger, onAccepted: {})
+        connection = LarkLongConnection(
+            settings: settings, ingress: ingress, bot: bot, client: client, clock: clock, metrics: metrics, logger: logger, random: { 0.5 })
+        sender = LarkEventSender(url: "", verificationToken: "", encryptKey: "", appID: simulator.appID)
+        task = Task { [connection] in try await connection.run() }
+    }
+
+    func metric(_ sample: String) -> Double { metricValue(registry.emitToString(), sample) ?? 0 }
+
+    func event(_ id: String) -> Data { sender.messageEvent(messageID: id, text: "question \(id)") }
+
+    /// Waits until the client has its `number`th connection open and has sent a ping on it.
+    func connected(number: Int = 1) async -> Bool {
+        await gateway.wait(seconds: 10) { $0.connectionsAccepted >= number && $0.openConnections.contains(number) && $0.pings >= number }
+    }
+
+    /// Waits for the first response to the pushed frame `id`.
+    func response(_ id: String) async -> LarkGateway.Reply? {
+        await gateway.wait(seconds: 10) { !$0.replies(for: id).isEmpty }
+        return gateway.replies(for: id).first
+    }
+
+    func stop() async {
+        task.cancel()
+        _ = try? await task.value
+        try? await client.shutdown()
+        await simulator.stop()
+    }
+}
+
+@Suite(.serialized, .timeLimit(.minutes(2))) struct LarkStreamTests {
+    @Test func anEventIsRespondedToOnlyAfterItsCommit() async throws {
+        try await LarkStreamRig.with { rig in
+            #expect(await rig.connected())
+            let release = OneTimeEvent()
+            await rig.inbox.holdAccepts(until: release)
+            let frame = try await rig.gateway.pushEvent(rig.event("om_1"))
+            #expect(await eventually { await rig.inbox.acceptsBegun == 1 })
+            // The commit is held: no response can have gone out, and none has.
+            #expect(rig.gateway.replies(for: frame).isEmpty)
+            #expect(await rig.inbox.rows.isEmpty)
+            release.signal()
+            let reply = await rig.response(frame)
+            #expect(reply?.code == 200)
+            #expect(reply?.echoesFrame == true)
+            #expect(reply?.bizRT != nil)
+            #expect(await rig.inbox.rows.count == 1)
+        }
+    }
+
+    @Test func whenTheStoreFailsTheEventIsAnsweredCode500AndItsRePushIsStoredOnce() async throws {
+        try await LarkStreamRig.with { rig in
+            #expect(await rig.connected())
+            await rig.inbox.failNext(.accept)
+            rig.gateway.setRedelivery(after: .milliseconds(200))
+            let frame = try await rig.gateway.pushEvent(rig.event("om_1"))
+            #expect(await rig.gateway.wait(seconds: 10) { $0.replies(for: frame).contains { $0.code == 200 } })
+            let replies = rig.gateway.replies(for: frame)
+            #expect(replies.first?.code == 500, "the failed commit is answered 500 so Feishu pushes it again")
+            #expect(replies.first?.bizRT == nil)
+            #expect(replies.filter { $0.code == 200 }.count == 1)
+            #expect(await rig.inbox.rows.count == 1)
+        }
+    }
+
+    @Test func aStalledUpgradeIsAbandonedAfterItsDeadlineAndAFreshEndpointIsTried() async throws {
+        try await LarkStreamRig.with(prepare: { $0.gateway.stallUpgrades(true) }) { rig in
+            #expect(await rig.gateway.wait(seconds: 10) { $0.upgradesStalled == 1 })
+            await rig.clock.waitForSleep { $0 == LarkLongConnection.upgradeTimeout }
+            rig.clock.advance(by: LarkLongConnection.upgradeTimeout)
+            // The backoff (on the same clock) before the next attempt.
+            await rig.clock.waitForSleep { $0 < .seconds(1) }
+            rig.clock.advance(by: .seconds(1))
+            #expect(await rig.gateway.wait(seconds: 10) { $0.upgradesStalled == 2 })
+            #expect(rig.gateway.endpointRequests == 2, "a fresh endpoint URL for the next attempt")
+            #expect(rig.metric(#"chatbridge_lark_stream_reconnects_total{reason="connect_failed"}"#) == 1)
+            #expect(rig.connection.status == .connecting)
+        }
+    }
+
+    @Test func aConnectionWhoseProtocolPingsGoUnansweredIsReplacedEvenWhileTheSocketAnswers() async throws {
+        try await LarkStreamRig.with(prepare: { $0.gateway.answerPings(false) }) { rig in
+            #expect(await rig.connected())
+            // WebSocket pings are still answered; only the pbbp2 ping is not.
+            await rig.clock.waitForSleep { $0 == .seconds(5) }
+            rig.clock.advance(by: .seconds(5))
+            await rig.clock.waitForSleep { $0 < .seconds(1) }
+            #expect(rig.metric(#"chatbridge_lark_stream_reconnects_total{reason="keepalive"}"#) == 1)
+            rig.gateway.answerPings(true)
+            rig.clock.advance(by: .seconds(1))
+            #expect(await rig.connected(number: 2))
+            #expect(rig.gateway.endpointRequests == 2)
+        }
+    }
+
+    @Test func thePingIntervalFromAPongIsApplied() async throws {
+        try await LarkStreamRig.with(prepare: { $0.gateway.setPongConfig(["PingInterval": 30, "ReconnectInterval": 120]) }) { rig in
+            #expect(await rig.connected())
+            // The endpoint said 120 s; the pong says 30 s: after the 5 s keepalive wait, the rest is 25 s.
+            #expect(await eventually { rig.metric(#"chatbridge_lark_stream_frames_total{type="pong"}"#) == 1 })
+            await rig.clock.waitForSleep { $0 == .seconds(5) }
+            rig.clock.advance(by: .seconds(5))
+            await rig.clock.waitForSleep { $0 == .seconds(25) }
+            #expect(!rig.clock.pendingSleeps.contains(.seconds(115)))
+            rig.clock.advance(by: .seconds(25))
+            #expect(await rig.gateway.wait(seconds: 10) { $0.pings == 2 })
+        }
+    }
+}
