@@ -91,3 +91,67 @@ public struct LabelledCounters: Sendable {
     /// Counts one `value`; values not named at creation are not counted.
     public func count(_ value: String) { counters[value]?.increment() }
 }
+
+/// Bounds the frames of one connection being handled at once: at the bound, the connection stops reading
+/// (the socket's flow control then holds the platform back) until one finishes.
+public final class FrameSlots: Sendable {
+    private struct State {
+        var free: Int
+        var waiters: [CheckedContinuation<Void, Never>] = []
+        var idleWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
+        var nextID = 0
+    }
+    private let state: Mutex<State>
+    private let capacity: Int
+
+    public init(_ count: Int) {
+        capacity = count
+        state = Mutex(State(free: count))
+    }
+
+    /// Returns once no frame is being handled, or when the task is cancelled.
+    public func waitUntilIdle() async {
+        let id = state.withLock { state -> Int in
+            state.nextID += 1
+            return state.nextID
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let now = state.withLock { state -> Bool in
+                    if state.free == capacity || Task.isCancelled { return true }
+                    state.idleWaiters[id] = continuation
+                    return false
+                }
+                if now { continuation.resume() }
+            }
+        } onCancel: {
+            state.withLock { $0.idleWaiters.removeValue(forKey: id) }?.resume()
+        }
+    }
+
+    public func acquire() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { state -> Bool in
+                if state.free > 0 {
+                    state.free -= 1
+                    return true
+                }
+                state.waiters.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    public func release() {
+        let (waiter, idle) = state.withLock { state -> (CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+            if !state.waiters.isEmpty { return (state.waiters.removeFirst(), []) }
+            state.free += 1
+            guard state.free == capacity else { return (nil, []) }
+            defer { state.idleWaiters = [:] }
+            return (nil, Array(state.idleWaiters.values))
+        }
+        waiter?.resume()
+        for continuation in idle { continuation.resume() }
+    }
+}

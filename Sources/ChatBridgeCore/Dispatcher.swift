@@ -537,6 +537,8 @@ public final class Dispatcher: Sendable {
         }
         var item = item
         item.live = .declined
+        // The whole-message route has tries of its own (the store counts this attempt as its first).
+        item.attempts = 1
         guard let reply = try await reply(for: item, metadata: metadata) else { return nil }
         return try await deliver(reply, for: item, metadata: metadata) ? reply : nil
     }

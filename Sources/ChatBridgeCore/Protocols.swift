@@ -331,7 +331,9 @@ public protocol Inbox: Sendable {
     /// the lease to `leaseUntil`. Called immediately before every send.
     func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws
     /// Records how far the message's live reply got (shown, or refused by the platform), with the
-    /// platform's reference to it when there is a new one (nil keeps the recorded one).
+    /// platform's reference to it when there is a new one (nil keeps the recorded one). Recording
+    /// `declined` also counts the current attempt as the first (`attempts = 1`): the whole-message route
+    /// gets tries of its own, however many the live reply used up (it is recorded once per message).
     func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws
     /// Records that the first `parts` parts of the reply were delivered.
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws

@@ -25,7 +25,8 @@ public final class LarkCard: LiveReply {
         var mode: Mode
         /// The CardKit card entity.
         var card: String?
-        /// When the entity was made (Unix ms): the base of its `sequence` numbers.
+        /// When the entity (cardkit) or the reference (patch) was made, in Unix ms: the base of the card's
+        /// `sequence` numbers, and how old the card reply's uuid is.
         var created: Int64?
         /// The message that shows the card, once it is shown.
         var message: String?
@@ -75,9 +76,13 @@ public final class LarkCard: LiveReply {
         return reference.encoded
     }
 
+    /// Feishu honours a reply's uuid for an hour: a card reply begun longer ago than this is not resumed
+    /// (the same uuid could show a second card).
+    static let uuidWindow: TimeInterval = 55 * 60
+
     private func makeReference() async throws -> Reference {
-        guard settings.cardMode == .cardkit else { return Reference(mode: .patch) }
         let created = Int64(api.clock.now.timeIntervalSince1970 * 1000)
+        guard settings.cardMode == .cardkit else { return Reference(mode: .patch, created: created) }
         do {
             let data = try await api.call(
                 .POST, "/open-apis/cardkit/v1/cards",
@@ -93,7 +98,7 @@ public final class LarkCard: LiveReply {
                 "cardkit-permission",
                 "CardKit cards are refused for lack of permission; answers use patched interactive cards instead. Grant the scope cardkit:card:write (Permissions & Scopes) and publish a version, or set lark.card.mode: patch",
                 metadata: ["error": "\(error)"])
-            return Reference(mode: .patch)
+            return Reference(mode: .patch, created: created)
         } catch let error as LarkAPIError {
             throw error.delivery
         }
@@ -111,6 +116,12 @@ public final class LarkCard: LiveReply {
             reference = try await makeReference()
             state.withLock { $0.reference = reference }
         }
+        if resuming, reference.mode == .patch, reference.message == nil, let created = reference.created,
+            api.clock.now.timeIntervalSince1970 - Double(created) / 1000 > Self.uuidWindow
+        {
+            // A CardKit entity can be sent only once, so only a patched card could show twice.
+            throw DeliveryError(isRetryable: false, reason: "the card reply began over 55 minutes ago, beyond Feishu's one-hour uuid window; not shown again")
+        }
         let content: [String: Any]
         switch reference.mode {
         case .cardkit:
@@ -123,7 +134,8 @@ public final class LarkCard: LiveReply {
             let shown = try await channel.reply(to: message, type: "interactive", content: content, uuid: LarkReplyChannel.uuid(message: message, salt: "card"))
             if !shown.isEmpty { reference.message = shown }
             if reference.mode == .patch, reference.message == nil {
-                throw DeliveryError(isRetryable: true, reason: "the card reply answered without a message_id")
+                // Feishu reports the uuid used (200770) without the message: the card cannot be patched.
+                throw DeliveryError(isRetryable: false, reason: "the card reply answered without a message_id")
             }
             state.withLock { $0.reference = reference }
         } catch let error as LarkAPIError {

@@ -76,6 +76,8 @@ public struct LarkMessageEvent: Sendable, Equatable {
     public var messageID: String
     public var chatID: String
     public var isGroup: Bool
+    /// The thread the message belongs to: its root message (`root_id`, the thread's first message), else
+    /// `thread_id`; nil for a message that starts no thread yet.
     public var threadID: String?
     public var messageType: String
     /// `content`: a JSON document encoded as a string.
@@ -123,7 +125,7 @@ public struct LarkMessageEvent: Sendable, Equatable {
         messageID = id
         chatID = chat
         isGroup = message.chat_type != "p2p"
-        threadID = [message.thread_id, message.root_id].compactMap { $0 }.first { !$0.isEmpty }
+        threadID = [message.root_id, message.thread_id].compactMap { $0 }.first { !$0.isEmpty }
         messageType = message.message_type ?? "unknown"
         content = message.content ?? "{}"
         mentions = (message.mentions ?? []).compactMap { mention in
@@ -147,7 +149,9 @@ public struct LarkMessageEvent: Sendable, Equatable {
     public func normalised(settings: LarkSettings, botOpenID: String?, receivedAt: Date) -> InboundMessage? {
         if isGroup, settings.groupReply == .mention, !(botOpenID.map(mentions(botOpenID:)) ?? false) { return nil }
         var chat = chatID
-        if settings.replyInThread, let threadID { chat += "#" + threadID }
+        // Answered in a thread, a message that is in none starts one rooted at itself: its thread's later
+        // messages carry it as `root_id`, so they continue its conversation.
+        if settings.replyInThread { chat += "#" + (threadID ?? messageID) }
         return InboundMessage(
             platform: "lark", botID: settings.appID, messageID: messageID,
             chat: .init(id: chat, kind: isGroup ? .group : .direct),

@@ -71,6 +71,8 @@ public final class LarkLongConnection: Service, Sendable {
     }
 
     static let frameTypes = ["event", "fragment", "card", "pong", "unknown", "malformed"]
+    /// Events of one connection being stored at once.
+    static let framesInFlight = 512
     static let reconnectReasons = ["closed", "keepalive", "error", "connect_failed", "rejected"]
 
     public init(
@@ -284,6 +286,7 @@ public final class LarkLongConnection: Service, Sendable {
                 self.logger.notice("Lark long connection open")
                 defer { self.changeOpen(by: -1) }
                 let fragments = Fragments()
+                let slots = FrameSlots(Self.framesInFlight)
                 // The pinger ends the connection when a ping goes unanswered: the reader is cancelled and the
                 // socket closed, whatever the other side does (a dead peer never answers a close either).
                 await withTaskGroup(of: Void.self) { connection in
@@ -323,7 +326,10 @@ public final class LarkLongConnection: Service, Sendable {
                                         continue
                                     }
                                     guard let payload = self.data(frame, fragments: fragments) else { continue }
+                                    // At the bound, reading stops until an event is stored (Feishu is held back).
+                                    await slots.acquire()
                                     tasks.addTask {
+                                        defer { slots.release() }
                                         let started = ContinuousClock.now
                                         let response = await self.respond(to: frame, payload: payload, started: started)
                                         do {
@@ -487,6 +493,8 @@ final class Fragments: Sendable {
             partials = partials.filter { now.timeIntervalSince($0.value.started) < timeout }
             guard (0..<sum).contains(seq), sum <= 1000 else { return nil }
             var partial = partials[messageID] ?? Partial(parts: [:], sum: sum, started: now)
+            // Fragments of one message that disagree on their number are not put together.
+            guard partial.sum == sum else { return nil }
             partial.parts[seq] = payload
             guard partial.parts.count == partial.sum else {
                 partials[messageID] = partial

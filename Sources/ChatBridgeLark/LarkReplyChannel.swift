@@ -12,21 +12,32 @@ public actor LarkBotIdentity {
     private let api: LarkAPI
     private let logger: Logger
     private let retryInterval: Duration
+    private let waitLimit: Duration
     private var info: LarkBotInfo?
     private var lastFailure: Date?
     private var inFlight: Task<LarkBotInfo, any Error>?
 
-    public init(api: LarkAPI, retryInterval: Duration = .seconds(5), logger: Logger) {
+    /// `waitLimit`: how long a message may wait for the identity (a fetch can take much longer, through
+    /// token fetches and rate-limit waits, and Feishu gives an event 3 s).
+    public init(api: LarkAPI, retryInterval: Duration = .seconds(5), waitLimit: Duration = .seconds(1), logger: Logger) {
         self.api = api
         self.logger = logger
         self.retryInterval = retryInterval
+        self.waitLimit = waitLimit
     }
 
-    /// The bot's open_id, or nil while it cannot be fetched.
+    /// The bot's open_id, or nil while it cannot be fetched or the fetch takes longer than the wait
+    /// limit (it goes on in the background, and the next message finds it).
     public func openID() async -> String? {
         if let info { return info.openID }
         if let lastFailure, api.clock.now.timeIntervalSince(lastFailure) < retryInterval.seconds { return nil }
-        return try? await fetch().openID
+        let fetched = OneTimeEvent()
+        Task {
+            _ = try? await self.fetch()
+            fetched.signal()
+        }
+        _ = await api.clock.withTimeout(waitLimit) { await fetched.wait() }
+        return info?.openID
     }
 
     /// Fetches the bot's info now (at start); logs what went wrong when it cannot.

@@ -96,11 +96,15 @@ public struct LarkWebhookIngress: Sendable {
         var json = payload
         struct Outer: Decodable { var encrypt: String? }
         if let encrypted = (try? JSONDecoder().decode(Outer.self, from: payload))?.encrypt {
-            guard !settings.encryptKey.isEmpty else { throw reject(.badRequest, "an encrypted event although lark.encrypt_key is not set") }
+            // A settings problem, not a bad event: answered so that Feishu pushes it again, and stored once
+            // the admin has set the key.
+            guard !settings.encryptKey.isEmpty else {
+                throw reject(.unavailable, "an encrypted event although lark.encrypt_key is not set; set it to the app's Encrypt Key (Events & Callbacks)")
+            }
             do {
                 json = try LarkCrypto.decrypt(encrypted, encryptKey: settings.encryptKey)
             } catch {
-                throw reject(.badRequest, error.description)
+                throw reject(.unavailable, "an event that lark.encrypt_key does not decrypt (\(error.description)); check it against the app's Encrypt Key")
             }
         }
         let event: LarkEvent

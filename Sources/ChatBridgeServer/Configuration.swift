@@ -308,6 +308,10 @@ public struct ChatBridgeConfiguration: Sendable {
         }
         if lark.mode == .webhook, let problem = lark.webhookConfigurationProblem {
             r.warning("lark.mode", problem + "; until then /callbacks/lark answers 503")
+        } else if lark.mode == .webhook, lark.encryptKey.isEmpty {
+            r.warning(
+                "lark.encrypt_key",
+                "not set: webhook events arrive unencrypted and unsigned, checked by the verification token alone; set the app's Encrypt Key (Events & Callbacks) so every event is signed")
         }
     }
 

@@ -453,7 +453,8 @@ public struct LarkEventSender: Sendable {
     /// An `im.message.receive_v1` event (schema 2.0) as JSON.
     public func messageEvent(
         messageID: String, text: String? = nil, chatID: String = "oc_direct", group: Bool = false, sender: String = "ou_user1",
-        mentions: [Mention] = [], messageType: String = "text", content: String? = nil, threadID: String? = nil, eventID: String? = nil
+        mentions: [Mention] = [], messageType: String = "text", content: String? = nil, threadID: String? = nil, rootID: String? = nil,
+        eventID: String? = nil
     ) -> Data {
         let millis = String(Int64(Date().timeIntervalSince1970 * 1000))
         var message: [String: Any] = [
@@ -462,6 +463,7 @@ public struct LarkEventSender: Sendable {
             "content": content ?? String(decoding: (try? JSONSerialization.data(withJSONObject: ["text": text ?? ""])) ?? Data(), as: UTF8.self),
         ]
         if let threadID { message["thread_id"] = threadID }
+        if let rootID { message["root_id"] = rootID }
         if !mentions.isEmpty {
             message["mentions"] = mentions.map { ["key": $0.key, "id": ["open_id": $0.openID, "union_id": "on_" + $0.openID], "name": $0.name, "tenant_key": "sim"] }
         }

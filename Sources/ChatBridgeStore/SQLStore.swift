@@ -440,7 +440,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws {
         try await update(lease, set: """
-            live_state = \(bind: state.rawValue), live_ref = COALESCE(\(bind: reference), live_ref), updated_at = \(bind: now.millis)
+            live_state = \(bind: state.rawValue), live_ref = COALESCE(\(bind: reference), live_ref), updated_at = \(bind: now.millis)\(unsafeRaw:
+                state == .declined ? ", attempts = 1" : "")
             """)
     }
 

@@ -129,6 +129,11 @@ import Testing
         #expect(plain.errors.contains { $0.key == "lark.base_url" && $0.message.contains("https") })
         let loopback = ChatBridgeConfiguration.from(values: ["lark.app_id": "cli_x", "lark.app_secret": "s", "lark.base_url": "http://127.0.0.1:9"])
         #expect(!loopback.errors.contains { $0.key == "lark.base_url" })
+        // Webhooks checked by the verification token alone work, with a warning to add the encrypt key.
+        let tokenOnly = ChatBridgeConfiguration.from(values: ["lark.app_id": "cli_x", "lark.app_secret": "s", "lark.mode": "webhook", "lark.verification_token": "t"])
+        #expect(tokenOnly.warnings.contains { $0.key == "lark.encrypt_key" && $0.message.contains("unsigned") })
+        let keyed = ChatBridgeConfiguration.from(values: ["lark.app_id": "cli_x", "lark.app_secret": "s", "lark.mode": "webhook", "lark.encrypt_key": "k"])
+        #expect(!keyed.warnings.contains { $0.key == "lark.encrypt_key" })
     }
 
     @Test func inGroupsOnlyAMentionOfTheBotItselfIsAnsweredEvenAfterARename() async throws {
@@ -150,6 +155,41 @@ import Testing
         #expect(h.model.received.first?.messages.last?["content"] == "ask @Tom about it")
         #expect(lark.replies(to: "om_g2").count == 1)
         #expect(lark.replies(to: "om_g1").isEmpty)
+    }
+
+    @Test func aGroupMentionWaitsAtMostASecondForTheBotsIdentityAndItsRePushIsAnswered() async throws {
+        let lark = try await LarkSimulator.start()
+        // The bot-info call is rate limited for 8 s: far longer than Feishu waits for an event's answer.
+        lark.script(.botInfo, .rateLimited(reset: 8))
+        let h = try await Harness.start(["lark.card.mode": "off", "lark.mode": "webhook"], lark: true, larkSimulator: lark)
+        defer { Task { await h.stop() } }
+        let bot = LarkEventSender.Mention(key: "@_user_1", openID: lark.botOpenID, name: "ChatBridge")
+        let started = ContinuousClock.now
+        let first = try await h.sendLark("om_g1", "@_user_1 hello", chat: "oc_group", group: true, mentions: [bot])
+        #expect(first.status == 503, "Feishu pushes it again")
+        #expect(ContinuousClock.now - started < .seconds(3), "answered within Feishu's 3 s")
+        #expect(try await h.store.inboxRows().isEmpty)
+        // Feishu's re-push after the identity arrived is stored and answered.
+        #expect(await eventually { (try? await h.sendLark("om_g1", "@_user_1 hello", chat: "oc_group", group: true, mentions: [bot]).status) == 200 })
+        #expect(await answered(h))
+        #expect(lark.replies(to: "om_g1").count == 1)
+    }
+
+    @Test func withReplyInThreadAnswersGoIntoTheThreadAndTheThreadKeepsItsConversation() async throws {
+        let h = try await Harness.start(["lark.card.mode": "off", "lark.reply_in_thread": "true"], lark: true)
+        defer { Task { await h.stop() } }
+        let lark = try #require(h.lark)
+        #expect(try await h.sendLark("om_t1", "first question").status == 200)
+        #expect(await answered(h))
+        let event = h.larkSender.messageEvent(messageID: "om_t2", text: "second question", threadID: "omt_1", rootID: "om_t1")
+        #expect(try await h.larkSender.post(event, client: h.client).status == 200)
+        #expect(await answered(h, count: 2))
+        #expect(lark.replies(to: "om_t1").map(\.replyInThread) == [true])
+        #expect(lark.replies(to: "om_t2").map(\.replyInThread) == [true])
+        // The follow-up in the thread carries the thread's first exchange as context.
+        let context = h.model.received.last?.messages.compactMap { $0["content"] } ?? []
+        #expect(context.contains("first question"))
+        #expect(context.contains(ModelSimulator.answer(to: "first question")))
     }
 
     @Test func patchModeStreamsIntoOneInteractiveCard() async throws {

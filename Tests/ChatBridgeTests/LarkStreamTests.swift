@@ -121,6 +121,17 @@ final class LarkStreamRig: @unchecked Sendable {
         }
     }
 
+    @Test func anEncryptedEventWithoutTheKeyIsAnswered500SoFeishuPushesItAgain() async throws {
+        try await LarkStreamRig.with { rig in
+            #expect(await rig.connected())
+            let encrypted = try JSONSerialization.data(withJSONObject: ["encrypt": LarkCrypto.encrypt(rig.event("om_1"), encryptKey: "the app's key")])
+            let frame = try await rig.gateway.pushEvent(encrypted)
+            // A settings problem, not a bad event: it must not be answered 200 and dropped.
+            #expect(await rig.response(frame)?.code == 500)
+            #expect(await rig.inbox.rows.isEmpty)
+        }
+    }
+
     @Test func aStalledUpgradeIsAbandonedAfterItsDeadlineAndAFreshEndpointIsTried() async throws {
         try await LarkStreamRig.with(prepare: { $0.gateway.stallUpgrades(true) }) { rig in
             #expect(await rig.gateway.wait(seconds: 10) { $0.upgradesStalled == 1 })
@@ -163,5 +174,58 @@ final class LarkStreamRig: @unchecked Sendable {
             rig.clock.advance(by: .seconds(25))
             #expect(await rig.gateway.wait(seconds: 10) { $0.pings == 2 })
         }
+    }
+}
+
+/// The card against the Lark simulator on a manual clock, for what takes real time on Feishu's side.
+@Suite struct LarkCardTests {
+    static func channel(_ simulator: LarkSimulator, clock: ManualClock, client: HTTPClient) -> LarkReplyChannel {
+        let settings = LarkSettings(appID: simulator.appID, appSecret: simulator.appSecret, baseURL: simulator.baseURL, cardMode: .patch)
+        let logger = Logger(label: "lark-card-test")
+        return LarkReplyChannel(api: LarkAPI(settings: settings, client: client, clock: clock, logger: logger), logger: logger)
+    }
+
+    static func message(_ id: String) -> InboundMessage {
+        InboundMessage(
+            platform: "lark", botID: "cli_sim", messageID: id, chat: .init(id: "oc_direct", kind: .direct),
+            sender: .init(id: "ou_user1", staffID: nil, name: ""), body: .text("question"), sentAt: Date())
+    }
+
+    @Test func aPatchedCardBegunBeyondFeishusUUIDWindowIsNotShownAgain() async throws {
+        let simulator = try await LarkSimulator.start()
+        let client = OutboundHTTP.makeClient(readTimeout: .seconds(10))
+        let clock = ManualClock(start: Date())
+        let channel = Self.channel(simulator, clock: clock, client: client)
+        func reference(minutesAgo: Double) -> String {
+            LarkCard.Reference(mode: .patch, created: Int64((clock.now.timeIntervalSince1970 - minutesAgo * 60) * 1000)).encoded
+        }
+        // Begun 56 minutes ago and maybe shown: the uuid no longer protects it, so it is declined.
+        let old = try #require(channel.liveReply(to: Self.message("om_old"), reference: reference(minutesAgo: 56), begun: true))
+        await #expect {
+            try await old.open(resuming: true)
+        } throws: { ($0 as? DeliveryError)?.isRetryable == false }
+        #expect(simulator.messages.isEmpty)
+        // Begun 10 minutes ago: resumed under the same uuid.
+        let recent = try #require(channel.liveReply(to: Self.message("om_new"), reference: reference(minutesAgo: 10), begun: true))
+        try await recent.open(resuming: true)
+        #expect(simulator.replies(to: "om_new").count == 1)
+        try? await client.shutdown()
+        await simulator.stop()
+    }
+
+    @Test func aPatchedCardReplyReportedAsSentWithoutItsMessageIsDeclined() async throws {
+        let simulator = try await LarkSimulator.start()
+        let client = OutboundHTTP.makeClient(readTimeout: .seconds(10))
+        let channel = Self.channel(simulator, clock: ManualClock(start: Date()), client: client)
+        simulator.script(.reply, .code(200770, "uuid already used"))
+        let card = try #require(channel.liveReply(to: Self.message("om_1"), reference: nil, begun: false))
+        _ = try await card.prepare()
+        // Without the message id the card cannot be patched: the answer goes out as a message instead of
+        // retrying the reply until the attempts run out.
+        await #expect {
+            try await card.open(resuming: false)
+        } throws: { ($0 as? DeliveryError)?.isRetryable == false }
+        try? await client.shutdown()
+        await simulator.stop()
     }
 }

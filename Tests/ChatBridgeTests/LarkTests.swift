@@ -34,13 +34,14 @@ import Testing
 
     static func message(
         id: String = "om_1", eventID: String = "ev_1", chatType: String = "p2p", type: String = "text", content: [String: Any] = ["text": "hello"],
-        mentions: [[String: Any]] = [], thread: String? = nil, token: String = LarkTests.token
+        mentions: [[String: Any]] = [], thread: String? = nil, root: String? = nil, token: String = LarkTests.token
     ) -> [String: Any] {
         var message: [String: Any] = [
             "message_id": id, "chat_id": "oc_chat", "chat_type": chatType, "message_type": type, "create_time": "1609073151345",
             "content": String(decoding: try! JSONSerialization.data(withJSONObject: content), as: UTF8.self), "mentions": mentions,
         ]
         if let thread { message["thread_id"] = thread }
+        if let root { message["root_id"] = root }
         return [
             "schema": "2.0",
             "header": ["event_id": eventID, "event_type": "im.message.receive_v1", "create_time": "1608725989000", "token": token, "app_id": "cli_app"],
@@ -202,10 +203,16 @@ import Testing
 
     @Test func withReplyInThreadAThreadIsItsOwnConversation() throws {
         var settings = LarkSettings(appID: "cli_app")
-        let event = try #require(LarkEventFixture.message(Self.message(thread: "omt_1")))
-        #expect(event.normalised(settings: settings, botOpenID: Self.bot, receivedAt: Date())?.chat.id == "oc_chat")
+        let starter = try #require(LarkEventFixture.message(Self.message(id: "om_start")))
+        let inThread = try #require(LarkEventFixture.message(Self.message(id: "om_2", thread: "omt_1", root: "om_start")))
+        let topic = try #require(LarkEventFixture.message(Self.message(id: "om_3", thread: "omt_9")))
+        func chat(_ event: LarkMessageEvent) -> String? { event.normalised(settings: settings, botOpenID: Self.bot, receivedAt: Date())?.chat.id }
+        #expect(chat(inThread) == "oc_chat")
         settings.replyInThread = true
-        #expect(event.normalised(settings: settings, botOpenID: Self.bot, receivedAt: Date())?.chat.id == "oc_chat#omt_1")
+        // The bot's answer starts a thread rooted at the question; the thread's next messages name that root.
+        #expect(chat(starter) == "oc_chat#om_start")
+        #expect(chat(inThread) == "oc_chat#om_start")
+        #expect(chat(topic) == "oc_chat#omt_9")
     }
 }
 

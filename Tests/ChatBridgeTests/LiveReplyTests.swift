@@ -97,6 +97,21 @@ import Testing
         await f.stop()
     }
 
+    @Test func whenTheLiveReplyUsedEveryAttemptTheMessageRouteGetsTriesOfItsOwn() async throws {
+        let live = LiveTwin()
+        let f = DispatcherFixture(maxAttempts: 2, live: live)
+        live.script(.finish, DeliveryError(isRetryable: true, reason: "card API down"), DeliveryError(isRetryable: true, reason: "card API down"))
+        // The first message send after the card gave up fails too, but it may be tried again.
+        f.replies.script(.failed(retryable: true))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(1)) { await f.state(id) == "answered" })
+        #expect(f.replies.attempts == ["Answer to: question", "Answer to: question"])
+        #expect(f.replies.delivered == ["Answer to: question"])
+        #expect(await f.inbox.row(id)?.live == .declined)
+        await f.stop()
+    }
+
     @Test func aFinishedLiveReplyIsNotFinishedAgainByTheNextAttempt() async throws {
         let live = LiveTwin()
         let f = DispatcherFixture(live: live)

@@ -122,14 +122,21 @@ import Testing
         let claimed = items(try await store.claim(limit: 10, owner: "dead", leaseUntil: now.addingTimeInterval(30), maxAttempts: 1, now: now))
         #expect(claimed.count == 3)
         let byID = Dictionary(uniqueKeysWithValues: claimed.map { ($0.message.messageID, $0) })
-        try await store.recordLive(byID["shown"]!.lease, state: .opened, reference: "card-1", now: now)
+        try await store.recordLive(byID["shown"]!.lease, state: .opening, reference: "card-1", now: now)
+        // Recording the next step without a reference keeps the recorded one.
+        try await store.recordLive(byID["shown"]!.lease, state: .opened, reference: nil, now: now)
+        try await store.storeReply(StoredReply(text: "the answer", kind: .answer, effect: .none), for: byID["shown"]!.lease, error: nil, now: now)
         try await store.recordLive(byID["opening"]!.lease, state: .opening, reference: nil, now: now)
         // The process dies on the last allowed attempt; the next start gives up all three and names the two
         // whose card may be showing, so they can be marked failed instead of "thinking" forever.
         let released = try await store.reclaimRunning(now: now, maxAttempts: 1)
         #expect(released.gaveUp == 3)
         #expect(Set(released.gaveUpLive.map(\.message.messageID)) == ["shown", "opening"])
-        #expect(released.gaveUpLive.first { $0.message.messageID == "shown" } == LiveReplyAddress(message: byID["shown"]!.message, reference: "card-1"))
+        // With the reply stored for it, so a card that may show the answer is completed with it.
+        #expect(
+            released.gaveUpLive.first { $0.message.messageID == "shown" }
+                == LiveReplyAddress(message: byID["shown"]!.message, reference: "card-1", reply: StoredReply(text: "the answer", kind: .answer, effect: .none)))
+        #expect(released.gaveUpLive.first { $0.message.messageID == "opening" }?.reply == nil)
         // The same through the lease reaper.
         try await accept(store, ["late"])
         let later = Date()
@@ -137,6 +144,24 @@ import Testing
         try await store.recordLive(late.lease, state: .opened, reference: nil, now: later)
         let reaped = try await store.releaseExpiredLeases(now: later.addingTimeInterval(31), maxAttempts: 1, keeping: [])
         #expect(reaped.gaveUpLive.map(\.message.messageID) == ["late"])
+        await store.close()
+    }
+
+    @Test func recordingADeclinedLiveReplyGivesTheMessageRouteItsOwnAttempts() async throws {
+        let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "t"))
+        try await accept(store, ["m1"])
+        var now = Date()
+        for _ in 0..<2 {
+            _ = try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 3, now: now)
+            now = now.addingTimeInterval(31)
+            _ = try await store.releaseExpiredLeases(now: now, maxAttempts: 3, keeping: [])
+        }
+        let third = try #require(items(try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 3, now: now)).first)
+        #expect(third.attempts == 3)
+        try await store.recordLive(third.lease, state: .opened, reference: nil, now: now)
+        #expect(try await store.inboxRows().first?.attempts == 3)
+        try await store.recordLive(third.lease, state: .declined, reference: nil, now: now)
+        #expect(try await store.inboxRows().first?.attempts == 1)
         await store.close()
     }
 

@@ -285,6 +285,7 @@ actor InMemoryInbox: Inbox {
         let index = try index(lease, .recordLive)
         rows[index].live = state
         if let reference { rows[index].liveReference = reference }
+        if state == .declined { rows[index].attempts = 1 }
     }
 
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
