@@ -42,6 +42,7 @@ import Testing
         #expect(card.contentUpdates >= 2)
         #expect(card.contentUpdates < 31, "updates are paced, not one per token")
         #expect(zip(card.sequences, card.sequences.dropFirst()).allSatisfy { $0 < $1 })
+        #expect(card.refusedSequences == 0, "no operation was refused for a sequence that did not increase")
         let replies = lark.replies(to: "om_u1")
         #expect(replies.count == 1)
         #expect(replies.first?.type == "interactive")
@@ -51,6 +52,42 @@ import Testing
         #expect(try await h.sendLark("om_u2", "again").status == 200)
         #expect(await answered(h, count: 2))
         #expect(h.model.received.last?.messages.contains { $0["content"] == answer } == true)
+    }
+
+    @Test func aLongCardKitAnswerFillsTheCardAndContinuesInFurtherMessages() async throws {
+        let h = try await Harness.start(
+            ["conversation.max_question_chars": "100000", "server.max_body_bytes": "4MiB"], behaviour: Self.streaming(tokens: 0), lark: true)
+        defer { Task { await h.stop() } }
+        let lark = try #require(h.lark)
+        // 90 KB of three-byte characters: more than three cards hold.
+        let question = String(repeating: "长", count: 30_000)
+        let parts = LarkReplyChannel.numberedParts(of: ModelSimulator.answer(to: question), maxBytes: LarkCard.maxCardBytes)
+        #expect(parts.count == 4)
+        _ = try await h.sendLark("om_long", question)
+        #expect(await answered(h))
+        let card = try #require(lark.cards.first)
+        #expect(!card.streaming)
+        #expect(card.text == parts[0])
+        let replies = lark.replies(to: "om_long")
+        #expect(replies.first?.cardID == card.id)
+        #expect(replies.dropFirst().map(\.text) == Array(parts.dropFirst()))
+        #expect(Set(replies.compactMap(\.uuid)).count == replies.count)
+    }
+
+    @Test func aCardWhoseStreamingModeClosedByItselfIsStillFinishedWithTheAnswer() async throws {
+        let h = try await Harness.start(["lark.card.update_interval": "100ms"], behaviour: Self.streaming(tokens: 40), lark: true)
+        defer { Task { await h.stop() } }
+        let lark = try #require(h.lark)
+        // Feishu closes streaming mode 10 minutes after a card is made: the first update is refused so.
+        lark.script(.cardContent, .code(300309, "streaming mode is closed"))
+        #expect(try await h.sendLark("om_s1", "hello").status == 200)
+        #expect(await answered(h))
+        let card = try #require(lark.cards.first)
+        #expect(card.text == Self.answer("hello", tokens: 40))
+        #expect(!card.streaming)
+        #expect(card.closes == 1)
+        #expect(lark.requests(.cardContent) == 1, "no more updates are sent into a closed card")
+        #expect(lark.replies(to: "om_s1").count == 1)
     }
 
     @Test func aRepushedEventIsAnsweredOnce() async throws {

@@ -2,9 +2,15 @@ import AsyncHTTPClient
 import ChatBridgeCore
 import ChatBridgeHTTP
 @testable import ChatBridgeLark
+@testable import ChatBridgeServer
 import ChatBridgeSimulators
 import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTesting
 import Logging
+import NIOCore
+import NIOFoundationCompat
 import Prometheus
 import Testing
 
@@ -227,5 +233,38 @@ final class LarkStreamRig: @unchecked Sendable {
         } throws: { ($0 as? DeliveryError)?.isRetryable == false }
         try? await client.shutdown()
         await simulator.stop()
+    }
+}
+
+/// `/callbacks/lark` through Hummingbird's router test client, storing into the inbox twin so the store
+/// can fail.
+@Suite struct LarkCallbackTests {
+    @Test func whenTheStoreFailsTheWebhookAnswers503AndFeishusRetryIsStoredOnce() async throws {
+        let inbox = InMemoryInbox()
+        let settings = LarkSettings(appID: "cli_sim", appSecret: "s", verificationToken: "token", encryptKey: "key", mode: .webhook)
+        let logger = Logger(label: "lark-callback-test")
+        let ingress = LarkWebhookIngress(
+            settings: settings, groupScope: .user, inbox: inbox, clock: SystemClock(), botOpenID: { "ou_bot" }, logger: logger, onAccepted: {})
+        let router = Router()
+        LarkCallbackController(ingress: ingress, maxBodyBytes: 1 << 20, metrics: PrometheusMetricsFactory(registry: PrometheusCollectorRegistry()), logger: logger).addRoutes(to: router)
+        let sender = LarkEventSender(url: "/callbacks/lark", verificationToken: "token", encryptKey: "key")
+        let event = sender.messageEvent(messageID: "om_1", text: "hello")
+        await inbox.failNext(.accept)
+        try await Application(router: router).test(.router) { client in
+            func post() async throws -> Int {
+                let (body, headers) = sender.envelope(event)
+                var fields = HTTPFields()
+                for (name, value) in headers { fields[HTTPField.Name(name)!] = value }
+                return Int(try await client.execute(uri: "/callbacks/lark", method: .post, headers: fields, body: ByteBuffer(data: body)).status.code)
+            }
+            let failed = try await post()
+            #expect(failed == 503, "not acknowledged: Feishu retries")
+            #expect(await inbox.rows.isEmpty)
+            let retried = try await post()
+            let repeated = try await post()
+            #expect(retried == 200)
+            #expect(repeated == 200, "a repeat is acknowledged and not stored again")
+            #expect(await inbox.rows.count == 1)
+        }
     }
 }
