@@ -238,14 +238,17 @@ public final class LarkLongConnection: Service, Sendable {
 
     /// Runs one connection in a task of its own, so a connect that stalls before the upgrade (which does
     /// not answer cancellation) holds up neither reconnection nor shutdown: after ``upgradeTimeout`` without
-    /// an open socket, or at cancellation, it is cancelled and left behind.
+    /// an open socket it is cancelled and left behind. At cancellation (shutdown) it is cancelled and given
+    /// up to 5 s to finish the events it is storing, as the WebSocket close lets it.
     private func runGuarded(url: String) async -> (String, String) {
         let opened = OneTimeEvent()
         let outcome = FirstOutcome()
         let done = OneTimeEvent()
+        let finished = OneTimeEvent()
         let connection = Task {
             let result = await self.runConnection(url: url, opened: opened)
             outcome.set(result)
+            finished.signal()
             done.signal()
         }
         let watchdog = Task {
@@ -261,7 +264,11 @@ public final class LarkLongConnection: Service, Sendable {
             connection.cancel()
         }
         watchdog.cancel()
-        if Task.isCancelled { connection.cancel() }
+        if Task.isCancelled {
+            connection.cancel()
+            // Waited for from a task the cancellation does not reach, on real time (a stalled connect never ends).
+            await Task { _ = await SystemClock().withTimeout(.seconds(5)) { await finished.wait() } }.value
+        }
         return outcome.value ?? ("stopped", "closed")
     }
 

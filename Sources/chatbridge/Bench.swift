@@ -322,20 +322,8 @@ struct Bench: AsyncParsableCommand {
             }
         }
         let sendingEnded = Date().timeIntervalSince1970
-        if stream {
-            // The first {"code":200} response to each frame is its acknowledgement.
-            let pushed = frames.withLock { $0 }
-            await gateway.wait(seconds: 10) { $0.succeededEvents >= pushed.count }
-            var firstSuccess: [String: Double] = [:]
-            for reply in gateway.replies where reply.code == 200 && firstSuccess[reply.messageID] == nil {
-                firstSuccess[reply.messageID] = reply.at
-            }
-            for (frame, message) in pushed {
-                recorder.record(message.id, sent: message.sent, acked: firstSuccess[frame])
-            }
-        }
-        let acknowledged = recorder.snapshot.values.filter { $0.ack != nil }.count
-        log("sent \(recorder.snapshot.count), acknowledged \(acknowledged); waiting for answers")
+        let acknowledged = stream ? gateway.succeededEvents : recorder.snapshot.values.filter { $0.ack != nil }.count
+        log("sent \(recorder.snapshot.count), acknowledged \(acknowledged) so far; waiting for answers")
         let forcedDisconnects = await disconnects.value
         let cardMode = card
         let expected = stream ? recorder.snapshot.count : acknowledged
@@ -344,6 +332,18 @@ struct Bench: AsyncParsableCommand {
         }
         try await drain(expected: expected, sendingEnded: sendingEnded, answered: answeredCount) {
             answeredCount() + lark.cards.reduce(0) { $0 + $1.contentUpdates }
+        }
+        if stream {
+            // The first {"code":200} response to each frame is its acknowledgement (re-pushes included, so
+            // read after the drain).
+            let pushed = frames.withLock { $0 }
+            var firstSuccess: [String: Double] = [:]
+            for reply in gateway.replies where reply.code == 200 && firstSuccess[reply.messageID] == nil {
+                firstSuccess[reply.messageID] = reply.at
+            }
+            for (frame, message) in pushed {
+                recorder.record(message.id, sent: message.sent, acked: firstSuccess[frame])
+            }
         }
         let messages = lark.messages
         let cards = Dictionary(uniqueKeysWithValues: lark.cards.map { ($0.id, $0) })

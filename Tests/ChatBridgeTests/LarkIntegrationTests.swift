@@ -59,10 +59,12 @@ import Testing
             ["conversation.max_question_chars": "100000", "server.max_body_bytes": "4MiB"], behaviour: Self.streaming(tokens: 0), lark: true)
         defer { Task { await h.stop() } }
         let lark = try #require(h.lark)
-        // 90 KB of three-byte characters: more than three cards hold.
-        let question = String(repeating: "长", count: 30_000)
-        let parts = LarkReplyChannel.numberedParts(of: ModelSimulator.answer(to: question), maxBytes: LarkCard.maxCardBytes)
-        #expect(parts.count == 4)
+        // 80 KB of four-byte characters: more than two cards hold, and 9,000 of them already over a card's 30 KB.
+        let question = String(repeating: "😀", count: 20_000)
+        let answer = ModelSimulator.answer(to: question)
+        let parts = LarkReplyChannel.numberedParts(of: answer, maxBytes: LarkCard.maxCardBytes)
+        #expect(parts.count == 3)
+        #expect(parts.map { $0.drop { $0 != "\n" }.dropFirst() }.joined() == answer, "nothing is cut off")
         _ = try await h.sendLark("om_long", question)
         #expect(await answered(h))
         let card = try #require(lark.cards.first)

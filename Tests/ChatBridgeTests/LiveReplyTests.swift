@@ -182,6 +182,11 @@ import Testing
         #expect(await f.advance(by: .seconds(11)) { await f.state(id) == "answered" })
         #expect(live.calls == [.finish("Answer to: question")])
         #expect(f.replies.attempts.isEmpty, "the answer is not sent again as a message")
+        // A new message gets no live reply now: it is answered with a message.
+        let fresh = try await f.accept("m2", "another", chat: "c2")
+        #expect(await f.advance(by: .seconds(1)) { await f.state(fresh) == "answered" })
+        #expect(live.calls == [.finish("Answer to: question")])
+        #expect(f.replies.delivered == ["Answer to: another"])
         await f.stop()
     }
 
