@@ -155,3 +155,16 @@ public final class FrameSlots: Sendable {
         for continuation in idle { continuation.resume() }
     }
 }
+
+/// Why an outbound platform connection could not be opened.
+public enum ConnectFailure: Error, CustomStringConvertible {
+    /// The platform refused the credentials (or the request): retried only at the backoff cap.
+    case rejected(String)
+    /// Anything that may pass: retried with backoff.
+    case failed(String)
+    public var description: String {
+        switch self {
+        case .rejected(let reason), .failed(let reason): reason
+        }
+    }
+}

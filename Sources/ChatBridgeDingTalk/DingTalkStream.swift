@@ -97,17 +97,6 @@ public final class DingTalkStream: Service, Sendable {
 
     // MARK: Supervision
 
-    private enum ConnectFailure: Error, CustomStringConvertible {
-        /// DingTalk refused the credentials (or the request): waiting the backoff cap.
-        case rejected(String)
-        case failed(String)
-        var description: String {
-            switch self {
-            case .rejected(let reason), .failed(let reason): reason
-            }
-        }
-    }
-
     /// Keeps one connection up: reconnects with backoff, rotates make-before-break on `disconnect`.
     /// Returns when cancelled (or at graceful shutdown), after every connection has ended.
     private func supervise() async {

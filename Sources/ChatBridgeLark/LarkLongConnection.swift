@@ -124,17 +124,6 @@ public final class LarkLongConnection: Service, Sendable {
 
     // MARK: Supervision
 
-    private enum ConnectFailure: Error, CustomStringConvertible {
-        /// Feishu refused the app: retried only at the backoff cap.
-        case rejected(String)
-        case failed(String)
-        var description: String {
-            switch self {
-            case .rejected(let reason), .failed(let reason): reason
-            }
-        }
-    }
-
     /// Keeps one connection up; returns when cancelled.
     private func supervise() async {
         var failures = 0

@@ -126,7 +126,7 @@ public struct LarkReplyChannel: ReplyChannel {
 
     public func liveReply(to message: InboundMessage, reference: String?, begun: Bool) -> (any LiveReply)? {
         // A card an earlier attempt began is continued even when cards were switched off since.
-        guard settings.cardMode != .off || reference != nil || begun else { return nil }
+        guard settings.cardMode != .off || begun else { return nil }
         return LarkCard(message: message, reference: reference.flatMap(LarkCard.Reference.decode), channel: self)
     }
 

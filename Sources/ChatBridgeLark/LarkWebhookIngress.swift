@@ -57,8 +57,7 @@ public struct LarkWebhookIngress: Sendable {
         if keyed, signature != nil, !signed { throw reject(.unauthorized, "the event's X-Lark-Signature is wrong") }
         let unsigned = "the event is not signed (X-Lark-Signature)"
         func malformed(_ reason: String) -> IngressRejection { keyed && !signed ? reject(.unauthorized, unsigned) : reject(.badRequest, reason) }
-        struct Outer: Decodable { var encrypt: String? }
-        guard let outer = try? JSONDecoder().decode(Outer.self, from: body) else { throw malformed("the body is not a JSON object") }
+        guard let outer = try? JSONDecoder().decode(EncryptedEnvelope.self, from: body) else { throw malformed("the body is not a JSON object") }
         var json = body
         if let encrypted = outer.encrypt {
             guard keyed else { throw reject(.badRequest, "the event is encrypted but lark.encrypt_key is not set") }
@@ -83,19 +82,14 @@ public struct LarkWebhookIngress: Sendable {
         }
         if keyed, !signed { throw reject(.unauthorized, unsigned) }
         try checkToken(event.token)
-        guard case .message(let message, _) = event else {
-            logger.debug("ignoring a Lark event", metadata: ["type": "\(event.type)"])
-            return .ignored(event.type)
-        }
-        return try await store(message)
+        return try await storeIfMessage(event)
     }
 
     /// Handles one event from the long connection, which is authenticated when it connects: the payload
     /// is the E.2 JSON (decrypted first if it comes encrypted). Throws like ``receive(body:timestamp:nonce:signature:)``.
     public func receiveTrusted(_ payload: Data) async throws -> LarkWebhookOutcome {
         var json = payload
-        struct Outer: Decodable { var encrypt: String? }
-        if let encrypted = (try? JSONDecoder().decode(Outer.self, from: payload))?.encrypt {
+        if let encrypted = (try? JSONDecoder().decode(EncryptedEnvelope.self, from: payload))?.encrypt {
             // A settings problem, not a bad event: answered so that Feishu pushes it again, and stored once
             // the admin has set the key.
             guard !settings.encryptKey.isEmpty else {
@@ -113,6 +107,14 @@ public struct LarkWebhookIngress: Sendable {
         } catch {
             throw reject(.badRequest, error.description)
         }
+        return try await storeIfMessage(event)
+    }
+
+    /// `{"encrypt": …}`: how an encrypted event arrives.
+    private struct EncryptedEnvelope: Decodable { var encrypt: String? }
+
+    /// Stores an authenticated event when it is a message; other event types are acknowledged and ignored.
+    private func storeIfMessage(_ event: LarkEvent) async throws -> LarkWebhookOutcome {
         guard case .message(let message, _) = event else {
             logger.debug("ignoring a Lark event", metadata: ["type": "\(event.type)"])
             return .ignored(event.type)

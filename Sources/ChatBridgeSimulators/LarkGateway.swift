@@ -177,7 +177,7 @@ public final class LarkGateway: Sendable {
 
     private func pushEvent(_ event: Data, fragments: Int, type: String, messageID: String?, to connection: Int?, repeating: Bool) async throws -> String {
         let id = messageID ?? UUID().uuidString.lowercased()
-        guard let (linkID, link) = self.link(connection) else { throw SimulatorError(description: "no open Lark connection") }
+        guard let (_, link) = self.link(connection) else { throw SimulatorError(description: "no open Lark connection") }
         let count = max(1, min(fragments, event.count))
         let size = (event.count + count - 1) / count
         var frames: [Pbbp2_Frame] = []
@@ -222,7 +222,6 @@ public final class LarkGateway: Sendable {
         for index in order {
             try await link.outbound.write(.binary(ByteBuffer(bytes: try frames[index].serializedBytes() as [UInt8])))
         }
-        _ = linkID
         return id
     }
 
@@ -329,7 +328,7 @@ public final class LarkGateway: Sendable {
         }
         let messageID = frame.header("message_id") ?? ""
         let code = (try? JSONSerialization.jsonObject(with: frame.payload) as? [String: Any])?["code"] as? Int ?? 0
-        let reply = state.withLock { state -> Reply in
+        state.withLock { state in
             // The response must be one of the pushed frames (any fragment; the client answers on the one
             // that completed the event), with its headers kept and only `biz_rt` added.
             let echoes = state.pushed[messageID]?.contains { pushed in
@@ -342,9 +341,7 @@ public final class LarkGateway: Sendable {
                 at: Date().timeIntervalSince1970)
             state.replies.append(reply)
             if code == 200 { state.succeeded.insert(messageID) }
-            return reply
         }
-        _ = reply
         changed.notify()
     }
 

@@ -35,6 +35,14 @@ final class DispatcherFixture: @unchecked Sendable {
         return await inbox.rows.last!.id
     }
 
+    /// The next message, claimed by another worker that then dies (its lease runs out in 30 s).
+    func claimByDeadWorker(maxAttempts: Int) async throws -> InboxItem {
+        let claimed = try await inbox.claim(limit: 1, owner: "dead", leaseUntil: clock.now.adding(.seconds(30)), maxAttempts: maxAttempts, now: clock.now)
+        guard case .ready(let item) = try #require(claimed.first) else { throw ClaimFailed() }
+        return item
+    }
+    struct ClaimFailed: Error {}
+
     func start() { task = Task { await dispatcher.run() } }
 
     func stop() async {

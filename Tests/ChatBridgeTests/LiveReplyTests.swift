@@ -142,8 +142,7 @@ import Testing
         let f = DispatcherFixture(maxAttempts: 1, live: live)
         let id = try await f.accept("m1", "question")
         // Another worker claimed it, showed its card and died on its last allowed attempt.
-        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 1, now: f.clock.now)
-        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        let item = try await f.claimByDeadWorker(maxAttempts: 1)
         try await f.inbox.recordLive(item.lease, state: .opened, reference: nil, now: f.clock.now)
         f.start()
         // This dispatcher's reaper finds the expired claim, gives the message up and marks its card failed.
@@ -158,8 +157,7 @@ import Testing
         let f = DispatcherFixture(maxAttempts: 1, live: live)
         let id = try await f.accept("m1", "question")
         // Another worker showed the card, stored the answer (and may have finished the card) and died.
-        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 1, now: f.clock.now)
-        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        let item = try await f.claimByDeadWorker(maxAttempts: 1)
         try await f.inbox.recordLive(item.lease, state: .opened, reference: nil, now: f.clock.now)
         try await f.inbox.storeReply(StoredReply(text: "the stored answer", kind: .answer, effect: .none), for: item.lease, error: nil, now: f.clock.now)
         f.start()
@@ -173,8 +171,7 @@ import Testing
         let live = LiveTwin()
         let f = DispatcherFixture(live: live)
         let id = try await f.accept("m1", "question")
-        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 5, now: f.clock.now)
-        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        let item = try await f.claimByDeadWorker(maxAttempts: 5)
         try await f.inbox.recordLive(item.lease, state: .opened, reference: nil, now: f.clock.now)
         // Cards were switched off before the restart: the card already showing is still the one finished.
         live.setAvailability(.begunOnly)
@@ -194,8 +191,7 @@ import Testing
         let live = LiveTwin()
         let f = DispatcherFixture(live: live)
         let id = try await f.accept("m1", "question")
-        let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 5, now: f.clock.now)
-        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("not claimed"); return }
+        let item = try await f.claimByDeadWorker(maxAttempts: 5)
         try await f.inbox.storeReply(StoredReply(text: "the stored answer", kind: .answer, effect: .none), for: item.lease, error: nil, now: f.clock.now)
         try await f.inbox.recordLive(item.lease, state: .finalized, reference: nil, now: f.clock.now)
         // The card shows the final text; the worker died before recording the row done.
