@@ -134,7 +134,7 @@ public final class Dispatcher: Sendable {
                 return state.liveRepliesToFail
             }
             if !tidy.isEmpty { group.addTask { await self.failLiveReplies(of: tidy) } }
-            if let next = try? await inbox.nextWakeup() { noteRetry(at: next) }
+            if let next = try? await inbox.nextWakeup(now: clock.now) { noteRetry(at: next) }
             while !Task.isCancelled {
                 let (draining, busy) = state.withLock { ($0.draining, $0.inFlight.count) }
                 if draining { break }
@@ -206,7 +206,8 @@ public final class Dispatcher: Sendable {
             let leases = state.withLock { Array($0.inFlight) }
             guard !leases.isEmpty else { continue }
             do {
-                let renewed = try await inbox.renewLeases(leases, until: clock.now.adding(settings.lease))
+                let now = clock.now
+                let renewed = try await inbox.renewLeases(leases, until: now.adding(settings.lease), now: now)
                 if renewed < leases.count {
                     // Usually answers that finished meanwhile; an attempt that truly lost its claim stops at its next write.
                     logger.debug("some claims were not renewed", metadata: ["renewed": "\(renewed)", "held": "\(leases.count)"])

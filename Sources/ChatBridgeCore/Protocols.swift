@@ -316,8 +316,9 @@ public protocol Inbox: Sendable {
     /// Claims up to `limit` ready messages, at most one per conversation and only the oldest open one of
     /// each, never one that has used `maxAttempts` attempts. Each claim gets its own lease token.
     func claim(limit: Int, owner: String, leaseUntil: Date, maxAttempts: Int, now: Date) async throws -> [ClaimedRow]
-    /// Extends the claims still held; returns how many were. Runs ahead of background work.
-    func renewLeases(_ leases: [Lease], until: Date) async throws -> Int
+    /// Extends the claims still held to `until` (on the caller's clock, which says `now`); returns how many
+    /// were. Runs ahead of background work.
+    func renewLeases(_ leases: [Lease], until: Date, now: Date) async throws -> Int
     /// Returns rows whose lease expired (their worker died or lost touch) to pending, or marks them failed
     /// when they have used `maxAttempts` attempts. Claims in `keeping` are still being worked on by the
     /// caller and are never released by it, expired or not.
@@ -345,8 +346,9 @@ public protocol Inbox: Sendable {
     func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws
     /// Gives up on a message, recording why.
     func markFailed(_ lease: Lease, error: String, lastSendFailed: Bool, now: Date) async throws
-    /// The earliest `not_before` of waiting messages, to know when to look again.
-    func nextWakeup() async throws -> Date?
+    /// The earliest `not_before` of waiting messages, on the caller's clock (which says `now`), to know when
+    /// to look again.
+    func nextWakeup(now: Date) async throws -> Date?
     /// Counts of open (pending and running) messages; cheap however long the history is.
     func counts() async throws -> InboxCounts
 }

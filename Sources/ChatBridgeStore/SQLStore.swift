@@ -3,14 +3,25 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
+import PostgresKit
+import PostgresNIO
 import SQLKit
 import SQLiteKit
 import Synchronization
 
-/// The SQL implementation of ``Inbox`` and ``ConversationStore``, written once against SQLKit.
+/// The SQL implementation of ``Inbox`` and ``ConversationStore``, written once against SQLKit for SQLite and
+/// PostgreSQL; what differs between the two is in ``Backend`` and the small functions marked *dialect*.
 ///
 /// With SQLite one connection serves the process and one lock file keeps other processes away; every
-/// operation runs as one serialised transaction. Timestamps are stored as integer milliseconds.
+/// operation runs as one serialised transaction. With PostgreSQL a pool of connections serves the process
+/// and any number of processes (replicas) share the database: claims are serialised by an advisory lock,
+/// migrations by another, and accepted messages wake every replica through `LISTEN`/`NOTIFY`.
+/// Timestamps are stored as integer milliseconds.
+///
+/// Times: every method receives the caller's `now` and deadlines relative to it. With the database clock
+/// (``TimeSource/database``, PostgreSQL's default) only the differences are used, applied to the database
+/// server's own clock, so replicas whose clocks disagree still agree on when a lease expires.
 ///
 /// Every write on a claimed row is conditional on the claim's lease token and must change exactly one
 /// row, else it throws ``LeaseLost``. Statements are never logged with their bound values (they carry
@@ -20,13 +31,51 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         public var description: String
     }
 
-    private let connection: SQLiteConnection
-    private let database: any SQLDatabase
-    private let mutex = AsyncMutex()
+    /// Whose clock lease expiry and retry times are read from.
+    public enum TimeSource: Sendable, Equatable {
+        /// The `now` each call passes (SQLite's default: one process, one clock; tests drive it).
+        case caller
+        /// The database server's clock; the caller's times only give durations (PostgreSQL's default).
+        case database
+    }
+
+    public struct Options: Sendable {
+        /// PostgreSQL connections per process (`database.pool_size`), plus one for `LISTEN`.
+        public var poolSize: Int
+        /// Nil: the default of the database (``TimeSource``).
+        public var timeSource: TimeSource?
+        public init(poolSize: Int = 10, timeSource: TimeSource? = nil) {
+            self.poolSize = poolSize
+            self.timeSource = timeSource
+        }
+    }
+
+    /// The SQL dialect, where statements must differ.
+    enum Dialect: Sendable {
+        case sqlite
+        case postgres
+    }
+
+    /// How statements reach the database.
+    private enum Backend: Sendable {
+        /// One connection, taken in turns; the lock file keeps other processes away.
+        case sqlite(SQLiteConnection, any SQLDatabase, AsyncMutex, ProcessLock?)
+        /// A pool, run by its task; the listener task turns notifications into wake-ups.
+        case postgres(PostgresClient, run: Task<Void, Never>, listener: TaskSlot)
+    }
+
+    private let backend: Backend
+    let dialect: Dialect
+    let timeSource: TimeSource
     private let closed = Atomic<Bool>(false)
-    private let lock: ProcessLock?
     private let logger: Logger
     public let location: DatabaseLocation
+
+    /// The channel accepted messages are announced on (PostgreSQL).
+    static let notifyChannel = "chatbridge_inbox"
+    /// Advisory lock keys: one serialises claims across replicas, one migrations.
+    static let claimLockKey = 0x4342_0001
+    static let migrationLockKey = 0x4342_0000
 
     private static let encoder: JSONEncoder = {
         let encoder = JSONEncoder()
@@ -40,22 +89,37 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         return decoder
     }()
 
-    private init(connection: SQLiteConnection, lock: ProcessLock?, location: DatabaseLocation, logger: Logger) {
-        self.connection = connection
-        // No query logging: SQLKit would log bound values, which carry message text and webhook tokens.
-        self.database = connection.sql(queryLogLevel: nil)
-        self.lock = lock
+    private init(backend: Backend, dialect: Dialect, timeSource: TimeSource, location: DatabaseLocation, logger: Logger) {
+        self.backend = backend
+        self.dialect = dialect
+        self.timeSource = timeSource
         self.location = location
         self.logger = logger
     }
 
-    /// Opens (creating it if needed) the database, takes the process lock and applies migrations.
-    public static func open(_ location: DatabaseLocation, logger: Logger) async throws -> SQLStore {
+    /// Opens (creating it if needed) the database, takes the process lock (SQLite) and applies migrations.
+    public static func open(_ location: DatabaseLocation, options: Options = Options(), logger: Logger) async throws -> SQLStore {
+        let store: SQLStore
+        switch location {
+        case .sqliteMemory, .sqliteFile:
+            store = try await openSQLite(location, options: options, logger: logger)
+        case .postgres(let postgres):
+            store = try await openPostgres(postgres, location: location, options: options, logger: logger)
+        }
+        do {
+            try await store.configure()
+            try await store.migrate()
+        } catch {
+            await store.close()
+            throw error
+        }
+        return store
+    }
+
+    private static func openSQLite(_ location: DatabaseLocation, options: Options, logger: Logger) async throws -> SQLStore {
         let storage: SQLiteConnection.Storage
         var lock: ProcessLock?
         switch location {
-        case .sqliteMemory:
-            storage = .memory
         case .sqliteFile(let path):
             let directory = (path as NSString).deletingLastPathComponent
             if !directory.isEmpty {
@@ -67,72 +131,244 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             }
             lock = try ProcessLock(path: path + ".lock")
             storage = .file(path: path)
+        default:
+            storage = .memory
         }
         let connection: SQLiteConnection
         do {
             connection = try await SQLiteConnection.open(storage: storage, logger: logger)
         } catch {
+            lock?.release()
             throw StoreError(description: "cannot open the SQLite database \(location): \(error)")
         }
-        let store = SQLStore(connection: connection, lock: lock, location: location, logger: logger)
+        // No query logging: SQLKit would log bound values, which carry message text and webhook tokens.
+        let backend = Backend.sqlite(connection, connection.sql(queryLogLevel: nil), AsyncMutex(), lock)
+        return SQLStore(backend: backend, dialect: .sqlite, timeSource: options.timeSource ?? .caller, location: location, logger: logger)
+    }
+
+    private static func openPostgres(_ postgres: PostgresLocation, location: DatabaseLocation, options: Options, logger: Logger) async throws -> SQLStore {
+        let tls: PostgresClient.Configuration.TLS
+        switch postgres.tls {
+        case .disable:
+            tls = .disable
+        case .prefer, .require:
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            configuration.certificateVerification = .none
+            tls = postgres.tls == .prefer ? .prefer(configuration) : .require(configuration)
+        case .verifyCA:
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            configuration.certificateVerification = .noHostnameVerification
+            tls = .require(configuration)
+        case .verifyFull:
+            tls = .require(.makeClientConfiguration())
+        }
+        var configuration = PostgresClient.Configuration(
+            host: postgres.host, port: postgres.port, username: postgres.username, password: postgres.password,
+            database: postgres.database, tls: tls)
+        configuration.options.maximumConnections = max(1, options.poolSize) + 1
+        configuration.options.connectTimeout = .seconds(5)
+        var quiet = logger
+        quiet.logLevel = max(logger.logLevel, .notice)
+        let client = PostgresClient(configuration: configuration, backgroundLogger: quiet)
+        let run = Task { await client.run() }
+        let store = SQLStore(
+            backend: .postgres(client, run: run, listener: TaskSlot()), dialect: .postgres,
+            timeSource: options.timeSource ?? .database, location: location, logger: logger)
         do {
-            try await store.configure()
-            try await store.migrate()
+            // Fail fast with a clear error when the server cannot be reached or refuses the credentials.
+            try await store.single { db in try await db.raw("SELECT 1 AS ok").run() }
         } catch {
-            try? await connection.close()
-            throw error
+            await store.close()
+            throw StoreError(description: "cannot open the PostgreSQL database \(location): \(error)")
         }
         return store
     }
 
-    /// Closes the connection (once; later calls do nothing) after the statement in progress, also from a
+    /// Closes the connections (once; later calls do nothing) after the statements in progress, also from a
     /// cancelled task.
     public func close() async {
         guard closed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
-        // A task of its own, so a cancelled caller still closes the connection.
-        await Task { [connection, mutex, lock] in
-            _ = try? await mutex.withLock(priority: .urgent) { try? await connection.close() }
-            lock?.release()
-        }.value
+        switch backend {
+        case .sqlite(let connection, _, let mutex, let lock):
+            // A task of its own, so a cancelled caller still closes the connection.
+            await Task {
+                _ = try? await mutex.withLock(priority: .urgent) { try? await connection.close() }
+                lock?.release()
+            }.value
+        case .postgres(_, let run, let listener):
+            let listening = listener.take()
+            listening?.cancel()
+            await listening?.value
+            run.cancel()
+            await run.value
+        }
     }
 
     private func configure() async throws {
+        guard dialect == .sqlite else { return }
         if case .sqliteFile = location {
-            try await database.raw("PRAGMA journal_mode = WAL").run()
+            try await single { db in try await db.raw("PRAGMA journal_mode = WAL").run() }
         }
-        try await database.raw("PRAGMA synchronous = NORMAL").run()
-        try await database.raw("PRAGMA busy_timeout = 5000").run()
+        try await single { db in try await db.raw("PRAGMA synchronous = NORMAL").run() }
+        try await single { db in try await db.raw("PRAGMA busy_timeout = 5000").run() }
+    }
+
+    // MARK: Wake-ups
+
+    /// Calls `wake` whenever any process sharing the database accepts a message, and once after every
+    /// (re)connection of the listener, so a replica with free capacity claims it at once. Only PostgreSQL
+    /// is shared; with SQLite the accepting process wakes its own dispatcher and this does nothing.
+    public func listenForAcceptedMessages(_ wake: @escaping @Sendable () -> Void) {
+        guard case .postgres(let client, _, let listener) = backend else { return }
+        let logger = self.logger
+        let task = Task {
+            var failures = 0
+            while !Task.isCancelled {
+                do {
+                    try await client.withConnection { connection in
+                        try await connection.listen(on: Self.notifyChannel) { notifications in
+                            if failures > 0 { logger.notice("listening for accepted messages again") }
+                            failures = 0
+                            wake()
+                            for try await _ in notifications { wake() }
+                        }
+                    }
+                } catch {
+                    if Task.isCancelled { return }
+                    if failures == 0 {
+                        logger.warning("lost the database notification channel; polling until it is back", metadata: ["error": "\(Self.describe(error))"])
+                    }
+                    failures += 1
+                }
+                try? await Task.sleep(for: .milliseconds(min(5_000, 250 * (1 << min(failures, 5)))))
+            }
+        }
+        listener.put(task)
     }
 
     // MARK: Transactions
 
-    /// Runs `body` in one transaction; nothing else touches the connection meanwhile.
+    /// Runs `body` in one transaction; with SQLite nothing else touches the connection meanwhile.
     func transaction<R: Sendable>(_ body: @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
-        try await mutex.withLock {
-            try await database.raw("BEGIN IMMEDIATE").run()
+        switch backend {
+        case .sqlite(_, let database, let mutex, _):
+            return try await mutex.withLock {
+                try await database.raw("BEGIN IMMEDIATE").run()
+                do {
+                    let result = try await body(database)
+                    try await database.raw("COMMIT").run()
+                    return result
+                } catch {
+                    try? await database.raw("ROLLBACK").run()
+                    throw error
+                }
+            }
+        case .postgres(let client, _, _):
             do {
-                let result = try await body(database)
-                try await database.raw("COMMIT").run()
-                return result
-            } catch {
-                try? await database.raw("ROLLBACK").run()
-                throw error
+                return try await client.withTransaction(logger: logger) { connection in
+                    try await body(connection.sql(queryLogLevel: nil))
+                }
+            } catch let error as PostgresTransactionError {
+                throw Self.unwrap(error)
+            } catch let error as PSQLError {
+                throw StoreError(description: Self.describe(error))
             }
         }
     }
 
-    /// Runs one statement on its own (SQLite commits it by itself); nothing else touches the connection meanwhile.
+    /// Runs one statement on its own (committed by itself); with SQLite nothing else touches the connection
+    /// meanwhile, urgent work first.
     func single<R: Sendable>(priority: AsyncMutex.Priority = .background, _ body: @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
-        try await mutex.withLock(priority: priority) { try await body(database) }
+        switch backend {
+        case .sqlite(_, let database, let mutex, _):
+            return try await mutex.withLock(priority: priority) { try await body(database) }
+        case .postgres(let client, _, _):
+            do {
+                return try await client.withConnection { connection in try await body(connection.sql(queryLogLevel: nil)) }
+            } catch let error as PSQLError {
+                throw StoreError(description: Self.describe(error))
+            }
+        }
+    }
+
+    /// The closure's own error (``LeaseLost``) when it failed, else the database's.
+    private static func unwrap(_ error: PostgresTransactionError) -> any Error {
+        if let closure = error.closureError { return closure is PSQLError ? StoreError(description: describe(closure)) : closure }
+        if let failure = error.beginError ?? error.commitError ?? error.rollbackError {
+            return StoreError(description: describe(failure))
+        }
+        return StoreError(description: "PostgreSQL transaction failed")
+    }
+
+    /// A PostgreSQL error as an operator can act on it (postgres-nio's own description hides everything).
+    static func describe(_ error: any Error) -> String {
+        if let transaction = error as? PostgresTransactionError {
+            return describe(unwrap(transaction))
+        }
+        guard let error = error as? PSQLError else { return "\(error)" }
+        if error.code == .server, let info = error.serverInfo {
+            let message = info[.message] ?? "server error"
+            return "PostgreSQL refused: \(message) (SQLSTATE \(info[.sqlState] ?? "?"))"
+        }
+        if let underlying = error.underlying {
+            return "PostgreSQL is unreachable: \(underlying)"
+        }
+        switch error.code {
+        case .serverClosedConnection, .uncleanShutdown, .connectionError:
+            return "PostgreSQL is unreachable: the connection was closed"
+        case .poolClosed, .clientClosedConnection:
+            return "the store is closed"
+        default:
+            return "PostgreSQL error: \(error.code)"
+        }
+    }
+
+    // MARK: Dialect
+
+    /// The database's clock in milliseconds (dialect).
+    private var databaseNow: SQLQueryString {
+        switch dialect {
+        case .sqlite: SQLQueryString("CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)")
+        case .postgres: SQLQueryString("CAST(EXTRACT(EPOCH FROM statement_timestamp()) * 1000 AS BIGINT)")
+        }
+    }
+
+    /// "Now" in a statement: the caller's `now`, or the database's clock.
+    func sqlNow(_ now: Date) -> SQLQueryString {
+        switch timeSource {
+        case .caller: "\(bind: now.millis)"
+        case .database: databaseNow
+        }
+    }
+
+    /// A moment given on the caller's clock (`date`, when the caller's clock says `now`), in a statement.
+    func sqlTime(_ date: Date, now: Date) -> SQLQueryString {
+        switch timeSource {
+        case .caller: "\(bind: date.millis)"
+        case .database: "(\(databaseNow) + \(bind: date.millis - now.millis))"
+        }
+    }
+
+    /// Takes a transaction-scoped lock shared by every process on the database (PostgreSQL; with SQLite the
+    /// transaction itself is exclusive).
+    private func lockAcrossProcesses(_ key: Int, on db: any SQLDatabase) async throws {
+        guard dialect == .postgres else { return }
+        try await db.raw("SELECT pg_advisory_xact_lock(\(unsafeRaw: String(key)))").run()
     }
 
     // MARK: Migrations
 
-    static let migrations: [(version: Int, statements: [String])] = [
+    /// The schema's history; a step's statements may depend on the dialect.
+    static func migrations(_ dialect: Dialect) -> [(version: Int, statements: [String])] {
+        let key = switch dialect {
+        case .sqlite: "id INTEGER PRIMARY KEY AUTOINCREMENT"
+        case .postgres: "id BIGSERIAL PRIMARY KEY"
+        }
+        return [
         (1, [
             """
             CREATE TABLE inbox (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                \(key),
                 platform TEXT NOT NULL,
                 bot_id TEXT NOT NULL,
                 message_id TEXT NOT NULL,
@@ -194,15 +430,19 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         (4, [
             "ALTER TABLE inbox ADD COLUMN live_ref TEXT",
         ]),
-    ]
+        ]
+    }
 
     /// The newest schema version this build knows.
-    public static var latestVersion: Int { migrations.last?.version ?? 0 }
+    public static var latestVersion: Int { migrations(.sqlite).last?.version ?? 0 }
 
     /// Applies pending migrations; returns the versions applied.
     @discardableResult
     public func migrate() async throws -> [Int] {
-        try await transaction { db in
+        let migrations = Self.migrations(dialect)
+        return try await transaction { db in
+            // Replicas starting together: one migrates, the others wait here and then find nothing to do.
+            try await self.lockAcrossProcesses(Self.migrationLockKey, on: db)
             try await db.raw("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)").run()
             let rows = try await db.raw("SELECT version FROM schema_migrations").all()
             let applied = Set(try rows.map { try $0.decode(column: "version", as: Int.self) })
@@ -210,7 +450,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 throw StoreError(description: "the database has schema version \(newest), newer than this build knows (\(Self.latestVersion)); upgrade chatbridge")
             }
             var done: [Int] = []
-            for migration in Self.migrations where !applied.contains(migration.version) {
+            for migration in migrations where !applied.contains(migration.version) {
                 for statement in migration.statements {
                     try await db.raw(SQLQueryString(statement)).run()
                 }
@@ -232,42 +472,58 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func accept(_ message: InboundMessage, conversation: ConversationKey, now: Date) async throws -> AcceptOutcome {
         let payload = String(decoding: try Self.encoder.encode(message), as: UTF8.self)
-        let millis = now.millis
+        let at = sqlNow(now)
+        let insert: SQLQueryString = """
+            INSERT INTO inbox (platform, bot_id, message_id, conversation_key, payload, state, attempts, not_before, received_at, updated_at)
+            VALUES (\(bind: message.platform), \(bind: message.botID), \(bind: message.messageID), \(bind: conversation.rawValue),
+                    \(bind: payload), 'pending', 0, \(at), \(at), \(at))
+            ON CONFLICT (platform, bot_id, message_id) DO NOTHING
+            RETURNING id
+            """
+        // PostgreSQL: the same statement announces the message to every replica, when it commits.
+        let statement: SQLQueryString = switch dialect {
+        case .sqlite: insert
+        case .postgres: "WITH inserted AS (\(insert)) SELECT id, CAST(pg_notify('\(unsafeRaw: Self.notifyChannel)', '') AS TEXT) AS n FROM inserted"
+        }
         return try await single(priority: .urgent) { db in
-            let row = try await db.raw("""
-                INSERT INTO inbox (platform, bot_id, message_id, conversation_key, payload, state, attempts, not_before, received_at, updated_at)
-                VALUES (\(bind: message.platform), \(bind: message.botID), \(bind: message.messageID), \(bind: conversation.rawValue),
-                        \(bind: payload), 'pending', 0, \(bind: millis), \(bind: millis), \(bind: millis))
-                ON CONFLICT (platform, bot_id, message_id) DO NOTHING
-                RETURNING id
-                """).first()
-            return row == nil ? .duplicate : .accepted
+            try await db.raw(statement).first() == nil ? .duplicate : .accepted
         }
     }
 
     public func claim(limit: Int, owner: String, leaseUntil: Date, maxAttempts: Int, now: Date) async throws -> [ClaimedRow] {
         guard limit > 0 else { return [] }
-        let nowMillis = now.millis
-        let leaseMillis = leaseUntil.millis
         // Every row of this claim gets its own token: one random value for the statement plus the row id.
         let batch = UUID().uuidString.lowercased()
-        // One statement: take the oldest ready message of each idle conversation and return it.
-        let rows = try await single { db in
-            try await db.raw("""
-                UPDATE inbox SET state = 'running', attempts = attempts + 1, lease_owner = \(bind: owner),
-                    lease_token = \(bind: batch) || '-' || CAST(id AS TEXT),
-                    lease_expires_at = \(bind: leaseMillis), updated_at = \(bind: nowMillis)
-                WHERE state = 'pending' AND id IN (
-                    SELECT i.id FROM inbox i
-                    WHERE i.state = 'pending' AND i.not_before <= \(bind: nowMillis) AND i.attempts < \(bind: maxAttempts)
-                      AND NOT EXISTS (
-                        SELECT 1 FROM inbox j
-                        WHERE j.conversation_key = i.conversation_key AND j.state IN ('pending', 'running') AND j.id < i.id)
-                    ORDER BY i.id
-                    LIMIT \(bind: limit))
-                RETURNING id, lease_token, payload, conversation_key, attempts, answer, reply_kind, reply_effect,
-                    delivered_parts, uncertain_sends, live_state, live_ref
-                """).all()
+        // One statement: take the oldest waiting message of each conversation that has none running, and
+        // return it. "None running" covers every id: with several replicas a message can commit after a
+        // younger one of its conversation was claimed, and must then wait for it.
+        let statement: SQLQueryString = """
+            UPDATE inbox SET state = 'running', attempts = attempts + 1, lease_owner = \(bind: owner),
+                lease_token = \(bind: batch) || '-' || CAST(id AS TEXT),
+                lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))
+            WHERE state = 'pending' AND id IN (
+                SELECT i.id FROM inbox i
+                WHERE i.state = 'pending' AND i.not_before <= \(sqlNow(now)) AND i.attempts < \(bind: maxAttempts)
+                  AND NOT EXISTS (
+                    SELECT 1 FROM inbox j
+                    WHERE j.conversation_key = i.conversation_key AND j.state IN ('pending', 'running')
+                      AND (j.state = 'running' OR j.id < i.id))
+                ORDER BY i.id
+                LIMIT \(bind: limit))
+            RETURNING id, lease_token, payload, conversation_key, attempts, answer, reply_kind, reply_effect,
+                delivered_parts, uncertain_sends, live_state, live_ref
+            """
+        let rows: [any SQLRow]
+        switch dialect {
+        case .sqlite:
+            rows = try await single { db in try await db.raw(statement).all() }
+        case .postgres:
+            // Claims are serialised across replicas, and each sees every claim committed before it (a
+            // statement's snapshot starts after the lock): no conversation ever has two messages running.
+            rows = try await transaction { db in
+                try await self.lockAcrossProcesses(Self.claimLockKey, on: db)
+                return try await db.raw(statement).all()
+            }
         }
         var claimed: [ClaimedRow] = []
         claimed.reserveCapacity(rows.count)
@@ -317,16 +573,16 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             liveReference: try row.decode(column: "live_ref", as: String?.self))
     }
 
-    public func renewLeases(_ leases: [Lease], until: Date) async throws -> Int {
+    public func renewLeases(_ leases: [Lease], until: Date, now: Date) async throws -> Int {
         var renewed = 0
-        let untilMillis = until.millis
+        let expiry = sqlTime(until, now: now)
         // Tokens embed their row id, so matching both lists matches each row's own token (and uses the key).
         for chunk in stride(from: 0, to: leases.count, by: 400).map({ leases[$0..<min($0 + 400, leases.count)] }) {
             let ids: [any Encodable & Sendable] = chunk.map(\.id)
             let tokens: [any Encodable & Sendable] = chunk.map(\.token)
             renewed += try await single(priority: .urgent) { db in
                 try await db.raw("""
-                    UPDATE inbox SET lease_expires_at = \(bind: untilMillis)
+                    UPDATE inbox SET lease_expires_at = \(expiry)
                     WHERE id IN (\(binds: ids)) AND lease_token IN (\(binds: tokens)) AND state = 'running'
                     RETURNING id
                     """).all().count
@@ -339,11 +595,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     private static let interruptedLastAttempt = "gave up: the last allowed attempt was interrupted (process stopped or lease lost) before it finished"
 
     public func releaseExpiredLeases(now: Date, maxAttempts: Int, keeping: Set<Lease>) async throws -> ReleasedClaims {
-        let nowMillis = now.millis
+        let nowSQL = sqlNow(now)
         // Usually nothing has expired: one indexed look, and only then the update of the rows found.
         let expired = try await single { db in
             try await db.raw("""
-                SELECT id, lease_token FROM inbox WHERE state = 'running' AND lease_expires_at < \(bind: nowMillis)
+                SELECT id, lease_token FROM inbox WHERE state = 'running' AND lease_expires_at < \(nowSQL)
                 """).all().compactMap { row -> Lease? in
                 guard let id = try? row.decode(column: "id", as: Int64.self),
                     let token = try? row.decode(column: "lease_token", as: String.self)
@@ -359,9 +615,9 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             let tokens: [any Encodable & Sendable] = chunk.map(\.token)
             let rows = try await single { db in
                 try await db.raw("""
-                    UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowMillis))
+                    UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowSQL))
                     WHERE id IN (\(binds: ids)) AND lease_token IN (\(binds: tokens)) AND state = 'running'
-                      AND lease_expires_at < \(bind: nowMillis)
+                      AND lease_expires_at < \(nowSQL)
                     RETURNING \(Self.releasedColumns)
                     """).all()
             }
@@ -373,24 +629,27 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         return released
     }
 
+    /// With a shared database (PostgreSQL) the running rows of other replicas are theirs: only expired
+    /// claims are released, as the reaper would.
     public func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {
-        let nowMillis = now.millis
+        let nowSQL = sqlNow(now)
+        let running: SQLQueryString = location.isShared ? "state = 'running' AND lease_expires_at < \(nowSQL)" : "state = 'running'"
         return try await single { db in
             Self.released(try await db.raw("""
-                UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowMillis))
-                WHERE state = 'running' OR (state = 'pending' AND attempts >= \(bind: maxAttempts))
+                UPDATE inbox SET \(Self.releasing(maxAttempts: maxAttempts, now: nowSQL))
+                WHERE (\(running)) OR (state = 'pending' AND attempts >= \(bind: maxAttempts))
                 RETURNING \(Self.releasedColumns)
                 """).all())
         }
     }
 
     /// Returns an abandoned claim to the queue, or gives it up when it has used its last allowed attempt.
-    private static func releasing(maxAttempts: Int, now millis: Int64) -> SQLQueryString {
+    private static func releasing(maxAttempts: Int, now: SQLQueryString) -> SQLQueryString {
         """
         state = CASE WHEN attempts >= \(bind: maxAttempts) THEN 'failed' ELSE 'pending' END,
         last_error = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: interruptedLastAttempt) ELSE last_error END,
-        answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(bind: millis) ELSE answered_at END,
-        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(bind: millis)
+        answered_at = CASE WHEN attempts >= \(bind: maxAttempts) THEN \(now) ELSE answered_at END,
+        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(now)
         """
     }
 
@@ -428,32 +687,32 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         let effect = String(decoding: try Self.encoder.encode(reply.effect), as: UTF8.self)
         try await update(lease, set: """
             answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
-            last_error = COALESCE(\(bind: error), last_error), updated_at = \(bind: now.millis)
+            last_error = COALESCE(\(bind: error), last_error), updated_at = \(sqlNow(now))
             """)
     }
 
     public func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
         try await update(lease, set: """
-            uncertain_sends = uncertain_sends + 1, lease_expires_at = \(bind: leaseUntil.millis), updated_at = \(bind: now.millis)
+            uncertain_sends = uncertain_sends + 1, lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))
             """)
     }
 
     public func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws {
         try await update(lease, set: """
-            live_state = \(bind: state.rawValue), live_ref = COALESCE(\(bind: reference), live_ref), updated_at = \(bind: now.millis)\(unsafeRaw:
+            live_state = \(bind: state.rawValue), live_ref = COALESCE(\(bind: reference), live_ref), updated_at = \(sqlNow(now))\(unsafeRaw:
                 state == .declined ? ", attempts = 1" : "")
             """)
     }
 
     public func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
-        try await update(lease, set: "delivered_parts = \(bind: parts), uncertain_sends = 0, updated_at = \(bind: now.millis)")
+        try await update(lease, set: "delivered_parts = \(bind: parts), uncertain_sends = 0, updated_at = \(sqlNow(now))")
     }
 
     public func finish(_ lease: Lease, reply: StoredReply, conversation: ConversationKey, now: Date) async throws {
         let state = reply.kind == .answer ? "answered" : "failed"
         let statement = Self.update(lease, set: """
             state = \(bind: state), uncertain_sends = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-            updated_at = \(bind: now.millis), answered_at = \(bind: now.millis)
+            updated_at = \(sqlNow(now)), answered_at = \(sqlNow(now))
             """)
         try await transaction { db in
             guard try await db.raw(statement).all().count == 1 else { throw LeaseLost(lease) }
@@ -464,8 +723,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     public func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws {
         try await update(lease, set: """
             state = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-            not_before = \(bind: notBefore.millis), last_error = \(bind: error),
-            uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0), updated_at = \(bind: now.millis)
+            not_before = \(sqlTime(notBefore, now: now)), last_error = \(bind: error),
+            uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0), updated_at = \(sqlNow(now))
             """)
     }
 
@@ -473,7 +732,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         try await update(lease, set: """
             state = 'failed', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = \(bind: error),
             uncertain_sends = uncertain_sends - \(bind: lastSendFailed ? 1 : 0),
-            updated_at = \(bind: now.millis), answered_at = \(bind: now.millis)
+            updated_at = \(sqlNow(now)), answered_at = \(sqlNow(now))
             """)
     }
 
@@ -493,17 +752,20 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         guard changed == 1 else { throw LeaseLost(lease) }
     }
 
-    public func nextWakeup() async throws -> Date? {
-        try await single { db in
-            let row = try await db.raw("SELECT MIN(not_before) AS t FROM inbox WHERE state = 'pending'").first()
-            return try row?.decode(column: "t", as: Int64?.self).map(Date.init(millis:))
+    public func nextWakeup(now: Date) async throws -> Date? {
+        let nowSQL = sqlNow(now)
+        return try await single { db in
+            let row = try await db.raw("SELECT MIN(not_before) - \(nowSQL) AS t FROM inbox WHERE state = 'pending'").first()
+            return try row?.decode(column: "t", as: Int64?.self).map { now.addingTimeInterval(Double($0) / 1000) }
         }
     }
 
     public func counts() async throws -> InboxCounts {
-        try await single { db in
+        // SQLite may otherwise scan the whole history (dialect).
+        let hint = dialect == .sqlite ? "INDEXED BY inbox_open" : ""
+        return try await single { db in
             let rows = try await db.raw("""
-                SELECT state, COUNT(*) AS n FROM inbox INDEXED BY inbox_open WHERE state IN ('pending', 'running') GROUP BY state
+                SELECT state, COUNT(*) AS n FROM inbox \(unsafeRaw: hint) WHERE state IN ('pending', 'running') GROUP BY state
                 """).all()
             var counts = InboxCounts()
             for row in rows {
@@ -623,6 +885,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 """).run()
         }
     }
+}
+
+/// Holds one background task, to be cancelled at close.
+final class TaskSlot: Sendable {
+    private let task = Mutex<Task<Void, Never>?>(nil)
+    func put(_ new: Task<Void, Never>) { task.withLock { $0?.cancel(); $0 = new } }
+    func take() -> Task<Void, Never>? { task.withLock { $0.take() } }
 }
 
 extension Date {

@@ -222,7 +222,7 @@ actor InMemoryInbox: Inbox {
         return result
     }
 
-    func renewLeases(_ leases: [Lease], until: Date) async throws -> Int {
+    func renewLeases(_ leases: [Lease], until: Date, now: Date) async throws -> Int {
         if renewalsFail { throw Injected() }
         var renewed = 0
         for lease in leases {
@@ -320,7 +320,7 @@ actor InMemoryInbox: Inbox {
         if lastSendFailed { rows[index].uncertainSends -= 1 }
     }
 
-    func nextWakeup() async throws -> Date? {
+    func nextWakeup(now: Date) async throws -> Date? {
         rows.filter { $0.state == "pending" }.map(\.notBefore).min()
     }
 
