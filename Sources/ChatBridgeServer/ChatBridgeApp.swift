@@ -275,7 +275,7 @@ public func buildApplication(
         throw StartupError(description: "invalid configuration: \(problem)")
     }
     let location = try DatabaseLocation.parse(configuration.databaseURL)
-    let store = try await SQLStore.open(location, logger: logger)
+    let store = try await SQLStore.open(location, options: .init(poolSize: configuration.databasePoolSize), logger: logger)
     let factory = PrometheusMetricsFactory(registry: metrics)
     let reclaimed = try await store.reclaimRunning(now: clock.now, maxAttempts: configuration.worker.maxAttempts)
     if reclaimed.requeued > 0 {
@@ -303,6 +303,8 @@ public func buildApplication(
             lease: configuration.worker.lease),
         owner: owner, clock: clock, metrics: factory, logger: logger)
     dispatcher.failLiveRepliesWhenRunning(reclaimed.gaveUpLive)
+    // A message accepted by another replica (PostgreSQL) wakes this one too.
+    store.listenForAcceptedMessages { [dispatcher] in dispatcher.wake() }
     let ingress = DingTalkIngress(
         settings: configuration.dingtalk, groupScope: configuration.engine.groupScope, inbox: store, clock: clock,
         metrics: factory, logger: logger, onAccepted: { [dispatcher] in dispatcher.wake() })

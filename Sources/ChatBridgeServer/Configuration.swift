@@ -70,6 +70,12 @@ public struct ChatBridgeConfiguration: Sendable {
 
     public var server = Server()
     public var databaseURL = "sqlite:data/chatbridge.sqlite"
+    /// PostgreSQL connections per process (`database.pool_size`).
+    public var databasePoolSize = 10
+    /// `database.url` with its password masked, for logs and `chatbridge check`.
+    public var maskedDatabaseURL: String {
+        (try? DatabaseLocation.parse(databaseURL))?.description ?? "(invalid)"
+    }
     public var llm = LLMSettings()
     public var engine = EngineSettings()
     public var dingtalk = DingTalkSettings()
@@ -147,6 +153,7 @@ public struct ChatBridgeConfiguration: Sendable {
         } catch {
             r.error("database.url", "\(error)".replacingOccurrences(of: "database.url: ", with: ""))
         }
+        databasePoolSize = r.int("database.pool_size", range: 1...1000) ?? databasePoolSize
 
         if let provider = r.string("llm.provider") {
             if let value = LLMProvider(rawValue: provider.lowercased()) { llm.provider = value } else {
@@ -323,7 +330,7 @@ public struct ChatBridgeConfiguration: Sendable {
             ("server.host", server.host), ("server.port", "\(server.port)"), ("server.max_body_bytes", "\(server.maxBodyBytes)"),
             ("server.drain_timeout", seconds(server.drainTimeout)),
             ("server.metrics_address", server.metricsAddress.map(\.description) ?? "(on the main address)"),
-            ("database.url", databaseURL),
+            ("database.url", maskedDatabaseURL), ("database.pool_size", "\(databasePoolSize)"),
             ("llm.provider", llm.provider.rawValue), ("llm.base_url", llm.baseURL), ("llm.api_key", mask(llm.apiKey)),
             ("llm.model", llm.model), ("llm.api_version", llm.apiVersion),
             ("llm.temperature", llm.temperature.map { "\($0)" } ?? "(model default)"),

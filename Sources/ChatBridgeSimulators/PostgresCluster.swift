@@ -65,20 +65,22 @@ public final class PostgresCluster: Sendable {
     /// Starts the server (again, after ``stop()``), waiting until it accepts connections.
     public func startServer() throws {
         let options = [
-            "-p \(port)", "-k \(directory)", "-c listen_addresses=127.0.0.1", "-c fsync=off", "-c synchronous_commit=off",
+            "-p \(port)", "-k \(directory)", "-c listen_addresses=127.0.0.1", "-c fsync=off",
             "-c full_page_writes=off", "-c max_connections=400", "-c shared_buffers=64MB",
         ].joined(separator: " ")
         try run(binaries + "/pg_ctl", ["-D", dataDirectory, "-o", options, "-l", directory + "/server.log", "-w", "-t", "60", "start"])
     }
 
-    /// Stops the server at once (`immediate`: like a crash; committed data survives).
-    public func stop() throws {
-        try run(binaries + "/pg_ctl", ["-D", dataDirectory, "-m", "immediate", "-w", "stop"])
+    /// Stops the server: `fast` disconnects every client and shuts down cleanly (a restart or a failover);
+    /// `immediate` is like a crash (committed data survives: commits are synchronous, only the operating
+    /// system's flush is skipped).
+    public func stop(immediately: Bool = false) throws {
+        try run(binaries + "/pg_ctl", ["-D", dataDirectory, "-m", immediately ? "immediate" : "fast", "-w", "stop"])
     }
 
     /// Stops the server and removes its directory.
     public func destroy() {
-        try? stop()
+        try? stop(immediately: true)
         try? FileManager.default.removeItem(atPath: directory)
     }
 

@@ -249,7 +249,9 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     // MARK: Transactions
 
     /// Runs `body` in one transaction; with SQLite nothing else touches the connection meanwhile.
-    func transaction<R: Sendable>(_ body: @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
+    func transaction<R: Sendable>(
+        timeout: Duration = callTimeout, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R
+    ) async throws -> R {
         switch backend {
         case .sqlite(_, let database, let mutex, _):
             return try await mutex.withLock {
@@ -265,35 +267,75 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             }
         case .postgres(let client, _, _):
             do {
-                return try await client.withTransaction(logger: logger) { connection in
-                    try await body(connection.sql(queryLogLevel: nil))
+                let logger = self.logger
+                return try await Self.within(timeout) {
+                    try await client.withTransaction(logger: logger) { connection in
+                        try await body(connection.sql(queryLogLevel: nil))
+                    }
                 }
             } catch let error as PostgresTransactionError {
                 throw Self.unwrap(error)
-            } catch let error as PSQLError {
-                throw StoreError(description: Self.describe(error))
+            } catch {
+                throw Self.storeError(error)
             }
         }
     }
 
     /// Runs one statement on its own (committed by itself); with SQLite nothing else touches the connection
     /// meanwhile, urgent work first.
-    func single<R: Sendable>(priority: AsyncMutex.Priority = .background, _ body: @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
+    func single<R: Sendable>(priority: AsyncMutex.Priority = .background, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
         switch backend {
         case .sqlite(_, let database, let mutex, _):
             return try await mutex.withLock(priority: priority) { try await body(database) }
         case .postgres(let client, _, _):
             do {
-                return try await client.withConnection { connection in try await body(connection.sql(queryLogLevel: nil)) }
-            } catch let error as PSQLError {
-                throw StoreError(description: Self.describe(error))
+                return try await Self.within(Self.callTimeout) {
+                    try await client.withConnection { connection in try await body(connection.sql(queryLogLevel: nil)) }
+                }
+            } catch {
+                throw Self.storeError(error)
             }
         }
     }
 
+    /// How long a call may wait for PostgreSQL. While no connection can be made the pool would queue calls
+    /// for up to a minute; a callback must be refused (503, the platform delivers it again) long before.
+    static let callTimeout: Duration = .seconds(5)
+
+    private struct TimedOut: Error {}
+
+    /// Runs `operation`, cancelling it after `limit`. Cancelling takes a call out of the queue for a
+    /// connection; a statement already sent finishes first (its outcome is then reported).
+    private static func within<R: Sendable>(_ limit: Duration, _ operation: @escaping @Sendable () async throws -> R) async throws -> R {
+        let result = try await withThrowingTaskGroup(of: R?.self) { group in
+            group.addTask { try await operation() }
+            group.addTask {
+                try await Task.sleep(for: limit)
+                return nil
+            }
+            defer { group.cancelAll() }
+            // The operation's result, or nil when the timer went first.
+            do {
+                return try await group.next() ?? nil
+            } catch is CancellationError where !Task.isCancelled {
+                return nil
+            }
+        }
+        guard let result else {
+            throw StoreError(description: "PostgreSQL did not answer within \(limit) (unreachable, or every connection is busy)")
+        }
+        return result
+    }
+
+    /// The body's own errors (``LeaseLost``, ``StoreError``) as they are; the database's described.
+    private static func storeError(_ error: any Error) -> any Error {
+        if error is LeaseLost || error is StoreError || error is CancellationError { return error }
+        return StoreError(description: describe(error))
+    }
+
     /// The closure's own error (``LeaseLost``) when it failed, else the database's.
     private static func unwrap(_ error: PostgresTransactionError) -> any Error {
-        if let closure = error.closureError { return closure is PSQLError ? StoreError(description: describe(closure)) : closure }
+        if let closure = error.closureError { return storeError(closure) }
         if let failure = error.beginError ?? error.commitError ?? error.rollbackError {
             return StoreError(description: describe(failure))
         }
@@ -305,7 +347,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         if let transaction = error as? PostgresTransactionError {
             return describe(unwrap(transaction))
         }
-        guard let error = error as? PSQLError else { return "\(error)" }
+        guard let error = error as? PSQLError else {
+            // The pool's own errors (no connection can be made now) are not public types.
+            if String(describing: type(of: error)).contains("ConnectionPool") {
+                return "PostgreSQL is unreachable: no connection can be made now (\(error)); retrying"
+            }
+            return "\(error)"
+        }
         if error.code == .server, let info = error.serverInfo {
             let message = info[.message] ?? "server error"
             return "PostgreSQL refused: \(message) (SQLSTATE \(info[.sqlState] ?? "?"))"

@@ -68,7 +68,7 @@ struct Serve: AsyncParsableCommand {
         do {
             app = try await buildApplication(configuration: configuration, logger: logger, metrics: metrics) { port in
                 logger.notice("chatbridge listening on http://\(host):\(port)", metadata: [
-                    "port": "\(port)", "database": "\(configuration.databaseURL)", "model": "\(configuration.llm.model)",
+                    "port": "\(port)", "database": "\(configuration.maskedDatabaseURL)", "model": "\(configuration.llm.model)",
                 ])
             }
         } catch {
@@ -84,11 +84,35 @@ struct Serve: AsyncParsableCommand {
 }
 
 struct Migrate: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Apply database migrations and exit.")
+    static let configuration = CommandConfiguration(
+        abstract: "Apply database migrations and exit, or copy a whole database into a new one.",
+        discussion: """
+            Without options: brings the configured database (database.url) to the schema of this build. Safe while \
+            other replicas start: one migrates, the others wait and find the schema current. A database newer \
+            than this build is refused.
+
+            With --from and --to: copies every conversation, turn and inbox message of one database into another, \
+            empty one (both are migrated first), in one transaction, and checks the counts; for moving from SQLite \
+            to PostgreSQL: chatbridge migrate --from sqlite:data/chatbridge.sqlite --to postgres://USER:PASSWORD@HOST:5432/DB. \
+            Stop the server using the source first.
+            """)
 
     @OptionGroup var options: ConfigOption
 
+    @Option(help: "The database to copy from (a database URL, e.g. sqlite:data/chatbridge.sqlite).")
+    var from: String?
+
+    @Option(help: "The empty database to copy into (a database URL, e.g. postgres://USER:PASSWORD@HOST:5432/DB).")
+    var to: String?
+
     func run() async throws {
+        var logger = Logger(label: "chatbridge")
+        logger.logLevel = .warning
+        if from != nil || to != nil {
+            guard let from, let to else { throw CleanExit.failure("--from and --to go together: chatbridge migrate --from sqlite:PATH --to postgres://…") }
+            try await copy(from: from, to: to, logger: logger)
+            return
+        }
         let configuration = try await options.load()
         let location: DatabaseLocation
         do {
@@ -96,14 +120,37 @@ struct Migrate: AsyncParsableCommand {
         } catch {
             throw CleanExit.failure("\(error)")
         }
-        var logger = Logger(label: "chatbridge")
-        logger.logLevel = .warning
         do {
-            let store = try await SQLStore.open(location, logger: logger)
+            let store = try await SQLStore.open(location, options: .init(poolSize: 2), logger: logger)
             let version = try await store.schemaVersion()
             await store.close()
             print("\(location): schema version \(version) (latest \(SQLStore.latestVersion))")
         } catch {
+            throw CleanExit.failure("\(error)")
+        }
+    }
+
+    private func copy(from: String, to: String, logger: Logger) async throws {
+        let source: DatabaseLocation
+        let target: DatabaseLocation
+        do {
+            source = try DatabaseLocation.parse(from)
+            target = try DatabaseLocation.parse(to)
+        } catch {
+            throw CleanExit.failure("\(error)".replacingOccurrences(of: "database.url", with: "--from/--to"))
+        }
+        guard source != target else { throw CleanExit.failure("--from and --to name the same database") }
+        var stores: [SQLStore] = []
+        do {
+            let sourceStore = try await SQLStore.open(source, options: .init(poolSize: 2), logger: logger)
+            stores.append(sourceStore)
+            let targetStore = try await SQLStore.open(target, options: .init(poolSize: 2), logger: logger)
+            stores.append(targetStore)
+            let copied = try await targetStore.copyEverything(from: sourceStore)
+            for store in stores { await store.close() }
+            print("copied \(copied) from \(source) to \(target); the counts match")
+        } catch {
+            for store in stores { await store.close() }
             throw CleanExit.failure("\(error)")
         }
     }

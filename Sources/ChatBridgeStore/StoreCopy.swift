@@ -1,0 +1,109 @@
+import Foundation
+import SQLKit
+
+/// Copying a whole store into another: `chatbridge migrate --from sqlite:PATH --to postgres://…`, so a team
+/// that moves from one machine to replicas keeps its conversations and its inbox history.
+extension SQLStore {
+    /// Rows per table, as counted in one store.
+    public struct TableCounts: Sendable, Equatable, CustomStringConvertible {
+        public var conversations = 0
+        public var turns = 0
+        public var inbox = 0
+        public var description: String { "\(conversations) conversations, \(turns) turns, \(inbox) inbox messages" }
+    }
+
+    private enum Column {
+        case text(String)
+        case optionalText(String)
+        case integer(String)
+        case optionalInteger(String)
+
+        var name: String {
+            switch self {
+            case .text(let name), .optionalText(let name), .integer(let name), .optionalInteger(let name): name
+            }
+        }
+
+        func value(in row: any SQLRow) throws -> any Encodable & Sendable {
+            switch self {
+            case .text(let name): try row.decode(column: name, as: String.self)
+            case .optionalText(let name): try row.decode(column: name, as: String?.self)
+            case .integer(let name): try row.decode(column: name, as: Int64.self)
+            case .optionalInteger(let name): try row.decode(column: name, as: Int64?.self)
+            }
+        }
+    }
+
+    /// Every column of every table, in the order they are copied (conversations before their turns).
+    private static let tables: [(name: String, order: String, columns: [Column])] = [
+        ("conversations", "conversation_key", [
+            .text("conversation_key"), .text("platform"), .integer("last_activity"), .integer("last_seq"),
+            .integer("context_start_seq"), .optionalText("settings"),
+        ]),
+        ("turns", "conversation_key, seq", [
+            .text("conversation_key"), .integer("seq"), .text("role"), .text("content"), .integer("tokens"), .integer("created_at"),
+        ]),
+        ("inbox", "id", [
+            .integer("id"), .text("platform"), .text("bot_id"), .text("message_id"), .text("conversation_key"), .text("payload"),
+            .text("state"), .integer("attempts"), .integer("not_before"), .optionalText("lease_owner"),
+            .optionalInteger("lease_expires_at"), .optionalText("answer"), .integer("delivered_parts"), .optionalText("last_error"),
+            .integer("received_at"), .integer("updated_at"), .optionalInteger("answered_at"), .optionalText("lease_token"),
+            .optionalText("reply_kind"), .optionalText("reply_effect"), .integer("uncertain_sends"), .text("live_state"),
+            .optionalText("live_ref"),
+        ]),
+    ]
+
+    public func tableCounts() async throws -> TableCounts {
+        try await single { db in
+            func count(_ table: String) async throws -> Int {
+                try await db.raw("SELECT COUNT(*) AS n FROM \(unsafeRaw: table)").first()?.decode(column: "n", as: Int.self) ?? 0
+            }
+            return TableCounts(conversations: try await count("conversations"), turns: try await count("turns"), inbox: try await count("inbox"))
+        }
+    }
+
+    /// Copies every conversation, turn and inbox row of `source` into this store, which must be empty, in
+    /// one transaction (all or nothing), then checks that both hold the same number of rows of each.
+    public func copyEverything(from source: SQLStore) async throws -> TableCounts {
+        let existing = try await tableCounts()
+        guard existing == TableCounts() else {
+            throw StoreError(description: "the target database \(location) is not empty (\(existing)); copy only into an empty database")
+        }
+        let batch = 200
+        try await transaction(timeout: .seconds(24 * 3600)) { target in
+            for table in Self.tables {
+                let columnList = table.columns.map(\.name).joined(separator: ", ")
+                var offset = 0
+                while true {
+                    let start = offset
+                    let rows = try await source.single { db in
+                        try await db.raw("""
+                            SELECT \(unsafeRaw: columnList) FROM \(unsafeRaw: table.name) ORDER BY \(unsafeRaw: table.order)
+                            LIMIT \(bind: batch) OFFSET \(bind: start)
+                            """).all()
+                    }
+                    if rows.isEmpty { break }
+                    var values: [SQLQueryString] = []
+                    for row in rows {
+                        let binds = try table.columns.map { try $0.value(in: row) }
+                        values.append("(\(binds: binds))")
+                    }
+                    try await target.raw("""
+                        INSERT INTO \(unsafeRaw: table.name) (\(unsafeRaw: columnList)) VALUES \(values.joined(separator: ", "))
+                        """).run()
+                    offset += rows.count
+                }
+            }
+            // New messages continue after the copied ones.
+            if self.dialect == .postgres {
+                try await target.raw("SELECT setval(pg_get_serial_sequence('inbox', 'id'), COALESCE((SELECT MAX(id) FROM inbox), 0) + 1, false)").run()
+            }
+        }
+        let copied = try await tableCounts()
+        let expected = try await source.tableCounts()
+        guard copied == expected else {
+            throw StoreError(description: "the copy does not match: the source holds \(expected), the target \(copied)")
+        }
+        return copied
+    }
+}

@@ -1,0 +1,276 @@
+import ChatBridgeCore
+import ChatBridgeSimulators
+@testable import ChatBridgeStore
+import Foundation
+import Logging
+import SQLKit
+import Synchronization
+import Testing
+
+/// What only a database shared by several processes can show: several store instances (replicas) on one
+/// PostgreSQL database. Skipped, with one line saying how to enable it, when no PostgreSQL is at hand.
+@Suite(.enabled(if: TestPostgres.isAvailable, TestPostgres.skipNote))
+struct PostgresStoreTests {
+    func message(_ id: String, chat: String) -> InboundMessage {
+        InboundMessage(platform: "dingtalk", botID: "bot", messageID: id, chat: .init(id: chat, kind: .direct),
+                       sender: .init(id: chat, name: chat), body: .text("q \(id)"), sentAt: Date())
+    }
+
+    func key(_ m: InboundMessage) -> ConversationKey { ConversationKey(for: m, groupScope: .user) }
+
+    /// `count` stores on one new database, on the database's clock as in production.
+    func replicas(_ count: Int, url: String? = nil, timeSource: SQLStore.TimeSource = .database) async throws -> (url: String, stores: [SQLStore]) {
+        let url = if let url { url } else { try await TestPostgres.freshDatabase() }
+        var stores: [SQLStore] = []
+        for _ in 0..<count {
+            stores.append(try await SQLStore.open(try DatabaseLocation.parse(url), options: .init(poolSize: 4, timeSource: timeSource), logger: Logger(label: "t")))
+        }
+        return (url, stores)
+    }
+
+    @Test func concurrentClaimersNeverHoldTwoMessagesOfOneConversationAndAnswerInOrder() async throws {
+        let (_, stores) = try await replicas(4)
+        let conversations = 12
+        let perConversation = 15
+        // Each conversation's questions arrive one after the other, through different replicas.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for c in 0..<conversations {
+                group.addTask {
+                    for n in 0..<perConversation {
+                        let m = message("c\(c)-\(n)", chat: "chat\(c)")
+                        _ = try await stores[(c + n) % stores.count].accept(m, conversation: key(m), now: Date())
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let tracker = ConversationTracker()
+        // Four replicas claim and answer concurrently until everything is answered.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (index, store) in stores.enumerated() {
+                group.addTask {
+                    var idle = 0
+                    while idle < 40 {
+                        let now = Date()
+                        let claimed = try await store.claim(limit: 5, owner: "r\(index)", leaseUntil: now.addingTimeInterval(30), maxAttempts: 5, now: now)
+                        if claimed.isEmpty {
+                            idle += 1
+                            try await Task.sleep(for: .milliseconds(5))
+                            continue
+                        }
+                        idle = 0
+                        try await withThrowingTaskGroup(of: Void.self) { answers in
+                            for case .ready(let item) in claimed {
+                                answers.addTask {
+                                    tracker.begin(item)
+                                    try await Task.sleep(for: .milliseconds(Int.random(in: 0...4)))
+                                    let reply = StoredReply(text: "a", kind: .answer, effect: .none)
+                                    tracker.end(item)
+                                    try await store.finish(item.lease, reply: reply, conversation: item.conversation, now: Date())
+                                }
+                            }
+                            try await answers.waitForAll()
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(tracker.violations == [])
+        #expect(tracker.answered.count == conversations * perConversation)
+        for c in 0..<conversations {
+            #expect(tracker.order(of: "chat\(c)") == (0..<perConversation).map { "c\(c)-\($0)" })
+        }
+        #expect(try await stores[0].inboxRows().allSatisfy { $0.state == "answered" })
+        for store in stores { await store.close() }
+    }
+
+    @Test func concurrentAcceptsOfOneMessageOnSeveralReplicasStoreItOnce() async throws {
+        let (_, stores) = try await replicas(4)
+        let outcomes = try await withThrowingTaskGroup(of: (String, AcceptOutcome).self) { group in
+            for n in 0..<25 {
+                for store in stores {
+                    group.addTask {
+                        let m = message("m\(n)", chat: "chat\(n % 3)")
+                        return ("m\(n)", try await store.accept(m, conversation: key(m), now: Date()))
+                    }
+                }
+            }
+            return try await group.reduce(into: [(String, AcceptOutcome)]()) { $0.append($1) }
+        }
+        for n in 0..<25 {
+            #expect(outcomes.filter { $0.0 == "m\(n)" && $0.1 == .accepted }.count == 1)
+        }
+        #expect(try await stores[0].inboxRows().count == 25)
+        for store in stores { await store.close() }
+    }
+
+    @Test func anExpiredLeaseIsTakenOverByAnotherReplica() async throws {
+        let (_, stores) = try await replicas(2)
+        let (a, b) = (stores[0], stores[1])
+        let m = message("m1", chat: "c")
+        _ = try await a.accept(m, conversation: key(m), now: Date())
+        let first = try #require(try await a.claim(limit: 1, owner: "a", leaseUntil: Date().addingTimeInterval(0.3), maxAttempts: 5, now: Date()).first)
+        // Replica a "dies": b takes the message over once the lease has expired on the database's clock.
+        var taken: [ClaimedRow] = []
+        #expect(try await eventually(seconds: 10) {
+            _ = try await b.releaseExpiredLeases(now: Date(), maxAttempts: 5, keeping: [])
+            taken = try await b.claim(limit: 1, owner: "b", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+            return !taken.isEmpty
+        })
+        guard case .ready(let second) = try #require(taken.first) else { Issue.record("unreadable"); return }
+        #expect(second.attempts == 2 && second.lease.token != first.lease.token)
+        // The first owner's writes now change nothing.
+        await #expect(throws: LeaseLost.self) {
+            try await a.finish(first.lease, reply: StoredReply(text: "x", kind: .answer, effect: .none), conversation: key(m), now: Date())
+        }
+        try await b.finish(second.lease, reply: StoredReply(text: "x", kind: .answer, effect: .none), conversation: key(m), now: Date())
+        #expect(try await a.inboxRows().map(\.state) == ["answered"])
+        for store in stores { await store.close() }
+    }
+
+    @Test func replicasWithSkewedClocksStillAgreeOnLeasesAndRetries() async throws {
+        let (url, stores) = try await replicas(2)
+        let (a, ahead) = (stores[0], stores[1])
+        let hour: TimeInterval = 3600
+        let m = message("m1", chat: "c")
+        _ = try await a.accept(m, conversation: key(m), now: Date())
+        let claim = try #require(try await a.claim(limit: 1, owner: "a", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date()).first)
+        // A replica whose clock runs an hour ahead neither releases nor takes over the live claim.
+        #expect(try await ahead.releaseExpiredLeases(now: Date().addingTimeInterval(hour), maxAttempts: 5, keeping: []) == ReleasedClaims())
+        #expect(try await ahead.reclaimRunning(now: Date().addingTimeInterval(hour), maxAttempts: 5) == ReleasedClaims())
+        #expect(try await ahead.claim(limit: 5, owner: "ahead", leaseUntil: Date().addingTimeInterval(hour + 30), maxAttempts: 5, now: Date().addingTimeInterval(hour)).isEmpty)
+        // A retry scheduled by a replica an hour behind is not due an hour early for the others.
+        try await a.scheduleRetry(claim.lease, notBefore: Date().addingTimeInterval(-hour + 60), error: "x", lastSendFailed: false, now: Date().addingTimeInterval(-hour))
+        #expect(try await ahead.claim(limit: 5, owner: "ahead", leaseUntil: Date().addingTimeInterval(hour + 30), maxAttempts: 5, now: Date().addingTimeInterval(hour)).isEmpty)
+        let wake = try #require(try await ahead.nextWakeup(now: Date().addingTimeInterval(hour)))
+        #expect(abs(wake.timeIntervalSince(Date().addingTimeInterval(hour + 60))) < 5)
+        // Against that, a store that trusted its own clock would release the claim: the skew is real.
+        let (_, trusting) = try await replicas(1, url: url, timeSource: .caller)
+        #expect(try await trusting[0].claim(limit: 5, owner: "t", leaseUntil: Date().addingTimeInterval(hour + 30), maxAttempts: 5, now: Date().addingTimeInterval(hour)).count == 1)
+        for store in stores + trusting { await store.close() }
+    }
+
+    @Test func replicasStartingTogetherMigrateOnce() async throws {
+        let url = try await TestPostgres.freshDatabase()
+        let stores = try await withThrowingTaskGroup(of: SQLStore.self) { group in
+            for _ in 0..<6 {
+                group.addTask { try await SQLStore.open(try DatabaseLocation.parse(url), options: .init(poolSize: 2), logger: Logger(label: "t")) }
+            }
+            return try await group.reduce(into: [SQLStore]()) { $0.append($1) }
+        }
+        #expect(stores.count == 6)
+        let versions = try await stores[0].single { db in
+            try await db.raw("SELECT version FROM schema_migrations ORDER BY version").all().map { try $0.decode(column: "version", as: Int.self) }
+        }
+        #expect(versions == Array(1...SQLStore.latestVersion))
+        for store in stores { await store.close() }
+    }
+
+    @Test func aDatabaseNewerThanThisBuildIsRefused() async throws {
+        let (url, stores) = try await replicas(1)
+        try await stores[0].single { db in try await db.raw("INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)").run() }
+        await stores[0].close()
+        await #expect {
+            _ = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
+        } throws: { "\($0)".contains("newer than this build knows") }
+    }
+
+    @Test func aMessageAcceptedByOneReplicaWakesTheOthers() async throws {
+        let (_, stores) = try await replicas(2)
+        let wakes = Atomic<Int>(0)
+        stores[1].listenForAcceptedMessages { wakes.add(1, ordering: .relaxed) }
+        // Once listening, it wakes once by itself (it may have missed an announcement while connecting).
+        #expect(await eventually { wakes.load(ordering: .relaxed) >= 1 })
+        let before = wakes.load(ordering: .relaxed)
+        let m = message("m1", chat: "c")
+        _ = try await stores[0].accept(m, conversation: key(m), now: Date())
+        #expect(await eventually(seconds: 5) { wakes.load(ordering: .relaxed) > before })
+        // A duplicate announces nothing.
+        let after = wakes.load(ordering: .relaxed)
+        #expect(try await stores[0].accept(m, conversation: key(m), now: Date()) == .duplicate)
+        let other = message("m2", chat: "c")
+        _ = try await stores[0].accept(other, conversation: key(other), now: Date())
+        #expect(await eventually(seconds: 5) { wakes.load(ordering: .relaxed) > after })
+        #expect(wakes.load(ordering: .relaxed) == after + 1)
+        for store in stores { await store.close() }
+    }
+
+    @Test func theDatabaseGoingAwayFailsCallsClearlyAndTheyResumeWhenItIsBack() async throws {
+        let cluster = try PostgresCluster.start()
+        defer { cluster.destroy() }
+        let store = try await SQLStore.open(try DatabaseLocation.parse(cluster.url()), logger: Logger(label: "t"))
+        let first = message("m1", chat: "c")
+        #expect(try await store.accept(first, conversation: key(first), now: Date()) == .accepted)
+        try cluster.stop()
+        let second = message("m2", chat: "c")
+        await #expect {
+            _ = try await store.accept(second, conversation: key(second), now: Date())
+        } throws: { "\($0)".contains("PostgreSQL") }
+        try cluster.startServer()
+        // No restart of the store: the pool connects again.
+        #expect(await eventually(seconds: 20) { (try? await store.accept(second, conversation: key(second), now: Date())) != nil })
+        #expect(try await store.inboxRows().map(\.messageID) == ["m1", "m2"])
+        await store.close()
+    }
+
+    @Test func aWholeSQLiteDatabaseIsCopiedIntoAnEmptyPostgreSQLDatabase() async throws {
+        let sqlite = try await SQLStore.open(.sqliteFile(path: temporaryDirectory() + "/old.sqlite"), logger: Logger(label: "t"))
+        var conversations: [ConversationKey] = []
+        for n in 0..<3 {
+            let m = message("m\(n)", chat: "chat\(n)")
+            _ = try await sqlite.accept(m, conversation: key(m), now: Date())
+            conversations.append(key(m))
+        }
+        for row in try await sqlite.claim(limit: 2, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date()) {
+            guard case .ready(let item) = row else { continue }
+            let reply = StoredReply(text: "answer \(item.message.messageID)", kind: .answer, effect: .appendExchange(
+                question: Turn(role: .user, content: "q", createdAt: Date()), answer: Turn(role: .assistant, content: "a", createdAt: Date())))
+            try await sqlite.storeReply(reply, for: item.lease, error: nil, now: Date())
+            try await sqlite.finish(item.lease, reply: reply, conversation: item.conversation, now: Date())
+        }
+        let (_, stores) = try await replicas(1)
+        let postgres = stores[0]
+        let copied = try await postgres.copyEverything(from: sqlite)
+        #expect(copied == SQLStore.TableCounts(conversations: 2, turns: 4, inbox: 3))
+        #expect(try await postgres.inboxRows() == (try await sqlite.inboxRows()))
+        #expect(try await postgres.recentTurns(conversations[0], limit: 10).map(\.content) == ["q", "a"])
+        // New messages continue after the copied ones, and the waiting one is answered there.
+        let next = message("m9", chat: "chat9")
+        #expect(try await postgres.accept(next, conversation: key(next), now: Date()) == .accepted)
+        #expect(try await postgres.inboxRows().last?.id == 4)
+        #expect(try await postgres.claim(limit: 5, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date()).count == 2)
+        // A second copy into the now non-empty database is refused and changes nothing.
+        await #expect { _ = try await postgres.copyEverything(from: sqlite) } throws: { "\($0)".contains("is not empty") }
+        #expect(try await postgres.tableCounts().inbox == 4)
+        await postgres.close()
+        await sqlite.close()
+    }
+}
+
+/// Records which conversations have a message being answered, and the order answers happened in.
+final class ConversationTracker: Sendable {
+    private struct State {
+        var running: Set<String> = []
+        var violations: [String] = []
+        var answered: [(chat: String, id: String)] = []
+    }
+    private let state = Mutex(State())
+
+    func begin(_ item: InboxItem) {
+        state.withLock { state in
+            if !state.running.insert(item.conversation.rawValue).inserted {
+                state.violations.append("\(item.conversation.rawValue) had two messages running (\(item.message.messageID))")
+            }
+            state.answered.append((item.message.chat.id, item.message.messageID))
+        }
+    }
+
+    func end(_ item: InboxItem) {
+        _ = state.withLock { $0.running.remove(item.conversation.rawValue) }
+    }
+
+    var violations: [String] { state.withLock { $0.violations } }
+    var answered: [String] { state.withLock { $0.answered.map(\.id) } }
+    func order(of chat: String) -> [String] { state.withLock { $0.answered.filter { $0.chat == chat }.map(\.id) } }
+}
