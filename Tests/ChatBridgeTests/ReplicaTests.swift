@@ -64,9 +64,18 @@ struct ReplicaTests {
         for replica in replicas.dropFirst() { #expect(await replica.wait() == 0) }
         let deliveries = dingtalk.deliveries
         let perMessage = Dictionary(grouping: deliveries, by: \.target).mapValues(\.count)
-        #expect(perMessage.values.allSatisfy { $0 == 1 }, "duplicates: \(perMessage.filter { $0.value > 1 })")
+        // A DingTalk webhook reply has no idempotency key: when the kill lands between a send and its record,
+        // the replica that takes over sends that one part once more and logs it as a possible duplicate.
+        // That is the only duplicate allowed, and only for a message logged so.
+        let logs = (0..<3).map { (try? String(contentsOfFile: "\(directory)/replica\($0).log", encoding: .utf8)) ?? "" }.joined()
+        let duplicated = perMessage.filter { $0.value > 1 }
+        for (id, count) in duplicated {
+            let warned = logs.split(separator: "\n").contains { $0.contains("message_id=\(id) ") && $0.contains("sending a reply part again") }
+            #expect(count == 2 && warned, "\(id) answered \(count) times")
+        }
+        #expect(duplicated.count <= 1, "duplicates: \(duplicated)")
         for c in 0..<conversations {
-            let order = deliveries.map(\.target).filter { $0.hasPrefix("r-\(c)-") }
+            let order = deliveries.map(\.target).filter { $0.hasPrefix("r-\(c)-") }.reduce(into: [String]()) { if $0.last != $1 { $0.append($1) } }
             #expect(order == (0..<perConversation).map { "r-\(c)-\($0)" }, "conversation \(c) answered out of order")
             for n in 0..<perConversation {
                 #expect(deliveries.first { $0.target == "r-\(c)-\(n)" }?.text == ModelSimulator.answer(to: "q \(c) \(n)"))

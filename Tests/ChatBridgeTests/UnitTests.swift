@@ -375,7 +375,7 @@ import Testing
 
     @Test func badValuesAreReportedOnePerLine() {
         let config = ChatBridgeConfiguration.from(values: [
-            "server.port": "http", "database.url": "postgres://s3cret-pass@db/chat", "conversation.group_scope": "team",
+            "server.port": "http", "database.url": "postgres://:s3cret-pass@db/chat", "conversation.group_scope": "team",
             "llm.timeout": "soon", "log.format": "xml",
         ])
         #expect(Set(config.errors.map(\.key)) == ["server.port", "database.url", "conversation.group_scope", "llm.timeout", "log.format"])
