@@ -14,11 +14,13 @@ public enum DatabaseLocation: Sendable, Equatable, CustomStringConvertible {
     /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=MODE` (also `postgresql://`).
     public static func parse(_ url: String) throws -> DatabaseLocation {
         let trimmed = url.trimmingCharacters(in: .whitespaces)
-        if trimmed.hasPrefix("postgres://") || trimmed.hasPrefix("postgresql://") {
+        let lowered = trimmed.lowercased()
+        if lowered.hasPrefix("postgres://") || lowered.hasPrefix("postgresql://") {
             return .postgres(try PostgresLocation.parse(trimmed))
         }
         guard trimmed.hasPrefix("sqlite:") else {
-            throw ParseError(description: "database.url: expected sqlite:PATH, sqlite::memory: or postgres://USER:PASSWORD@HOST:PORT/DATABASE, got '\(trimmed.prefix(12))…'")
+            // Never the value itself: a mistyped URL may carry a password.
+            throw ParseError(description: "database.url: expected sqlite:PATH, sqlite::memory: or postgres://USER:PASSWORD@HOST:PORT/DATABASE")
         }
         var path = String(trimmed.dropFirst("sqlite:".count))
         if path == ":memory:" { return .sqliteMemory }

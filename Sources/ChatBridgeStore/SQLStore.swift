@@ -488,7 +488,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     @discardableResult
     public func migrate() async throws -> [Int] {
         let migrations = Self.migrations(dialect)
-        return try await transaction { db in
+        // Replicas waiting behind another's migration wait as long as it takes.
+        return try await transaction(timeout: .seconds(3600)) { db in
             // Replicas starting together: one migrates, the others wait here and then find nothing to do.
             try await self.lockAcrossProcesses(Self.migrationLockKey, on: db)
             try await db.raw("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)").run()
@@ -569,6 +570,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             // Claims are serialised across replicas, and each sees every claim committed before it (a
             // statement's snapshot starts after the lock): no conversation ever has two messages running.
             rows = try await transaction { db in
+                // READ COMMITTED whatever the server's default (the snapshot must start after the lock), and
+                // a replica that holds the lock and hangs cannot stall the others' claims for long.
+                try await db.raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").run()
+                try await db.raw("SET LOCAL lock_timeout = '5s'").run()
+                try await db.raw("SET LOCAL idle_in_transaction_session_timeout = '10s'").run()
                 try await self.lockAcrossProcesses(Self.claimLockKey, on: db)
                 return try await db.raw(statement).all()
             }

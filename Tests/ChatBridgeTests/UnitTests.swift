@@ -398,6 +398,9 @@ import Testing
             #expect(message.contains(problem), "\(url): \(message)")
             #expect(!message.contains("pw@"))
         }
+        // A mistyped scheme is not echoed back: it may carry a password.
+        #expect(ChatBridgeConfiguration.from(values: ["database.url": "pgsql://bot:hunter2@db/chat"]).errors.description.contains("hunter2") == false)
+        #expect(try DatabaseLocation.parse("POSTGRES://bot@db/chat").isShared)
         let config = ChatBridgeConfiguration.from(values: ["database.url": "postgres://bot:hunter2@db/chat", "database.pool_size": "4"])
         #expect(config.errors.isEmpty)
         #expect(config.databasePoolSize == 4)
