@@ -84,11 +84,14 @@ public final class PostgresCluster: Sendable {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    /// Runs a server binary, as `nobody` when this process is root, and waits for it.
+    /// A server command line, run as `nobody` when this process is root.
+    private static func asServerUser(_ command: [String]) -> [String] {
+        getuid() == 0 ? ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + command : command
+    }
+
+    /// Runs a server binary and waits for it.
     private func run(_ executable: String, _ arguments: [String]) throws {
-        let command = getuid() == 0
-            ? ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", executable] + arguments
-            : [executable] + arguments
+        let command = Self.asServerUser([executable] + arguments)
         // Output to a file, not a pipe: the server started by pg_ctl would hold a pipe open for its whole life.
         let outputPath = directory + "/command.out"
         let pid = try Self.spawn(command, output: outputPath)
@@ -103,10 +106,9 @@ public final class PostgresCluster: Sendable {
 
     /// A detached watchdog: when this process is gone, stop the server and remove the directory.
     private func watchParent() {
-        let stop = getuid() == 0
-            ? "/usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups \(binaries)/pg_ctl -D \(dataDirectory) -m immediate stop"
-            : "\(binaries)/pg_ctl -D \(dataDirectory) -m immediate stop"
-        let script = "while kill -0 \(getpid()) 2>/dev/null; do sleep 0.5; done; \(stop) >/dev/null 2>&1; rm -rf \(directory)"
+        func quoted(_ word: String) -> String { "'" + word.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+        let stop = Self.asServerUser([binaries + "/pg_ctl", "-D", dataDirectory, "-m", "immediate", "stop"]).map(quoted).joined(separator: " ")
+        let script = "while kill -0 \(getpid()) 2>/dev/null; do sleep 0.5; done; \(stop) >/dev/null 2>&1; rm -rf \(quoted(directory))"
         _ = try? Self.spawn(["/usr/bin/setsid", "/bin/sh", "-c", script], output: "/dev/null")
     }
 

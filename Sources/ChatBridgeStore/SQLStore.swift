@@ -573,8 +573,9 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 // READ COMMITTED whatever the server's default (the snapshot must start after the lock), and
                 // a replica that holds the lock and hangs cannot stall the others' claims for long.
                 try await db.raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").run()
-                try await db.raw("SET LOCAL lock_timeout = '5s'").run()
-                try await db.raw("SET LOCAL idle_in_transaction_session_timeout = '10s'").run()
+                try await db.raw("""
+                    SELECT set_config('lock_timeout', '5s', true), set_config('idle_in_transaction_session_timeout', '10s', true)
+                    """).run()
                 try await self.lockAcrossProcesses(Self.claimLockKey, on: db)
                 return try await db.raw(statement).all()
             }

@@ -119,6 +119,27 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         #expect(FileManager.default.fileExists(atPath: directory + "/data/chatbridge.sqlite"))
     }
 
+    @Test func migrateCopiesAWholeDatabaseIntoAnEmptyOneOnlyWithBothEnds() async throws {
+        let directory = temporaryDirectory()
+        let source = try await SQLStore.open(.sqliteFile(path: directory + "/old.sqlite"), logger: Logger(label: "t"))
+        let m = inboxMessage("m1")
+        _ = try await source.accept(m, conversation: ConversationKey(for: m, groupScope: .user), now: Date())
+        try await source.apply(.appendExchange(question: Turn(role: .user, content: "q", createdAt: Date()),
+                                               answer: Turn(role: .assistant, content: "a", createdAt: Date())), to: ConversationKey(rawValue: "k"))
+        await source.close()
+        let copied = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "sqlite:new.sqlite"], environment: [:], directory: directory)
+        #expect(copied.status == 0, "\(copied.stderr)")
+        #expect(copied.stdout.contains("copied 1 conversations, 2 turns, 1 inbox messages from sqlite:old.sqlite to sqlite:new.sqlite; the counts match"))
+        let again = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "sqlite:new.sqlite"], environment: [:], directory: directory)
+        #expect(again.status == 1 && again.stderr.contains("is not empty"))
+        let half = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite"], environment: [:], directory: directory)
+        #expect(half.status == 1 && half.stderr.contains("--from and --to go together"))
+        let same = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "sqlite:old.sqlite"], environment: [:], directory: directory)
+        #expect(same.status == 1 && same.stderr.contains("name the same database"))
+        let secret = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "pgsql://u:hunter2@db/x"], environment: [:], directory: directory)
+        #expect(secret.status == 1 && !secret.stderr.contains("hunter2") && !secret.stdout.contains("hunter2"))
+    }
+
     @Test func anUnreachableModelIsReportedAsUnreachable() async throws {
         let directory = temporaryDirectory()
         let refused = ["CHATBRIDGE_LLM_BASE_URL": "http://127.0.0.1:1/v1", "CHATBRIDGE_LLM_API_KEY": "sk-x", "CHATBRIDGE_BOT_LANGUAGE": "en"]

@@ -11,10 +11,7 @@ import Testing
 /// PostgreSQL database. Skipped, with one line saying how to enable it, when no PostgreSQL is at hand.
 @Suite(.enabled(if: TestPostgres.isAvailable, TestPostgres.skipNote))
 struct PostgresStoreTests {
-    func message(_ id: String, chat: String) -> InboundMessage {
-        InboundMessage(platform: "dingtalk", botID: "bot", messageID: id, chat: .init(id: chat, kind: .direct),
-                       sender: .init(id: chat, name: chat), body: .text("q \(id)"), sentAt: Date())
-    }
+    func message(_ id: String, chat: String) -> InboundMessage { inboxMessage(id, chat: chat, user: chat) }
 
     func key(_ m: InboundMessage) -> ConversationKey { ConversationKey(for: m, groupScope: .user) }
 
@@ -32,8 +29,12 @@ struct PostgresStoreTests {
         let (_, stores) = try await replicas(4)
         let conversations = 12
         let perConversation = 15
-        // Each conversation's questions arrive one after the other, through different replicas.
+        let total = conversations * perConversation
+        let tracker = ConversationTracker()
+        let deadline = Date().addingTimeInterval(60)
         try await withThrowingTaskGroup(of: Void.self) { group in
+            // Each conversation's questions arrive one after the other, through different replicas, while
+            // the replicas are already claiming: a question can commit after a younger one was claimed.
             for c in 0..<conversations {
                 group.addTask {
                     for n in 0..<perConversation {
@@ -42,30 +43,24 @@ struct PostgresStoreTests {
                     }
                 }
             }
-            try await group.waitForAll()
-        }
-        let tracker = ConversationTracker()
-        // Four replicas claim and answer concurrently until everything is answered.
-        try await withThrowingTaskGroup(of: Void.self) { group in
+            // Four replicas claim and answer concurrently until everything is answered.
             for (index, store) in stores.enumerated() {
                 group.addTask {
-                    var idle = 0
-                    while idle < 40 {
+                    while tracker.answered.count < total, Date() < deadline {
                         let now = Date()
                         let claimed = try await store.claim(limit: 5, owner: "r\(index)", leaseUntil: now.addingTimeInterval(30), maxAttempts: 5, now: now)
                         if claimed.isEmpty {
-                            idle += 1
-                            try await Task.sleep(for: .milliseconds(5))
+                            await Task.yield()
                             continue
                         }
-                        idle = 0
                         try await withThrowingTaskGroup(of: Void.self) { answers in
                             for case .ready(let item) in claimed {
                                 answers.addTask {
                                     tracker.begin(item)
-                                    try await Task.sleep(for: .milliseconds(Int.random(in: 0...4)))
-                                    let reply = StoredReply(text: "a", kind: .answer, effect: .none)
+                                    // While answering, the database itself must show one running message per conversation.
+                                    tracker.record(try await store.conversationsRunningTwice())
                                     tracker.end(item)
+                                    let reply = StoredReply(text: "a", kind: .answer, effect: .none)
                                     try await store.finish(item.lease, reply: reply, conversation: item.conversation, now: Date())
                                 }
                             }
@@ -77,7 +72,7 @@ struct PostgresStoreTests {
             try await group.waitForAll()
         }
         #expect(tracker.violations == [])
-        #expect(tracker.answered.count == conversations * perConversation)
+        #expect(tracker.answered.count == total)
         for c in 0..<conversations {
             #expect(tracker.order(of: "chat\(c)") == (0..<perConversation).map { "c\(c)-\($0)" })
         }
@@ -248,6 +243,17 @@ struct PostgresStoreTests {
     }
 }
 
+extension SQLStore {
+    /// Conversations with more than one running message (there must never be any).
+    func conversationsRunningTwice() async throws -> [String] {
+        try await single { db in
+            try await db.raw("""
+                SELECT conversation_key FROM inbox WHERE state = 'running' GROUP BY conversation_key HAVING COUNT(*) > 1
+                """).all().map { try $0.decode(column: "conversation_key", as: String.self) }
+        }
+    }
+}
+
 /// Records which conversations have a message being answered, and the order answers happened in.
 final class ConversationTracker: Sendable {
     private struct State {
@@ -264,6 +270,11 @@ final class ConversationTracker: Sendable {
             }
             state.answered.append((item.message.chat.id, item.message.messageID))
         }
+    }
+
+    func record(_ conversations: [String]) {
+        guard !conversations.isEmpty else { return }
+        state.withLock { $0.violations += conversations.map { "\($0) had two messages running in the database" } }
     }
 
     func end(_ item: InboxItem) {

@@ -6,11 +6,14 @@ import SQLKit
 import Synchronization
 import Testing
 
+/// A direct DingTalk message as the store tests put it into the inbox.
+func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> InboundMessage {
+    InboundMessage(platform: "dingtalk", botID: "bot", messageID: id, chat: .init(id: chat, kind: .direct),
+                   sender: .init(id: user, name: user), body: .text("q \(id)"), sentAt: Date())
+}
+
 @Suite struct StoreTests {
-    func message(_ id: String, chat: String = "c1", user: String = "u1") -> InboundMessage {
-        InboundMessage(platform: "dingtalk", botID: "bot", messageID: id, chat: .init(id: chat, kind: .direct),
-                       sender: .init(id: user, name: user), body: .text("q \(id)"), sentAt: Date())
-    }
+    func message(_ id: String, chat: String = "c1", user: String = "u1") -> InboundMessage { inboxMessage(id, chat: chat, user: user) }
 
     func items(_ rows: [ClaimedRow]) -> [InboxItem] {
         rows.compactMap { if case .ready(let item) = $0 { item } else { nil } }
