@@ -11,7 +11,7 @@ ARG SWIFT_VERSION=6.3
 FROM swift:${SWIFT_VERSION}-bookworm AS build
 WORKDIR /build
 # Dependencies first, so they are cached while only the sources change.
-COPY Package.swift ./
+COPY Package.swift Package.resolved* ./
 RUN swift package resolve
 COPY Sources Sources
 COPY Tests Tests

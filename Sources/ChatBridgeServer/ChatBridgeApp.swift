@@ -277,7 +277,13 @@ public func buildApplication(
     let location = try DatabaseLocation.parse(configuration.databaseURL)
     let store = try await SQLStore.open(location, options: .init(poolSize: configuration.databasePoolSize), logger: logger)
     let factory = PrometheusMetricsFactory(registry: metrics)
-    let reclaimed = try await store.reclaimRunning(now: clock.now, maxAttempts: configuration.worker.maxAttempts)
+    let reclaimed: ReleasedClaims
+    do {
+        reclaimed = try await store.reclaimRunning(now: clock.now, maxAttempts: configuration.worker.maxAttempts)
+    } catch {
+        await store.close()
+        throw error
+    }
     if reclaimed.requeued > 0 {
         logger.notice("resuming answers interrupted by the previous run", metadata: ["count": "\(reclaimed.requeued)"])
     }

@@ -12,7 +12,7 @@ import Synchronization
 struct Chat: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Chat with the configured model in the terminal, through the same engine, store and commands.",
-        discussion: "Answers stream to standard output as they arrive. /reset starts over and /help lists the commands. With standard input not a terminal (echo \"question\" | chatbridge chat) it answers once and exits: status 0 on success, 1 with a one-line error otherwise. The conversation is kept in the configured database (platform 'cli', user = your login name); stop a running server first, or point this command at another database with CHATBRIDGE_DATABASE_URL."
+        discussion: "Answers stream to standard output as they arrive. /reset starts over and /help lists the commands. With standard input not a terminal (echo \"question\" | chatbridge chat) it answers once and exits: status 0 on success, 1 with a one-line error otherwise. The conversation is kept in the configured database (platform 'cli', user = your login name); with SQLite stop a running server first (PostgreSQL is shared), or point this command at another database with CHATBRIDGE_DATABASE_URL."
     )
 
     @OptionGroup var options: ConfigOption

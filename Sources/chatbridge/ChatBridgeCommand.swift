@@ -140,6 +140,10 @@ struct Migrate: AsyncParsableCommand {
             throw CleanExit.failure("\(error)".replacingOccurrences(of: "database.url", with: "--from/--to"))
         }
         guard source != target else { throw CleanExit.failure("--from and --to name the same database") }
+        // A mistyped source path must not become a new, empty database "copied" successfully.
+        if case .sqliteFile(let path) = source, !FileManager.default.fileExists(atPath: path) {
+            throw CleanExit.failure("--from: there is no SQLite database at \(path)")
+        }
         var stores: [SQLStore] = []
         do {
             let sourceStore = try await SQLStore.open(source, options: .init(poolSize: 2), logger: logger)

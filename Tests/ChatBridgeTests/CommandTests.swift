@@ -136,6 +136,9 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         #expect(half.status == 1 && half.stderr.contains("--from and --to go together"))
         let same = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "sqlite:old.sqlite"], environment: [:], directory: directory)
         #expect(same.status == 1 && same.stderr.contains("name the same database"))
+        let missing = try runChatbridge(["migrate", "--from", "sqlite:typo.sqlite", "--to", "sqlite:other.sqlite"], environment: [:], directory: directory)
+        #expect(missing.status == 1 && missing.stderr.contains("there is no SQLite database at typo.sqlite"))
+        #expect(!FileManager.default.fileExists(atPath: directory + "/typo.sqlite"))
         let secret = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "pgsql://u:hunter2@db/x"], environment: [:], directory: directory)
         #expect(secret.status == 1 && !secret.stderr.contains("hunter2") && !secret.stdout.contains("hunter2"))
     }

@@ -80,6 +80,44 @@ struct PostgresStoreTests {
         for store in stores { await store.close() }
     }
 
+    @Test func aMessageCommittedAfterAYoungerOneOfItsConversationWasClaimedWaitsForIt() async throws {
+        let (_, stores) = try await replicas(2)
+        let older = message("older", chat: "c")
+        let younger = message("younger", chat: "c")
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .millisecondsSince1970
+        let payload = String(decoding: try encoder.encode(older), as: UTF8.self)
+        let conversation = key(older).rawValue
+        let inserted = OneTimeEvent()
+        let commit = OneTimeEvent()
+        // One replica stores the older message but has not committed yet (it takes the smaller id)...
+        let slow = Task {
+            try await stores[0].transaction { db in
+                try await db.raw("""
+                    INSERT INTO inbox (platform, bot_id, message_id, conversation_key, payload, state, attempts, not_before, received_at, updated_at)
+                    VALUES ('dingtalk', 'bot', 'older', \(bind: conversation), \(bind: payload), 'pending', 0, 0, 0, 0)
+                    """).run()
+                inserted.signal()
+                await commit.wait()
+            }
+        }
+        await inserted.wait()
+        // ...while another stores the younger one, and it is claimed.
+        _ = try await stores[1].accept(younger, conversation: key(younger), now: Date())
+        let claimed = try await stores[1].claim(limit: 5, owner: "b", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        #expect(claimed.map { if case .ready(let item) = $0 { item.message.messageID } else { "" } } == ["younger"])
+        commit.signal()
+        try await slow.value
+        // The older one is now visible, but its conversation has a message running: it waits.
+        #expect(try await stores[0].claim(limit: 5, owner: "a", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date()).isEmpty)
+        #expect(try await stores[0].conversationsRunningTwice().isEmpty)
+        guard case .ready(let item) = try #require(claimed.first) else { return }
+        try await stores[1].finish(item.lease, reply: StoredReply(text: "a", kind: .answer, effect: .none), conversation: item.conversation, now: Date())
+        let next = try await stores[0].claim(limit: 5, owner: "a", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        #expect(next.map { if case .ready(let item) = $0 { item.message.messageID } else { "" } } == ["older"])
+        for store in stores { await store.close() }
+    }
+
     @Test func concurrentAcceptsOfOneMessageOnSeveralReplicasStoreItOnce() async throws {
         let (_, stores) = try await replicas(4)
         let outcomes = try await withThrowingTaskGroup(of: (String, AcceptOutcome).self) { group in
