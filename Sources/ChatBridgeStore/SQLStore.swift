@@ -302,29 +302,30 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     /// for up to a minute; a callback must be refused (503, the platform delivers it again) long before.
     static let callTimeout: Duration = .seconds(5)
 
-    private struct TimedOut: Error {}
-
-    /// Runs `operation`, cancelling it after `limit`. Cancelling takes a call out of the queue for a
-    /// connection; a statement already sent finishes first (its outcome is then reported).
+    /// Runs `operation`, returning its outcome or, after `limit`, a timeout error, whichever comes first.
+    /// The operation is then cancelled (which takes a call out of the queue for a connection) but not waited
+    /// for: a statement already sent to a server that stopped answering finishes, or fails, on its own.
     private static func within<R: Sendable>(_ limit: Duration, _ operation: @escaping @Sendable () async throws -> R) async throws -> R {
-        let result = try await withThrowingTaskGroup(of: R?.self) { group in
-            group.addTask { try await operation() }
-            group.addTask {
-                try await Task.sleep(for: limit)
-                return nil
+        let work = Task { try await operation() }
+        let first = FirstOutcome<R>()
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { continuation in
+                first.wait(continuation)
+                let timer = Task {
+                    try await Task.sleep(for: limit)
+                    if first.resume(.failure(StoreError(description: "PostgreSQL did not answer within \(limit) (unreachable, or every connection is busy)"))) {
+                        work.cancel()
+                    }
+                }
+                Task {
+                    let result = await work.result
+                    timer.cancel()
+                    _ = first.resume(result)
+                }
             }
-            defer { group.cancelAll() }
-            // The operation's result, or nil when the timer went first.
-            do {
-                return try await group.next() ?? nil
-            } catch is CancellationError where !Task.isCancelled {
-                return nil
-            }
+        } onCancel: {
+            work.cancel()
         }
-        guard let result else {
-            throw StoreError(description: "PostgreSQL did not answer within \(limit) (unreachable, or every connection is busy)")
-        }
-        return result
     }
 
     /// The body's own errors (``LeaseLost``, ``StoreError``) as they are; the database's described.
@@ -939,6 +940,20 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                         \(bind: answer.tokens), \(bind: answer.createdAt.millis))
                 """).run()
         }
+    }
+}
+
+/// Resumes one continuation with whichever outcome arrives first.
+private final class FirstOutcome<R: Sendable>: Sendable {
+    private let continuation = Mutex<CheckedContinuation<R, any Error>?>(nil)
+
+    func wait(_ waiting: CheckedContinuation<R, any Error>) { continuation.withLock { $0 = waiting } }
+
+    /// Returns whether this outcome was the first.
+    func resume(_ result: Result<R, any Error>) -> Bool {
+        guard let waiting = continuation.withLock({ $0.take() }) else { return false }
+        waiting.resume(with: result)
+        return true
     }
 }
 
