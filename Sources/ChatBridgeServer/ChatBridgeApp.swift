@@ -343,8 +343,12 @@ public func buildApplication(
         }
         do {
             let version = try await store.schemaVersion()
-            guard version == SQLStore.latestVersion else {
+            if version < SQLStore.latestVersion {
                 return Response.json(.serviceUnavailable, body("migrations pending"))
+            }
+            if version > SQLStore.latestVersion {
+                // Another replica runs a newer build and migrated the shared database: this one must be replaced.
+                return Response.json(.serviceUnavailable, body("database schema newer than this build"))
             }
             return Response.json(.ok, body("ready"))
         } catch {

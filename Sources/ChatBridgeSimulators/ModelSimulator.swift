@@ -73,6 +73,8 @@ public final class ModelSimulator: Sendable {
         public var stream: Bool
         /// The `user` field of the request.
         public var user: String?
+        /// When the request arrived, in seconds since 1970.
+        public var at: Double
     }
 
     private struct State {
@@ -161,7 +163,8 @@ public final class ModelSimulator: Sendable {
             state.received.append(Received(
                 messages: messages, authorization: request.headers[.authorization],
                 apiKeyHeader: request.headers[HTTPField.Name("api-key")!], path: request.uri.path,
-                query: request.uri.query ?? "", stream: json["stream"] as? Bool ?? false, user: json["user"] as? String))
+                query: request.uri.query ?? "", stream: json["stream"] as? Bool ?? false, user: json["user"] as? String,
+                at: Date().timeIntervalSince1970))
             return (state.behaviour, state.scripted.isEmpty ? nil : state.scripted.removeFirst())
         }
         await answers.pass()

@@ -147,21 +147,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     private static func openPostgres(_ postgres: PostgresLocation, location: DatabaseLocation, options: Options, logger: Logger) async throws -> SQLStore {
-        let tls: PostgresClient.Configuration.TLS
-        switch postgres.tls {
-        case .disable:
-            tls = .disable
-        case .prefer, .require:
-            var configuration = TLSConfiguration.makeClientConfiguration()
-            configuration.certificateVerification = .none
-            tls = postgres.tls == .prefer ? .prefer(configuration) : .require(configuration)
-        case .verifyCA:
-            var configuration = TLSConfiguration.makeClientConfiguration()
-            configuration.certificateVerification = .noHostnameVerification
-            tls = .require(configuration)
-        case .verifyFull:
-            tls = .require(.makeClientConfiguration())
-        }
+        let tls = postgres.clientTLS
         var configuration = PostgresClient.Configuration(
             host: postgres.host, port: postgres.port, username: postgres.username, password: postgres.password,
             database: postgres.database, tls: tls)

@@ -13,7 +13,7 @@ import Synchronization
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure acknowledgement latency, answer throughput and memory against loopback simulators.",
-        discussion: "Starts a simulated model server and a simulated DingTalk (or, with --platform lark, Feishu) on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or drives --target, DingTalk only), sends signed callbacks, encrypted and signed Lark webhook events, or frames over the simulated stream gateway, and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, and the server's peak RSS and CPU time. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
+        discussion: "Starts a simulated model server and a simulated DingTalk (or, with --platform lark, Feishu) on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or --replicas N of them on one fresh PostgreSQL database with --database; or drives --target, DingTalk only), sends signed callbacks, encrypted and signed Lark webhook events, or frames over the simulated stream gateway, and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, the server's peak RSS, CPU time and CPU per answer, and the wake-up latency from sending a message to its model request. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
     )
 
     @Option(help: "Distinct senders (each has its own conversation).") var users = 200
@@ -37,11 +37,17 @@ struct Bench: AsyncParsableCommand {
     @Flag(help: "Answer into simulated cards (DingTalk AI cards, or Lark CardKit cards); reports card updates.") var card = false
     @Option(help: "With --card: dingtalk.card.update_interval or lark.card.update_interval, in milliseconds.") var cardInterval = 500
     @Option(help: "With --card: dingtalk.card.max_qps.") var cardQps = 20
+    @Option(help: "The database: sqlite (a new file, the default), postgres (a throwaway cluster of the installed PostgreSQL server binaries, /usr/lib/postgresql/N/bin), or a postgres://USER:PASSWORD@HOST:PORT/DB URL of a server on which the bench creates a new database and drops it afterwards (the role needs CREATEDB).") var database = "sqlite"
+    @Option(help: "How many servers to start on the one database (PostgreSQL only); callbacks, webhook events and stream frames are spread round-robin over them.") var replicas = 1
     @Flag(help: "Print the report as JSON.") var json = false
     @Flag(help: "Measure context assembly for a 10-turn and a 10,000-turn conversation, then exit.") var context = false
 
     func run() async throws {
         if context { return try await measureContext() }
+        guard replicas >= 1 else { throw ValidationError("--replicas must be at least 1") }
+        if target != nil, replicas != 1 || database != "sqlite" {
+            throw ValidationError("--target drives a server that is already running; --replicas and --database apply to the servers the bench starts")
+        }
         var behaviour = ModelSimulator.Behaviour()
         behaviour.firstTokenLatency = .milliseconds(modelLatency)
         behaviour.tokensPerSecond = tokensPerSecond
@@ -51,11 +57,24 @@ struct Bench: AsyncParsableCommand {
         let directory = NSTemporaryDirectory() + "chatbridge-bench-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let report: Report
-        switch platform {
-        case .dingtalk: report = try await runDingTalk(model: model, directory: directory)
-        case .lark: report = try await runLark(model: model, directory: directory)
+        let store = try await BenchDatabase.prepare(target == nil ? database : "sqlite", directory: directory)
+        if store.kind == "sqlite", replicas > 1 {
+            await store.cleanup()
+            throw ValidationError("--replicas needs a PostgreSQL --database (postgres or a postgres:// URL): a SQLite database belongs to one server process")
         }
+        var report: Report
+        do {
+            switch platform {
+            case .dingtalk: report = try await runDingTalk(model: model, database: store, directory: directory)
+            case .lark: report = try await runLark(model: model, database: store, directory: directory)
+            }
+        } catch {
+            await store.cleanup()
+            throw error
+        }
+        await store.cleanup()
+        report.database = target == nil ? store.kind : nil
+        report.servers = target == nil ? replicas : nil
         await model.stop()
         if json {
             let encoder = JSONEncoder()
@@ -67,10 +86,10 @@ struct Bench: AsyncParsableCommand {
     }
 
     /// The environment every started server gets, whatever the platform.
-    private func baseEnvironment(model: ModelSimulator, directory: String) -> [String: String] {
+    private func baseEnvironment(model: ModelSimulator, database: BenchDatabase) -> [String: String] {
         [
             "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
-            "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/bench.sqlite", "CHATBRIDGE_LLM_BASE_URL": model.baseURL,
+            "CHATBRIDGE_DATABASE_URL": database.url, "CHATBRIDGE_LLM_BASE_URL": model.baseURL,
             "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)", "CHATBRIDGE_LOG_LEVEL": "notice",
         ]
     }
@@ -131,16 +150,16 @@ struct Bench: AsyncParsableCommand {
         try await Task.sleep(for: .milliseconds(300))
     }
 
-    private func runDingTalk(model: ModelSimulator, directory: String) async throws -> Report {
+    private func runDingTalk(model: ModelSimulator, database: BenchDatabase, directory: String) async throws -> Report {
         let dingtalk = try await DingTalkSimulator.start(port: dingtalkPort)
         dingtalk.gateway.setCredentials(clientID: "dingbench", clientSecret: secret)
         log("model simulator: \(model.baseURL)  dingtalk simulator: \(dingtalk.baseURL)")
-        var child: ChildServer?
-        let url: String
+        var servers: BenchServers?
+        let urls: [String]
         if let target {
-            url = target
+            urls = [target]
         } else {
-            var environment = baseEnvironment(model: model, directory: directory)
+            var environment = baseEnvironment(model: model, database: database)
             environment.merge([
                 "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbench",
                 "CHATBRIDGE_DINGTALK_CLIENT_SECRET": secret, "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL,
@@ -149,21 +168,22 @@ struct Bench: AsyncParsableCommand {
                 "CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID": card ? "bench-template.schema" : "",
                 "CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms", "CHATBRIDGE_DINGTALK_CARD_MAX_QPS": "\(cardQps)",
             ]) { $1 }
-            let server = try ChildServer(executable: Self.ownExecutable(), environment: environment, logPath: directory + "/server.log")
-            let port = try await server.waitUntilListening()
-            url = "http://127.0.0.1:\(port)/callbacks/dingtalk"
-            child = server
+            let started = try await BenchServers.start(count: replicas, environment: environment, directory: directory)
+            urls = started.ports.map { "http://127.0.0.1:\($0)/callbacks/dingtalk" }
+            servers = started
         }
         try await Task.sleep(for: .seconds(1))
+        let connections = replicas
         if stream {
-            await dingtalk.gateway.wait { !$0.openConnections.isEmpty }
+            await dingtalk.gateway.wait { $0.openConnections.count >= connections }
             // As DingTalk: a frame still unacknowledged after 5s is delivered again (maybe on another connection).
             dingtalk.gateway.setRedelivery(after: .seconds(5))
         }
-        let idleRSS = child?.memory()?.current
+        let idleRSS = servers?.memory()?.current
+        let startupCPU = servers?.cpuSeconds() ?? 0
 
         let client = Self.httpClient()
-        let sender = CallbackSender(url: url, secret: secret, robotCode: "dingbench")
+        let senders = urls.map { CallbackSender(url: $0, secret: secret, robotCode: "dingbench") }
         let run = UUID().uuidString.prefix(8)
         let recorder = Recorder()
         let start = Date().timeIntervalSince1970
@@ -178,12 +198,16 @@ struct Bench: AsyncParsableCommand {
         await drive(start: start, end: end, recorder: recorder) { index in
             let id = "bench-\(run)-\(index)"
             let user = index % max(users, 1)
+            let sender = senders[index % senders.count]
             let body = sender.body(
                 messageID: id, text: "question \(index)", conversationID: "cidBench\(user)==", senderStaffID: "user\(user)",
                 webhook: dingtalk.webhookURL(session: id))
             let sent = Date().timeIntervalSince1970
             if streamMode {
-                guard let frame = try? await dingtalk.gateway.pushMessage(body) else { return recorder.record(id, sent: sent, acked: nil) }
+                // Round-robin over the replicas' connections (the newest when one is reconnecting).
+                let open = dingtalk.gateway.openConnections.sorted()
+                let connection = open.count >= connections ? open[index % open.count] : nil
+                guard let frame = try? await dingtalk.gateway.pushMessage(body, to: connection) else { return recorder.record(id, sent: sent, acked: nil) }
                 let ack = await SystemClock().withTimeout(.seconds(60)) { await dingtalk.gateway.firstAck(frame) } ?? nil
                 recorder.record(id, sent: sent, acked: ack?.code == 200 ? ack?.at : nil)
                 return
@@ -208,12 +232,9 @@ struct Bench: AsyncParsableCommand {
         let cards = dingtalk.cards.cards
         let cardCalls = dingtalk.cards.calls
         let peakCardQPS = dingtalk.cards.peakCallsPerSecond
-        let memory = child?.memory()
-        let cpu = child?.cpuSeconds()
-        if let child {
-            child.signal(SIGTERM)
-            _ = await child.wait()
-        }
+        let memory = servers?.memory()
+        let cpu = servers?.cpuSeconds().map { $0 - startupCPU }
+        await servers?.stop()
         try? await client.shutdown()
         await dingtalk.stop()
 
@@ -252,43 +273,47 @@ struct Bench: AsyncParsableCommand {
                 peakCardCallsPerSecond: peakCardQPS, cardVisibleP99: percentile(visible, 0.99),
                 firstTextAfterFirstTokenP99: percentile(firstText, 0.99), markdownReplies: dingtalk.deliveries.count)
         }
-        return Report(
+        var report = Report(
             snapshot: snapshot, answers: deliveries, start: start, sendingEnded: sendingEnded,
             // Over the stream an unacknowledged frame is delivered again, so every message sent must be answered;
             // over HTTP the bench does not re-send, so only acknowledged ones must.
             everySentMustBeAnswered: stream, idleRSS: idleRSS, memory: memory, cpu: cpu, modelRequests: model.requestCount,
             platform: "dingtalk", transport: stream ? "stream" : "http", forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
+        report.setWakeUps(snapshot: snapshot, answers: deliveries, requests: model.received, users: users) { "bench-\(run)-\($0)" }
+        return report
     }
 
-    private func runLark(model: ModelSimulator, directory: String) async throws -> Report {
+    private func runLark(model: ModelSimulator, database: BenchDatabase, directory: String) async throws -> Report {
         guard target == nil else { throw ValidationError("--target drives a DingTalk callback URL; --platform lark always starts its own server") }
         let lark = try await LarkSimulator.start(port: larkPort)
         log("model simulator: \(model.baseURL)  lark simulator: \(lark.baseURL)")
         let verificationToken = "bench-verification-token"
         let encryptKey = "bench-encrypt-key"
-        var environment = baseEnvironment(model: model, directory: directory)
+        var environment = baseEnvironment(model: model, database: database)
         environment.merge([
             "CHATBRIDGE_LARK_APP_ID": lark.appID, "CHATBRIDGE_LARK_APP_SECRET": lark.appSecret, "CHATBRIDGE_LARK_BASE_URL": lark.baseURL,
             "CHATBRIDGE_LARK_MODE": stream ? "websocket" : "webhook", "CHATBRIDGE_LARK_STREAM_HOSTS": "127.0.0.1",
             "CHATBRIDGE_LARK_VERIFICATION_TOKEN": verificationToken, "CHATBRIDGE_LARK_ENCRYPT_KEY": encryptKey,
             "CHATBRIDGE_LARK_CARD_MODE": card ? "cardkit" : "off", "CHATBRIDGE_LARK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms",
         ]) { $1 }
-        let child = try ChildServer(executable: Self.ownExecutable(), environment: environment, logPath: directory + "/server.log")
-        let port = try await child.waitUntilListening()
+        let servers = try await BenchServers.start(count: replicas, environment: environment, directory: directory)
         try await Task.sleep(for: .seconds(1))
         let gateway = lark.gateway
+        let connections = replicas
         if stream {
-            guard await gateway.wait(seconds: 30, until: { !$0.openConnections.isEmpty }) else {
+            guard await gateway.wait(seconds: 30, until: { $0.openConnections.count >= connections }) else {
                 throw ValidationError("the server did not open the long connection within 30 s; see its log")
             }
             // As Feishu: an event still without {"code":200} after 5 s is pushed again, maybe on another connection.
             gateway.setRedelivery(after: .seconds(5))
         }
-        let idleRSS = child.memory()?.current
+        let idleRSS = servers.memory()?.current
+        let startupCPU = servers.cpuSeconds() ?? 0
 
         let client = Self.httpClient()
-        let sender = LarkEventSender(
-            url: "http://127.0.0.1:\(port)/callbacks/lark", verificationToken: verificationToken, encryptKey: encryptKey, appID: lark.appID)
+        let senders = servers.ports.map {
+            LarkEventSender(url: "http://127.0.0.1:\($0)/callbacks/lark", verificationToken: verificationToken, encryptKey: encryptKey, appID: lark.appID)
+        }
         let run = UUID().uuidString.prefix(8)
         let recorder = Recorder()
         // Long connection: the frame's message_id → the Feishu message it carries, and when it was pushed.
@@ -305,6 +330,7 @@ struct Bench: AsyncParsableCommand {
         await drive(start: start, end: end, recorder: recorder) { index in
             let id = "om_bench_\(run)_\(index)"
             let user = index % max(users, 1)
+            let sender = senders[index % senders.count]
             let event = sender.messageEvent(messageID: id, text: "question \(index)", chatID: "oc_bench\(user)", sender: "ou_bench\(user)")
             let sent = Date().timeIntervalSince1970
             guard streamMode else {
@@ -314,7 +340,10 @@ struct Bench: AsyncParsableCommand {
             // As Feishu: an event waits for a connection when none is open (during a reconnect).
             recorder.record(id, sent: sent, acked: nil)
             for _ in 0..<3 {
-                if let frame = try? await gateway.pushEvent(event) {
+                // Round-robin over the replicas' connections (the newest when one is reconnecting).
+                let open = gateway.openConnections.sorted()
+                let connection = open.count >= connections ? open[index % open.count] : nil
+                if let frame = try? await gateway.pushEvent(event, to: connection) {
                     frames.withLock { $0[frame] = (id, sent) }
                     return
                 }
@@ -348,10 +377,9 @@ struct Bench: AsyncParsableCommand {
         let messages = lark.messages
         let cards = Dictionary(uniqueKeysWithValues: lark.cards.map { ($0.id, $0) })
         let replays = lark.duplicateReplies
-        let memory = child.memory()
-        let cpu = child.cpuSeconds()
-        child.signal(SIGTERM)
-        _ = await child.wait()
+        let memory = servers.memory()
+        let cpu = servers.cpuSeconds().map { $0 - startupCPU }
+        await servers.stop()
         try? await client.shutdown()
         await lark.stop()
 
@@ -389,6 +417,7 @@ struct Bench: AsyncParsableCommand {
             everySentMustBeAnswered: stream, idleRSS: idleRSS, memory: memory, cpu: cpu, modelRequests: model.requestCount,
             platform: "lark", transport: stream ? "websocket" : "webhook", forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
         report.replaysRefusedByUUID = replays
+        report.setWakeUps(snapshot: snapshot, answers: answers, requests: model.received, users: users) { "om_bench_\(run)_\($0)" }
         return report
     }
 
@@ -436,6 +465,83 @@ struct Bench: AsyncParsableCommand {
 
 enum BenchPlatform: String, ExpressibleByArgument, Sendable {
     case dingtalk, lark
+}
+
+/// The database a bench run's servers share, and how to remove it afterwards.
+struct BenchDatabase: Sendable {
+    /// `database.url` for the servers (with its password: only ever passed in their environment).
+    var url: String
+    /// `sqlite` or `postgres`, for the report.
+    var kind: String
+    var cleanup: @Sendable () async -> Void
+
+    /// `sqlite`: a new file in `directory`; `postgres`: a throwaway cluster of the installed server binaries;
+    /// a postgres:// URL: a new database on that server, dropped afterwards.
+    static func prepare(_ spec: String, directory: String) async throws -> BenchDatabase {
+        switch spec.lowercased() {
+        case "sqlite":
+            return BenchDatabase(url: "sqlite:\(directory)/bench.sqlite", kind: "sqlite", cleanup: {})
+        case "postgres", "postgresql":
+            guard PostgresCluster.binaryDirectory != nil else {
+                throw ValidationError("--database postgres starts a throwaway cluster of Debian's postgresql server binaries, and none are installed (apt-get install postgresql); or pass a postgres:// URL")
+            }
+            let cluster = try PostgresCluster.start()
+            return BenchDatabase(url: cluster.url(), kind: "postgres", cleanup: { cluster.destroy() })
+        default:
+            let location: DatabaseLocation
+            do { location = try DatabaseLocation.parse(spec) } catch { throw ValidationError("--database: \(error)") }
+            guard case .postgres(let server) = location else {
+                throw ValidationError("--database: sqlite, postgres, or a postgres://USER:PASSWORD@HOST:PORT/DB URL")
+            }
+            let name = "chatbridge_bench_" + UUID().uuidString.prefix(8).lowercased()
+            try await PostgresAdmin.createDatabase(name, on: server)
+            var bench = server
+            bench.database = name
+            FileHandle.standardError.write(Data("bench: database \(bench) (dropped afterwards)\n".utf8))
+            return BenchDatabase(url: bench.urlWithPassword, kind: "postgres", cleanup: { try? await PostgresAdmin.dropDatabase(name, on: server) })
+        }
+    }
+}
+
+/// The `chatbridge serve` processes of a run, all on one database.
+struct BenchServers: Sendable {
+    var children: [ChildServer]
+    var ports: [Int]
+
+    /// Starts `count` servers at once (so they also race for the migrations) and waits until each listens.
+    static func start(count: Int, environment: [String: String], directory: String) async throws -> BenchServers {
+        var children: [ChildServer] = []
+        for index in 0..<count {
+            let log = count == 1 ? "server.log" : "server\(index).log"
+            children.append(try ChildServer(executable: Bench.ownExecutable(), environment: environment, logPath: "\(directory)/\(log)"))
+        }
+        var ports: [Int] = []
+        do {
+            for child in children { ports.append(try await child.waitUntilListening()) }
+        } catch {
+            for child in children { child.signal(SIGKILL) }
+            throw error
+        }
+        return BenchServers(children: children, ports: ports)
+    }
+
+    /// Resident set size now and at its peak of the largest server, in bytes.
+    func memory() -> (current: Int, peak: Int)? {
+        let all = children.compactMap { $0.memory() }
+        guard !all.isEmpty else { return nil }
+        return (all.map(\.current).max()!, all.map(\.peak).max()!)
+    }
+
+    /// CPU time of all servers together, in seconds.
+    func cpuSeconds() -> Double? {
+        let all = children.compactMap { $0.cpuSeconds() }
+        return all.isEmpty ? nil : all.reduce(0, +)
+    }
+
+    func stop() async {
+        for child in children { child.signal(SIGTERM) }
+        for child in children { _ = await child.wait() }
+    }
 }
 
 /// One answer the simulated platform showed: for which message, and when (seconds since 1970).
@@ -492,6 +598,47 @@ struct Report: Encodable {
     var card: CardReport?
     /// Lark: replies the platform recognised by their uuid and did not show again.
     var replaysRefusedByUUID: Int?
+    /// `sqlite` or `postgres` (nil with --target).
+    var database: String?
+    /// How many servers shared the database (nil with --target).
+    var servers: Int?
+    /// Server CPU time (all servers) ÷ answered messages, in microseconds.
+    var cpuPerAnswerMicros: Double?
+    /// From sending a message to the model request for it, for messages with nothing ahead of them in their
+    /// conversation, in milliseconds: an upper bound of accept → wake-up → claim.
+    var wakeUpP50: Double?
+    var wakeUpP99: Double?
+
+    /// Fills the wake-up figures. Message `i` asked "question i"; its conversation's previous message is
+    /// `i - users`. A message whose predecessor was not answered before it was sent waited for it, which is
+    /// ordering, not wake-up, so it is left out.
+    mutating func setWakeUps(
+        snapshot: [String: (sent: Double, ack: Double?)], answers: [Answer], requests: [ModelSimulator.Received], users: Int,
+        id: (Int) -> String
+    ) {
+        var requested: [Int: Double] = [:]
+        for request in requests {
+            guard let question = request.messages.last(where: { $0["role"] == "user" })?["content"], question.hasPrefix("question "),
+                let index = Int(question.dropFirst("question ".count))
+            else { continue }
+            requested[index] = min(requested[index] ?? .infinity, request.at)
+        }
+        var firstAnswer: [String: Double] = [:]
+        for answer in answers where answer.at > 0 { firstAnswer[answer.id] = min(firstAnswer[answer.id] ?? .infinity, answer.at) }
+        let users = max(users, 1)
+        var latencies: [Double] = []
+        for (index, at) in requested {
+            guard let sent = snapshot[id(index)]?.sent else { continue }
+            if index >= users {
+                guard let previous = firstAnswer[id(index - users)], previous <= sent else { continue }
+            }
+            latencies.append(max(0, at - sent) * 1000)
+        }
+        latencies.sort()
+        guard !latencies.isEmpty else { return }
+        wakeUpP50 = percentile(latencies, 0.5)
+        wakeUpP99 = percentile(latencies, 0.99)
+    }
 
     /// The figures for what was sent (`snapshot`) and what the platform showed (`answers`, one entry per
     /// answer shown, so a message shown twice counts as a duplicate).
@@ -527,6 +674,7 @@ struct Report: Encodable {
         self.transport = transport
         self.forcedDisconnects = forcedDisconnects
         self.card = card
+        if let cpu, !answeredIDs.isEmpty { cpuPerAnswerMicros = cpu / Double(answeredIDs.count) * 1_000_000 }
     }
 
     func printTable() {
@@ -534,14 +682,17 @@ struct Report: Encodable {
         let frames = transport == "stream" || transport == "websocket"
         var rows: [(String, String)] = [
             ("platform", platform),
+            ("database", database.map { "\($0), \(servers ?? 1) server\((servers ?? 1) == 1 ? "" : "s")" } ?? "n/a (--target)"),
             ("transport", transport + (forcedDisconnects.map { ", \($0) forced disconnects" } ?? "")),
             ("sent", "\(sent)"), ("acknowledged", "\(acknowledged)"),
             (frames ? "frame-to-ack p50 / p90 / p99 / max" : "ack latency p50 / p90 / p99 / max", "\(f(ackP50)) / \(f(ackP90)) / \(f(ackP99)) / \(f(ackMax)) ms"),
             ("answered", "\(answered)"), ("answer latency p50 / p99", "\(f(answerP50)) / \(f(answerP99)) ms"),
             ("throughput", "\(f(throughput)) answers/s"), ("lost", "\(lost)"), ("duplicated", "\(duplicated)"),
             ("model requests", "\(modelRequests)"),
-            ("server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ("server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
-            ("server CPU time", cpuSeconds.map { "\(f($0)) s" } ?? "n/a"),
+            ((servers ?? 1) > 1 ? "idle RSS (largest server)" : "server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ((servers ?? 1) > 1 ? "peak RSS (largest server)" : "server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
+            ("server CPU time (after start-up)", cpuSeconds.map { "\(f($0)) s" + ((servers ?? 1) > 1 ? " (all servers)" : "") } ?? "n/a"),
+            ("server CPU per answer", cpuPerAnswerMicros.map { "\(Int($0.rounded())) µs" } ?? "n/a"),
+            ("wake-up (sent → model request) p50 / p99", wakeUpP50.map { "\(f($0)) / \(f(wakeUpP99 ?? 0)) ms" } ?? "n/a"),
         ]
         if let replaysRefusedByUUID { rows.append(("replies refused by uuid", "\(replaysRefusedByUUID)")) }
         if let card {

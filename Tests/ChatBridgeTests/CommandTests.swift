@@ -111,6 +111,15 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         await dingtalk.stop()
     }
 
+    @Test func benchRefusesReplicasOnSQLiteAndAnUnknownDatabase() throws {
+        let directory = temporaryDirectory()
+        let replicas = try runChatbridge(["bench", "--replicas", "2", "--duration", "1"], environment: [:], directory: directory)
+        #expect(replicas.status != 0 && replicas.stderr.contains("--replicas needs a PostgreSQL --database"))
+        let unknown = try runChatbridge(["bench", "--database", "mysql://u:hunter2@db/x", "--duration", "1"], environment: [:], directory: directory)
+        #expect(unknown.status != 0 && unknown.stderr.contains("--database"))
+        #expect(!unknown.stderr.contains("hunter2"), "the URL's password is never echoed")
+    }
+
     @Test func migrateCreatesTheDatabase() throws {
         let directory = temporaryDirectory()
         let result = try runChatbridge(["migrate"], environment: [:], directory: directory)

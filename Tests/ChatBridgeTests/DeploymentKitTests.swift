@@ -84,8 +84,11 @@ import Yams
         #expect(spec["replicas"] as? Int == 2)
         let pod = try #require((spec["template"] as? [String: Any])?["spec"] as? [String: Any])
         let drain = Int(ChatBridgeConfiguration.from(values: [:]).server.drainTimeout.components.seconds)
-        #expect((pod["terminationGracePeriodSeconds"] as? Int ?? 0) > drain)
         let container = try #require((pod["containers"] as? [[String: Any]])?.first)
+        // The grace period covers the preStop pause and the drain.
+        let preStop = try #require(((container["lifecycle"] as? [String: Any])?["preStop"] as? [String: Any])?["exec"] as? [String: Any])
+        let pause = try #require((preStop["command"] as? [String]).flatMap { $0.last.flatMap(Int.init) })
+        #expect((pod["terminationGracePeriodSeconds"] as? Int ?? 0) > pause + drain)
         #expect((container["ports"] as? [[String: Any]])?.first?["containerPort"] as? Int == 8080)
         let readiness = try #require((container["readinessProbe"] as? [String: Any])?["httpGet"] as? [String: Any])
         let liveness = try #require((container["livenessProbe"] as? [String: Any])?["httpGet"] as? [String: Any])

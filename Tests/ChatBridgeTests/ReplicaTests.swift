@@ -1,9 +1,12 @@
 import AsyncHTTPClient
 import ChatBridgeCore
+import ChatBridgeDingTalk
 import ChatBridgeSimulators
-import ChatBridgeStore
+@testable import ChatBridgeStore
 import Foundation
 import Logging
+import SQLKit
+import Synchronization
 import Testing
 
 /// Several `chatbridge serve` processes on one PostgreSQL database, against the loopback simulators.
@@ -18,13 +21,7 @@ struct ReplicaTests {
         var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
         environment["CHATBRIDGE_DATABASE_URL"] = try await TestPostgres.freshDatabase()
         environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
-        let executable = chatbridgeExecutable()
-        var replicas: [ChildServer] = []
-        for index in 0..<3 {
-            replicas.append(try ChildServer(executable: executable, environment: environment, logPath: "\(directory)/replica\(index).log"))
-        }
-        var ports: [Int] = []
-        for replica in replicas { ports.append(try await replica.waitUntilListening()) }
+        let (replicas, ports) = try await startReplicas(3, environment: environment, directory: directory)
         let senders = ports.map { CallbackSender(url: "http://127.0.0.1:\($0)/callbacks/dingtalk", secret: testSecret) }
         let client = HTTPClientFactory.make()
         let conversations = 5
@@ -62,26 +59,229 @@ struct ReplicaTests {
         #expect(await eventually(seconds: 90) { Set(dingtalk.deliveries.map(\.target)).count == accepted.count })
         for replica in replicas.dropFirst() { replica.signal(SIGTERM) }
         for replica in replicas.dropFirst() { #expect(await replica.wait() == 0) }
-        let deliveries = dingtalk.deliveries
-        let perMessage = Dictionary(grouping: deliveries, by: \.target).mapValues(\.count)
-        // A DingTalk webhook reply has no idempotency key: when the kill lands between a send and its record,
-        // the replica that takes over sends that one part once more and logs it as a possible duplicate.
-        // That is the only duplicate allowed, and only for a message logged so.
-        let logs = (0..<3).map { (try? String(contentsOfFile: "\(directory)/replica\($0).log", encoding: .utf8)) ?? "" }.joined()
-        let duplicated = perMessage.filter { $0.value > 1 }
-        for (id, count) in duplicated {
-            let warned = logs.split(separator: "\n").contains { $0.contains("message_id=\(id) ") && $0.contains("sending a reply part again") }
-            #expect(count == 2 && warned, "\(id) answered \(count) times")
+        expectAnsweredOnceInOrder(
+            dingtalk.deliveries, conversations: (0..<conversations).map { c in (0..<perConversation).map { "r-\(c)-\($0)" } },
+            questions: { id in let parts = id.split(separator: "-"); return "q \(parts[1]) \(parts[2])" }, logs: replicaLogs(directory, count: 3))
+        try await client.shutdown()
+    }
+
+    @Test func inStreamModeEveryReplicaHoldsAConnectionAndAFrameDeliveredToTwoReplicasOrLeftOnAKilledOneIsAnsweredOnce() async throws {
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.firstTokenLatency = .milliseconds(400)
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
+        let gateway = dingtalk.gateway
+        let directory = temporaryDirectory()
+        let database = try await TestPostgres.freshDatabase()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment["CHATBRIDGE_DATABASE_URL"] = database
+        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
+        environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
+        // One after the other, so connection i (in the order they opened) belongs to replica i.
+        var replicas: [ChildServer] = []
+        for index in 0..<3 {
+            replicas.append(try await startReplica(index, environment: environment, directory: directory))
+            #expect(await eventually { gateway.openConnections.count == index + 1 })
         }
-        #expect(duplicated.count <= 1, "duplicates: \(duplicated)")
-        for c in 0..<conversations {
-            let order = deliveries.map(\.target).filter { $0.hasPrefix("r-\(c)-") }.reduce(into: [String]()) { if $0.last != $1 { $0.append($1) } }
-            #expect(order == (0..<perConversation).map { "r-\(c)-\($0)" }, "conversation \(c) answered out of order")
-            for n in 0..<perConversation {
-                #expect(deliveries.first { $0.target == "r-\(c)-\(n)" }?.text == ModelSimulator.answer(to: "q \(c) \(n)"))
+        let connections = gateway.openConnections
+        try #require(connections.count == 3)
+        // As DingTalk: a frame unacknowledged for 2 s is delivered again, on the newest connection.
+        gateway.setRedelivery(after: .seconds(2))
+        let sender = CallbackSender(url: "", secret: testSecret)
+        func body(_ id: String, conversation: Int) -> Data {
+            sender.body(
+                messageID: id, text: "q \(conversation) \(id.split(separator: "-").last!)", conversationID: "cidS\(conversation)==",
+                senderStaffID: "s\(conversation)", webhook: dingtalk.webhookURL(session: id))
+        }
+        let conversations = 4
+        let perConversation = 6
+        // Each conversation asks one question after the other, round-robin over the connections; every third
+        // frame is delivered on two connections (two replicas) at the same moment, under one frame id.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for c in 0..<conversations {
+                group.addTask {
+                    for n in 0..<perConversation {
+                        let id = "s-\(c)-\(n)"
+                        let first = (c + n) % connections.count
+                        var targets = [connections[first]]
+                        if n % 3 == 0 { targets.append(connections[(first + 1) % connections.count]) }
+                        let frame = "frame-\(id)"
+                        try await withThrowingTaskGroup(of: Void.self) { pushes in
+                            for target in targets { pushes.addTask { try await gateway.pushMessage(body(id, conversation: c), to: target, frameID: frame) } }
+                            try await pushes.waitForAll()
+                        }
+                        #expect(await gateway.waitForAck(frame).code == 200)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        // Replica 0 is killed while it answers and right after three more frames were pushed to its
+        // connection: each of those was either stored (and is answered by another replica, at the latest once
+        // the dead one's lease expires) or is delivered again on a live connection.
+        let store = try await SQLStore.open(try DatabaseLocation.parse(database), logger: Logger(label: "t"))
+        #expect(try await eventually { try await store.runningClaims(of: replicas[0]) > 0 })
+        let late = (0..<3).map { "s-\(conversations + $0)-0" }
+        for (offset, id) in late.enumerated() {
+            try await gateway.pushMessage(body(id, conversation: conversations + offset), to: connections[0], frameID: "frame-\(id)")
+        }
+        replicas[0].signal(SIGKILL)
+        _ = await replicas[0].wait()
+        for id in late { #expect(await gateway.waitForAck("frame-\(id)").code == 200, "\(id) acknowledged by a live replica or before the kill") }
+        let expected = (0..<conversations).map { c in (0..<perConversation).map { "s-\(c)-\($0)" } } + late.map { [$0] }
+        #expect(await eventually(seconds: 90) { Set(dingtalk.deliveries.map(\.target)).count == expected.joined().count })
+        for replica in replicas.dropFirst() { replica.signal(SIGTERM) }
+        for replica in replicas.dropFirst() { #expect(await replica.wait() == 0) }
+        expectAnsweredOnceInOrder(
+            dingtalk.deliveries, conversations: expected,
+            questions: { id in let parts = id.split(separator: "-"); return "q \(parts[1]) \(parts[2])" }, logs: replicaLogs(directory, count: 3))
+        await store.close()
+        await model.stop()
+        await dingtalk.stop()
+    }
+
+    @Test func aCardStreamInterruptedByKillingItsReplicaIsFinishedOnceByAnother() async throws {
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.tokensPerSecond = 20
+        behaviour.answerTokens = 40
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
+        let gateway = dingtalk.gateway
+        let directory = temporaryDirectory()
+        let database = try await TestPostgres.freshDatabase()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment["CHATBRIDGE_DATABASE_URL"] = database
+        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
+        environment["CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID"] = "tpl.schema"
+        environment["CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL"] = "100ms"
+        environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
+        var replicas: [ChildServer] = []
+        for index in 0..<2 {
+            replicas.append(try await startReplica(index, environment: environment, directory: directory))
+            #expect(await eventually { gateway.openConnections.count == index + 1 })
+        }
+        let doomed = try #require(gateway.openConnections.first)
+        let sender = CallbackSender(url: "", secret: testSecret)
+        for i in 0..<4 {
+            let body = sender.body(
+                messageID: "rc-\(i)", text: "q\(i)", conversationID: "cidRC\(i)==", senderStaffID: "rc\(i)", group: i % 2 == 0,
+                webhook: dingtalk.webhookURL(session: "rc-\(i)"))
+            let frame = try await gateway.pushMessage(body, to: doomed)
+            #expect(await gateway.waitForAck(frame).code == 200)
+        }
+        // All four cards are half written when replica 0 is killed, and it is streaming at least one of them
+        // (the other replica may have claimed some: every replica answers messages accepted by any).
+        let store = try await SQLStore.open(try DatabaseLocation.parse(database), logger: Logger(label: "t"))
+        #expect(await eventually { dingtalk.cards.cards.count == 4 && dingtalk.cards.cards.allSatisfy { $0.streamed.contains(" w3") } })
+        #expect(try await store.runningClaims(of: replicas[0]) > 0)
+        replicas[0].signal(SIGKILL)
+        _ = await replicas[0].wait()
+        #expect(dingtalk.cards.cards.allSatisfy { $0.flowStatus != "3" })
+        // Replica 1 takes the claims over when their leases expire and finishes the same cards.
+        #expect(await eventually(seconds: 90) { dingtalk.cards.cards.allSatisfy { $0.flowStatus == "3" } })
+        replicas[1].signal(SIGTERM)
+        #expect(await replicas[1].wait() == 0)
+        #expect(dingtalk.cards.cards.count == 4, "no second card for any message")
+        for i in 0..<4 {
+            let card = try #require(dingtalk.cards.card(DingTalkCard.outTrackID(robotCode: "dingbot", messageID: "rc-\(i)")))
+            #expect(card.deliveries == 1)
+            #expect(card.finalized)
+            #expect(card.streamed == ModelSimulator.answer(to: "q\(i)") + (0..<40).map { " w\($0)" }.joined())
+        }
+        #expect(dingtalk.deliveries.isEmpty, "no markdown besides the cards")
+        #expect(dingtalk.cards.repeatedGuids == 0)
+        let rows = try await store.inboxRows()
+        #expect(rows.count == 4)
+        #expect(rows.allSatisfy { $0.state == "answered" && $0.live == "finalized" })
+        await store.close()
+        await model.stop()
+        await dingtalk.stop()
+    }
+
+    @Test func postgresRestartedUnderLoadLosesNothingAndAnswersEveryMessageOnceInOrder() async throws {
+        let cluster = try PostgresCluster.start()
+        defer { cluster.destroy() }
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.firstTokenLatency = .milliseconds(300)
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        let directory = temporaryDirectory()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment["CHATBRIDGE_DATABASE_URL"] = cluster.url()
+        environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
+        let (replicas, ports) = try await startReplicas(2, environment: environment, directory: directory)
+        let senders = ports.map { CallbackSender(url: "http://127.0.0.1:\($0)/callbacks/dingtalk", secret: testSecret) }
+        let client = HTTPClientFactory.make()
+        let conversations = 6
+        let perConversation = 8
+        let refused = EventCount()
+        // Each conversation asks its questions one after the other; a callback refused (503 while the database
+        // is away) is delivered again, to the other replica, as DingTalk does, until it is accepted.
+        let load = Task {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for c in 0..<conversations {
+                    group.addTask {
+                        for n in 0..<perConversation {
+                            let id = "pg-\(c)-\(n)"
+                            let body = senders[0].body(
+                                messageID: id, text: "q \(c) \(n)", conversationID: "cidPG\(c)==", senderStaffID: "pg\(c)",
+                                webhook: dingtalk.webhookURL(session: id))
+                            var attempt = c + n
+                            let deadline = Date().addingTimeInterval(90)
+                            while (try? await senders[attempt % senders.count].post(body, client: client).status) != 200 {
+                                refused.increment()
+                                try #require(Date() < deadline, "\(id) never accepted")
+                                attempt += 1
+                                try await Task.sleep(for: .milliseconds(100))
+                            }
+                        }
+                    }
+                }
+                try await group.waitForAll()
             }
         }
+        // Stop the server abruptly (as a crash or a fail-over does) while answers are in flight, and start it
+        // again once the replicas have refused a callback because of it.
+        #expect(await eventually { model.requestCount >= conversations })
+        try cluster.stop(immediately: true)
+        #expect(await eventually(seconds: 30) { refused.value > 0 })
+        try cluster.startServer()
+        try await load.value
+        let expected = (0..<conversations).map { c in (0..<perConversation).map { "pg-\(c)-\($0)" } }
+        #expect(await eventually(seconds: 90) { Set(dingtalk.deliveries.map(\.target)).count == expected.joined().count })
+        for replica in replicas { replica.signal(SIGTERM) }
+        for replica in replicas { #expect(await replica.wait() == 0) }
+        // The outage is shorter than a lease, so no claim changes hands and no reply part is sent twice.
+        expectAnsweredOnceInOrder(
+            dingtalk.deliveries, conversations: expected,
+            questions: { id in let parts = id.split(separator: "-"); return "q \(parts[1]) \(parts[2])" },
+            logs: replicaLogs(directory, count: 2), allowedResends: 0)
         try await client.shutdown()
+        await model.stop()
+        await dingtalk.stop()
+    }
+
+    @Test func benchSpreadsCallbacksOverReplicasOnANewDatabaseAndDropsItAfterwards() async throws {
+        let url = try await TestPostgres.freshDatabase()
+        guard case .postgres(let server) = try DatabaseLocation.parse(url) else { throw SimulatorError(description: "not PostgreSQL") }
+        let result = try runChatbridge(
+            ["bench", "--database", url, "--replicas", "2", "--duration", "2", "--rate", "20", "--users", "10", "--json"],
+            environment: [:], directory: temporaryDirectory())
+        #expect(result.status == 0, "\(result.stderr)")
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        #expect(report["database"] as? String == "postgres" && report["servers"] as? Int == 2)
+        #expect(report["sent"] as? Int == 40 && report["answered"] as? Int == 40)
+        #expect(report["lost"] as? Int == 0 && report["duplicated"] as? Int == 0)
+        #expect((report["cpuPerAnswerMicros"] as? Double ?? 0) > 0 && report["wakeUpP99"] is Double)
+        // The run's own database is gone; the one named in the URL is untouched.
+        let store = try await SQLStore.open(.postgres(server), logger: Logger(label: "t"))
+        let left = try await store.single { db in
+            try await db.raw("SELECT COUNT(*) AS n FROM pg_database WHERE datname LIKE 'chatbridge_bench_%'").first()?.decode(column: "n", as: Int.self)
+        }
+        #expect(left == 0)
+        await store.close()
     }
 
     @Test func whileTheDatabaseIsAwayCallbacksAre503AndEverythingResumesWhenItReturns() async throws {
@@ -104,5 +304,71 @@ struct ReplicaTests {
         #expect(await eventually(seconds: 30) { h.dingtalk.deliveries.count == 2 })
         #expect(h.dingtalk.deliveries.map(\.target) == ["before", "during"])
         await h.stop()
+    }
+}
+
+/// Starts replica `index` of a set (its log is `replicaINDEX.log`) and waits until it listens.
+func startReplica(_ index: Int, environment: [String: String], directory: String) async throws -> ChildServer {
+    let replica = try ChildServer(executable: chatbridgeExecutable(), environment: environment, logPath: "\(directory)/replica\(index).log")
+    _ = try await replica.waitUntilListening()
+    return replica
+}
+
+/// Starts `count` replicas at once (they race for the migrations) and returns them with their ports.
+func startReplicas(_ count: Int, environment: [String: String], directory: String) async throws -> ([ChildServer], [Int]) {
+    let replicas = try (0..<count).map {
+        try ChildServer(executable: chatbridgeExecutable(), environment: environment, logPath: "\(directory)/replica\($0).log")
+    }
+    var ports: [Int] = []
+    for replica in replicas { ports.append(try await replica.waitUntilListening()) }
+    return (replicas, ports)
+}
+
+/// The logs of replicas `0..<count`, joined.
+func replicaLogs(_ directory: String, count: Int) -> String {
+    (0..<count).map { (try? String(contentsOfFile: "\(directory)/replica\($0).log", encoding: .utf8)) ?? "" }.joined()
+}
+
+/// Every message of every conversation answered with its own answer, in the order asked. A DingTalk webhook
+/// reply has no idempotency key: when a kill lands between a send and its record, the replica that takes
+/// over sends that one part once more and logs it as a possible duplicate. That is the only duplicate
+/// allowed, at most `allowedResends` of them, and only for a message logged so.
+func expectAnsweredOnceInOrder(
+    _ deliveries: [DingTalkSimulator.Delivery], conversations: [[String]], questions: (String) -> String, logs: String,
+    allowedResends: Int = 1, sourceLocation: SourceLocation = #_sourceLocation
+) {
+    let perMessage = Dictionary(grouping: deliveries, by: \.target).mapValues(\.count)
+    let duplicated = perMessage.filter { $0.value > 1 }
+    let lines = logs.split(separator: "\n")
+    for (id, count) in duplicated {
+        let warned = lines.contains { $0.contains("message_id=\(id) ") && $0.contains("sending a reply part again") }
+        #expect(count == 2 && warned, "\(id) answered \(count) times", sourceLocation: sourceLocation)
+    }
+    #expect(duplicated.count <= allowedResends, "duplicates: \(duplicated)", sourceLocation: sourceLocation)
+    for ids in conversations {
+        let asked = Set(ids)
+        let order = deliveries.map(\.target).filter(asked.contains).reduce(into: [String]()) { if $0.last != $1 { $0.append($1) } }
+        #expect(order == ids, "answered out of order: \(order)", sourceLocation: sourceLocation)
+        for id in ids {
+            #expect(deliveries.first { $0.target == id }?.text == ModelSimulator.answer(to: questions(id)), "\(id)", sourceLocation: sourceLocation)
+        }
+    }
+}
+
+/// A thread-safe count.
+final class EventCount: Sendable {
+    private let count = Mutex(0)
+    func increment() { count.withLock { $0 += 1 } }
+    var value: Int { count.withLock { $0 } }
+}
+
+extension SQLStore {
+    /// How many messages `replica` has claimed and not finished (its lease owner names its process id).
+    func runningClaims(of replica: ChildServer) async throws -> Int {
+        let pattern = "%-\(replica.process.processIdentifier)-%"
+        return try await single { db in
+            try await db.raw("SELECT COUNT(*) AS n FROM inbox WHERE state = 'running' AND lease_owner LIKE \(bind: pattern)")
+                .first()?.decode(column: "n", as: Int.self) ?? 0
+        }
     }
 }

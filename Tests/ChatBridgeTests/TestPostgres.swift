@@ -2,7 +2,6 @@ import ChatBridgeSimulators
 @testable import ChatBridgeStore
 import Foundation
 import Logging
-import PostgresNIO
 import Testing
 
 /// The PostgreSQL server the PostgreSQL half of the tests runs against: `CHATBRIDGE_TEST_POSTGRES_URL` when
@@ -41,31 +40,10 @@ enum TestPostgres {
     static func freshDatabase() async throws -> String {
         let server = try shared.get()
         let name = "cb_test_\(UUID().uuidString.prefix(12).lowercased().replacingOccurrences(of: "-", with: ""))"
-        try await execute("CREATE DATABASE \(name)", on: server)
+        try await PostgresAdmin.createDatabase(name, on: server)
         var location = server
         location.database = name
-        return url(location)
-    }
-
-    /// Runs one statement (no binds) on `server`.
-    static func execute(_ sql: String, on server: PostgresLocation) async throws {
-        let connection = try await PostgresConnection.connect(
-            configuration: .init(host: server.host, port: server.port, username: server.username, password: server.password,
-                                 database: server.database, tls: .disable),
-            id: 1, logger: Logger(label: "test-postgres"))
-        do {
-            try await connection.query(PostgresQuery(unsafeSQL: sql), logger: Logger(label: "test-postgres"))
-        } catch {
-            try? await connection.close()
-            throw error
-        }
-        try await connection.close()
-    }
-
-    /// The URL of `location`, with its password, for configurations.
-    static func url(_ location: PostgresLocation) -> String {
-        let password = location.password.map { ":" + ($0.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? $0) } ?? ""
-        return "postgres://\(location.username)\(password)@\(location.host):\(location.port)/\(location.database)?sslmode=\(location.tls.rawValue)"
+        return location.urlWithPassword
     }
 }
 
