@@ -78,6 +78,29 @@ public final class PostgresCluster: Sendable {
         try run(binaries + "/pg_ctl", ["-D", dataDirectory, "-m", immediately ? "immediate" : "fast", "-w", "stop"])
     }
 
+    /// CPU time the server has used since it started, in seconds: the postmaster with the sessions it has
+    /// reaped, and the sessions still running (Linux `/proc`); nil when it is not running.
+    public func cpuSeconds() -> Double? {
+        guard let pidFile = try? String(contentsOfFile: dataDirectory + "/postmaster.pid", encoding: .utf8),
+            let postmaster = pidFile.split(separator: "\n").first.flatMap({ Int32($0) })
+        else { return nil }
+        /// utime, stime, cutime, cstime and the parent's pid of a process, from `/proc/PID/stat`.
+        func times(_ pid: String) -> (own: Double, children: Double, parent: Int32)? {
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return nil }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 14, let parent = Int32(fields[1]), let user = Double(fields[11]), let system = Double(fields[12]),
+                let childUser = Double(fields[13]), let childSystem = Double(fields[14])
+            else { return nil }
+            return (user + system, childUser + childSystem, parent)
+        }
+        guard let main = times("\(postmaster)") else { return nil }
+        var ticks = main.own + main.children
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] where entry.first?.isNumber == true {
+            if let process = times(entry), process.parent == postmaster { ticks += process.own }
+        }
+        return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
     /// Stops the server and removes its directory.
     public func destroy() {
         try? stop(immediately: true)

@@ -60,8 +60,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     private enum Backend: Sendable {
         /// One connection, taken in turns; the lock file keeps other processes away.
         case sqlite(SQLiteConnection, any SQLDatabase, AsyncMutex, ProcessLock?)
-        /// A pool, run by its task; the listener task turns notifications into wake-ups.
-        case postgres(PostgresClient, run: Task<Void, Never>, listener: TaskSlot)
+        /// Two pools, run by one task: `client` for answering work, `urgent` for acknowledgements and lease
+        /// renewals, so they never queue behind a burst of claims and finishes. The listener task (on
+        /// `client`) turns notifications into wake-ups.
+        case postgres(PostgresClient, urgent: PostgresClient, run: Task<Void, Never>, listener: TaskSlot)
     }
 
     private let backend: Backend
@@ -151,24 +153,38 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         var configuration = PostgresClient.Configuration(
             host: postgres.host, port: postgres.port, username: postgres.username, password: postgres.password,
             database: postgres.database, tls: tls)
-        configuration.options.maximumConnections = max(1, options.poolSize) + 1
         configuration.options.connectTimeout = .seconds(5)
+        var urgentConfiguration = configuration
+        // +1: the listener holds one connection of the main pool.
+        configuration.options.maximumConnections = max(1, options.poolSize) + 1
+        urgentConfiguration.options.maximumConnections = Self.urgentConnections(poolSize: options.poolSize)
         var quiet = logger
         quiet.logLevel = max(logger.logLevel, .notice)
         let client = PostgresClient(configuration: configuration, backgroundLogger: quiet)
-        let run = Task { await client.run() }
+        let urgent = PostgresClient(configuration: urgentConfiguration, backgroundLogger: quiet)
+        let run = Task {
+            await withDiscardingTaskGroup { group in
+                group.addTask { await client.run() }
+                group.addTask { await urgent.run() }
+            }
+        }
         let store = SQLStore(
-            backend: .postgres(client, run: run, listener: TaskSlot()), dialect: .postgres,
+            backend: .postgres(client, urgent: urgent, run: run, listener: TaskSlot()), dialect: .postgres,
             timeSource: options.timeSource ?? .database, location: location, logger: logger)
         do {
             // Fail fast with a clear error when the server cannot be reached or refuses the credentials.
             try await store.single { db in try await db.raw("SELECT 1 AS ok").run() }
+            try await store.single(priority: .urgent) { db in try await db.raw("SELECT 1 AS ok").run() }
         } catch {
             await store.close()
             throw StoreError(description: "cannot open the PostgreSQL database \(location): \(error)")
         }
         return store
     }
+
+    /// Connections of the PostgreSQL pool kept for acknowledgements and lease renewals, besides
+    /// `database.pool_size`.
+    public static func urgentConnections(poolSize: Int) -> Int { max(2, poolSize / 5) }
 
     /// Closes the connections (once; later calls do nothing) after the statements in progress, also from a
     /// cancelled task.
@@ -181,7 +197,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 _ = try? await mutex.withLock(priority: .urgent) { try? await connection.close() }
                 lock?.release()
             }.value
-        case .postgres(_, let run, let listener):
+        case .postgres(_, _, let run, let listener):
             let listening = listener.take()
             listening?.cancel()
             await listening?.value
@@ -205,7 +221,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     /// (re)connection of the listener, so a replica with free capacity claims it at once. Only PostgreSQL
     /// is shared; with SQLite the accepting process wakes its own dispatcher and this does nothing.
     public func listenForAcceptedMessages(_ wake: @escaping @Sendable () -> Void) {
-        guard case .postgres(let client, _, let listener) = backend else { return }
+        guard case .postgres(let client, _, _, let listener) = backend else { return }
         let logger = self.logger
         let task = Task {
             var failures = 0
@@ -251,7 +267,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                     throw error
                 }
             }
-        case .postgres(let client, _, _):
+        case .postgres(let client, _, _, _):
             do {
                 let logger = self.logger
                 return try await Self.within(timeout) {
@@ -268,12 +284,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     /// Runs one statement on its own (committed by itself); with SQLite nothing else touches the connection
-    /// meanwhile, urgent work first.
+    /// meanwhile, urgent work first; with PostgreSQL urgent work has connections of its own.
     func single<R: Sendable>(priority: AsyncMutex.Priority = .background, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
         switch backend {
         case .sqlite(_, let database, let mutex, _):
             return try await mutex.withLock(priority: priority) { try await body(database) }
-        case .postgres(let client, _, _):
+        case .postgres(let main, let urgent, _, _):
+            let client = priority == .urgent ? urgent : main
             do {
                 return try await Self.within(Self.callTimeout) {
                     try await client.withConnection { connection in try await body(connection.sql(queryLogLevel: nil)) }

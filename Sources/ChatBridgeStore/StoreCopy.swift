@@ -34,16 +34,17 @@ extension SQLStore {
         }
     }
 
-    /// Every column of every table, in the order they are copied (conversations before their turns).
-    private static let tables: [(name: String, order: String, columns: [Column])] = [
-        ("conversations", "conversation_key", [
+    /// Every column of every table, in the order they are copied (conversations before their turns), with
+    /// the unique key the rows are read in order of.
+    private static let tables: [(name: String, key: [Column], columns: [Column])] = [
+        ("conversations", [.text("conversation_key")], [
             .text("conversation_key"), .text("platform"), .integer("last_activity"), .integer("last_seq"),
             .integer("context_start_seq"), .optionalText("settings"),
         ]),
-        ("turns", "conversation_key, seq", [
+        ("turns", [.text("conversation_key"), .integer("seq")], [
             .text("conversation_key"), .integer("seq"), .text("role"), .text("content"), .integer("tokens"), .integer("created_at"),
         ]),
-        ("inbox", "id", [
+        ("inbox", [.integer("id")], [
             .integer("id"), .text("platform"), .text("bot_id"), .text("message_id"), .text("conversation_key"), .text("payload"),
             .text("state"), .integer("attempts"), .integer("not_before"), .optionalText("lease_owner"),
             .optionalInteger("lease_expires_at"), .optionalText("answer"), .integer("delivered_parts"), .optionalText("last_error"),
@@ -73,16 +74,21 @@ extension SQLStore {
         try await transaction(timeout: .seconds(24 * 3600)) { target in
             for table in Self.tables {
                 let columnList = table.columns.map(\.name).joined(separator: ", ")
-                var offset = 0
+                let keyList = table.key.map(\.name).joined(separator: ", ")
+                // Pages follow the key (each starts after the last row of the one before), so every page
+                // costs the same however far into the table it is.
+                var after: [any Encodable & Sendable]?
                 while true {
-                    let start = offset
+                    let previous = after
                     let rows = try await source.single { db in
-                        try await db.raw("""
-                            SELECT \(unsafeRaw: columnList) FROM \(unsafeRaw: table.name) ORDER BY \(unsafeRaw: table.order)
-                            LIMIT \(bind: batch) OFFSET \(bind: start)
+                        let start: SQLQueryString = previous.map { "WHERE (\(unsafeRaw: keyList)) > (\(binds: $0))" } ?? ""
+                        return try await db.raw("""
+                            SELECT \(unsafeRaw: columnList) FROM \(unsafeRaw: table.name) \(start) ORDER BY \(unsafeRaw: keyList)
+                            LIMIT \(bind: batch)
                             """).all()
                     }
-                    if rows.isEmpty { break }
+                    guard let last = rows.last else { break }
+                    after = try table.key.map { try $0.value(in: last) }
                     var values: [SQLQueryString] = []
                     for row in rows {
                         let binds = try table.columns.map { try $0.value(in: row) }
@@ -91,7 +97,6 @@ extension SQLStore {
                     try await target.raw("""
                         INSERT INTO \(unsafeRaw: table.name) (\(unsafeRaw: columnList)) VALUES \(values.joined(separator: ", "))
                         """).run()
-                    offset += rows.count
                 }
             }
             // New messages continue after the copied ones.

@@ -181,6 +181,7 @@ struct Bench: AsyncParsableCommand {
         }
         let idleRSS = servers?.memory()?.current
         let startupCPU = servers?.cpuSeconds() ?? 0
+        let databaseStartCPU = database.cpuSeconds()
 
         let client = Self.httpClient()
         let senders = urls.map { CallbackSender(url: $0, secret: secret, robotCode: "dingbench") }
@@ -234,6 +235,7 @@ struct Bench: AsyncParsableCommand {
         let peakCardQPS = dingtalk.cards.peakCallsPerSecond
         let memory = servers?.memory()
         let cpu = servers?.cpuSeconds().map { $0 - startupCPU }
+        let databaseCPU = zip2(database.cpuSeconds(), databaseStartCPU).map { $0 - $1 }
         await servers?.stop()
         try? await client.shutdown()
         await dingtalk.stop()
@@ -280,6 +282,7 @@ struct Bench: AsyncParsableCommand {
             everySentMustBeAnswered: stream, idleRSS: idleRSS, memory: memory, cpu: cpu, modelRequests: model.requestCount,
             platform: "dingtalk", transport: stream ? "stream" : "http", forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
         report.setWakeUps(snapshot: snapshot, answers: deliveries, requests: model.received, users: users) { "bench-\(run)-\($0)" }
+        report.databaseCPUSeconds = databaseCPU
         return report
     }
 
@@ -309,6 +312,7 @@ struct Bench: AsyncParsableCommand {
         }
         let idleRSS = servers.memory()?.current
         let startupCPU = servers.cpuSeconds() ?? 0
+        let databaseStartCPU = database.cpuSeconds()
 
         let client = Self.httpClient()
         let senders = servers.ports.map {
@@ -379,6 +383,7 @@ struct Bench: AsyncParsableCommand {
         let replays = lark.duplicateReplies
         let memory = servers.memory()
         let cpu = servers.cpuSeconds().map { $0 - startupCPU }
+        let databaseCPU = zip2(database.cpuSeconds(), databaseStartCPU).map { $0 - $1 }
         await servers.stop()
         try? await client.shutdown()
         await lark.stop()
@@ -418,6 +423,7 @@ struct Bench: AsyncParsableCommand {
             platform: "lark", transport: stream ? "websocket" : "webhook", forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
         report.replaysRefusedByUUID = replays
         report.setWakeUps(snapshot: snapshot, answers: answers, requests: model.received, users: users) { "om_bench_\(run)_\($0)" }
+        report.databaseCPUSeconds = databaseCPU
         return report
     }
 
@@ -474,6 +480,8 @@ struct BenchDatabase: Sendable {
     /// `sqlite` or `postgres`, for the report.
     var kind: String
     var cleanup: @Sendable () async -> Void
+    /// The database server's CPU time so far, when the bench started that server itself.
+    var cpuSeconds: @Sendable () -> Double? = { nil }
 
     /// `sqlite`: a new file in `directory`; `postgres`: a throwaway cluster of the installed server binaries;
     /// a postgres:// URL: a new database on that server, dropped afterwards.
@@ -486,7 +494,7 @@ struct BenchDatabase: Sendable {
                 throw ValidationError("--database postgres starts a throwaway cluster of Debian's postgresql server binaries, and none are installed (apt-get install postgresql); or pass a postgres:// URL")
             }
             let cluster = try PostgresCluster.start()
-            return BenchDatabase(url: cluster.url(), kind: "postgres", cleanup: { cluster.destroy() })
+            return BenchDatabase(url: cluster.url(), kind: "postgres", cleanup: { cluster.destroy() }, cpuSeconds: { cluster.cpuSeconds() })
         default:
             let location: DatabaseLocation
             do { location = try DatabaseLocation.parse(spec) } catch { throw ValidationError("--database: \(error)") }
@@ -570,6 +578,12 @@ final class Recorder: Sendable {
     var snapshot: [String: (sent: Double, ack: Double?)] { records.withLock { $0 } }
 }
 
+/// Both values, when there are both.
+private func zip2<A, B>(_ a: A?, _ b: B?) -> (A, B)? {
+    guard let a, let b else { return nil }
+    return (a, b)
+}
+
 private func percentile(_ sorted: [Double], _ p: Double) -> Double {
     guard !sorted.isEmpty else { return 0 }
     return sorted[min(sorted.count - 1, Int((Double(sorted.count) * p).rounded(.up)) - 1)]
@@ -604,6 +618,8 @@ struct Report: Encodable {
     var servers: Int?
     /// Server CPU time (all servers) ÷ answered messages, in microseconds.
     var cpuPerAnswerMicros: Double?
+    /// CPU time of the PostgreSQL server during the run (when the bench started it: `--database postgres`).
+    var databaseCPUSeconds: Double?
     /// From sending a message to the model request for it, for messages with nothing ahead of them in their
     /// conversation, in milliseconds: an upper bound of accept → wake-up → claim.
     var wakeUpP50: Double?
@@ -692,6 +708,7 @@ struct Report: Encodable {
             ((servers ?? 1) > 1 ? "idle RSS (largest server)" : "server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ((servers ?? 1) > 1 ? "peak RSS (largest server)" : "server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
             ("server CPU time (after start-up)", cpuSeconds.map { "\(f($0)) s" + ((servers ?? 1) > 1 ? " (all servers)" : "") } ?? "n/a"),
             ("server CPU per answer", cpuPerAnswerMicros.map { "\(Int($0.rounded())) µs" } ?? "n/a"),
+            ("database server CPU time", databaseCPUSeconds.map { "\(f($0)) s" + (answered > 0 ? " (\(Int(($0 / Double(answered) * 1_000_000).rounded())) µs per answer)" : "") } ?? "n/a"),
             ("wake-up (sent → model request) p50 / p99", wakeUpP50.map { "\(f($0)) / \(f(wakeUpP99 ?? 0)) ms" } ?? "n/a"),
         ]
         if let replaysRefusedByUUID { rows.append(("replies refused by uuid", "\(replaysRefusedByUUID)")) }

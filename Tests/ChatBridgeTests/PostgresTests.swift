@@ -229,6 +229,36 @@ struct PostgresStoreTests {
         for store in stores { await store.close() }
     }
 
+    @Test func anAcknowledgementDoesNotQueueBehindAnsweringWorkThatHoldsEveryPooledConnection() async throws {
+        let url = try await TestPostgres.freshDatabase()
+        let store = try await SQLStore.open(try DatabaseLocation.parse(url), options: .init(poolSize: 1), logger: Logger(label: "t"))
+        // Answering work holds both connections of the main pool (pool_size 1, +1 kept for the listener).
+        let finished = EventCount()
+        let busy = Task {
+            await withTaskGroup(of: Void.self) { group in
+                for _ in 0..<2 {
+                    group.addTask {
+                        _ = try? await store.single { db in try await db.raw("SELECT pg_sleep(4)").run() }
+                        finished.increment()
+                    }
+                }
+            }
+        }
+        #expect(try await eventually {
+            try await store.single(priority: .urgent) { db in
+                try await db.raw("SELECT COUNT(*) AS n FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'")
+                    .first()?.decode(column: "n", as: Int.self)
+            } == 2
+        })
+        // The acknowledgement's write and a lease renewal go through connections of their own.
+        let m = message("m1", chat: "c")
+        #expect(try await store.accept(m, conversation: key(m), now: Date()) == .accepted)
+        #expect(finished.value == 0, "accepted while the answering work still held the pool")
+        await busy.value
+        #expect(finished.value == 2)
+        await store.close()
+    }
+
     @Test func theDatabaseGoingAwayFailsCallsClearlyAndTheyResumeWhenItIsBack() async throws {
         let cluster = try PostgresCluster.start()
         defer { cluster.destroy() }

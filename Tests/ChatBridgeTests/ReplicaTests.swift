@@ -96,6 +96,8 @@ struct ReplicaTests {
         }
         let conversations = 4
         let perConversation = 6
+        // The model waits until the kill below, so answers are in flight then.
+        model.hold()
         // Each conversation asks one question after the other, round-robin over the connections; every third
         // frame is delivered on two connections (two replicas) at the same moment, under one frame id.
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -117,22 +119,24 @@ struct ReplicaTests {
             }
             try await group.waitForAll()
         }
-        // Replica 0 is killed while it answers and right after three more frames were pushed to its
-        // connection: each of those was either stored (and is answered by another replica, at the latest once
-        // the dead one's lease expires) or is delivered again on a live connection.
+        // A replica that is answering is killed right after three more frames were pushed to its connection:
+        // each of those was either stored (and is answered by another replica, at the latest once the dead
+        // one's lease expires) or is delivered again on a live connection.
         let store = try await SQLStore.open(try DatabaseLocation.parse(database), logger: Logger(label: "t"))
-        #expect(try await eventually { try await store.runningClaims(of: replicas[0]) > 0 })
+        let victim = try #require(try await replicaHoldingAClaim(replicas, store: store))
         let late = (0..<3).map { "s-\(conversations + $0)-0" }
         for (offset, id) in late.enumerated() {
-            try await gateway.pushMessage(body(id, conversation: conversations + offset), to: connections[0], frameID: "frame-\(id)")
+            try await gateway.pushMessage(body(id, conversation: conversations + offset), to: connections[victim], frameID: "frame-\(id)")
         }
-        replicas[0].signal(SIGKILL)
-        _ = await replicas[0].wait()
+        replicas[victim].signal(SIGKILL)
+        _ = await replicas[victim].wait()
+        model.release()
+        let survivors = replicas.indices.filter { $0 != victim }.map { replicas[$0] }
         for id in late { #expect(await gateway.waitForAck("frame-\(id)").code == 200, "\(id) acknowledged by a live replica or before the kill") }
         let expected = (0..<conversations).map { c in (0..<perConversation).map { "s-\(c)-\($0)" } } + late.map { [$0] }
         #expect(await eventually(seconds: 90) { Set(dingtalk.deliveries.map(\.target)).count == expected.joined().count })
-        for replica in replicas.dropFirst() { replica.signal(SIGTERM) }
-        for replica in replicas.dropFirst() { #expect(await replica.wait() == 0) }
+        for replica in survivors { replica.signal(SIGTERM) }
+        for replica in survivors { #expect(await replica.wait() == 0) }
         expectAnsweredOnceInOrder(
             dingtalk.deliveries, conversations: expected,
             questions: { id in let parts = id.split(separator: "-"); return "q \(parts[1]) \(parts[2])" }, logs: replicaLogs(directory, count: 3))
@@ -171,18 +175,19 @@ struct ReplicaTests {
             let frame = try await gateway.pushMessage(body, to: doomed)
             #expect(await gateway.waitForAck(frame).code == 200)
         }
-        // All four cards are half written when replica 0 is killed, and it is streaming at least one of them
-        // (the other replica may have claimed some: every replica answers messages accepted by any).
+        // All four cards are half written when a replica streaming at least one of them is killed (replica 1
+        // may have claimed some that replica 0 accepted: every replica answers messages accepted by any).
         let store = try await SQLStore.open(try DatabaseLocation.parse(database), logger: Logger(label: "t"))
         #expect(await eventually { dingtalk.cards.cards.count == 4 && dingtalk.cards.cards.allSatisfy { $0.streamed.contains(" w3") } })
-        #expect(try await store.runningClaims(of: replicas[0]) > 0)
-        replicas[0].signal(SIGKILL)
-        _ = await replicas[0].wait()
+        let victim = try #require(try await replicaHoldingAClaim(replicas, store: store))
+        replicas[victim].signal(SIGKILL)
+        _ = await replicas[victim].wait()
         #expect(dingtalk.cards.cards.allSatisfy { $0.flowStatus != "3" })
-        // Replica 1 takes the claims over when their leases expire and finishes the same cards.
+        // The other takes the claims over when their leases expire and finishes the same cards.
         #expect(await eventually(seconds: 90) { dingtalk.cards.cards.allSatisfy { $0.flowStatus == "3" } })
-        replicas[1].signal(SIGTERM)
-        #expect(await replicas[1].wait() == 0)
+        let survivor = replicas[1 - victim]
+        survivor.signal(SIGTERM)
+        #expect(await survivor.wait() == 0)
         #expect(dingtalk.cards.cards.count == 4, "no second card for any message")
         for i in 0..<4 {
             let card = try #require(dingtalk.cards.card(DingTalkCard.outTrackID(robotCode: "dingbot", messageID: "rc-\(i)")))
@@ -322,6 +327,19 @@ func startReplicas(_ count: Int, environment: [String: String], directory: Strin
     var ports: [Int] = []
     for replica in replicas { ports.append(try await replica.waitUntilListening()) }
     return (replicas, ports)
+}
+
+/// The index of a replica that holds at least one claim, waiting up to 20 s for one to.
+func replicaHoldingAClaim(_ replicas: [ChildServer], store: SQLStore) async throws -> Int? {
+    var found: Int?
+    _ = try await eventually {
+        for (index, replica) in replicas.enumerated() where try await store.runningClaims(of: replica) > 0 {
+            found = index
+            return true
+        }
+        return false
+    }
+    return found
 }
 
 /// The logs of replicas `0..<count`, joined.

@@ -47,6 +47,29 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
         await store.close()
     }
 
+    @Test(arguments: StoreKind.enabled) func aCopyOfManyPagesOfEveryTableHoldsEveryRowOnce(_ kind: StoreKind) async throws {
+        let source = try await StoreKind.sqlite.open()
+        // More rows than one page (200) of each table, with keys whose text order differs from their numbers.
+        let count = 450
+        for n in 0..<count {
+            let key = ConversationKey(rawValue: "dingtalk/bot/c\(n)")
+            try await source.apply(.appendExchange(
+                question: Turn(role: .user, content: "q\(n)", createdAt: Date()),
+                answer: Turn(role: .assistant, content: "a\(n)", createdAt: Date())), to: key)
+            let m = message("m\(n)", chat: "c\(n)")
+            _ = try await source.accept(m, conversation: key, now: Date())
+        }
+        let target = try await kind.open()
+        let copied = try await target.copyEverything(from: source)
+        #expect(copied == SQLStore.TableCounts(conversations: count, turns: 2 * count, inbox: count))
+        #expect(try await target.inboxRows() == (try await source.inboxRows()))
+        for n in [0, 199, 200, 449] {
+            #expect(try await target.recentTurns(ConversationKey(rawValue: "dingtalk/bot/c\(n)"), limit: 10).map(\.content) == ["q\(n)", "a\(n)"])
+        }
+        await target.close()
+        await source.close()
+    }
+
     @Test(arguments: StoreKind.enabled) func aWriteWithAStaleLeaseTokenChangesNothing(_ kind: StoreKind) async throws {
         let store = try await kind.open()
         try await accept(store, ["a1"])
