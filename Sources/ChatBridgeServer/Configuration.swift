@@ -70,7 +70,7 @@ public struct ChatBridgeConfiguration: Sendable {
 
     public var server = Server()
     public var databaseURL = "sqlite:data/chatbridge.sqlite"
-    /// PostgreSQL connections per process (`database.pool_size`).
+    /// PostgreSQL connections per process for answering work (`database.pool_size`); max(2, pool_size ÷ 5) more are kept for acknowledgements and lease renewals, and one listens for wake-ups.
     public var databasePoolSize = 10
     /// `database.url` with its password masked, for logs and `chatbridge check`.
     public var maskedDatabaseURL: String {

@@ -23,6 +23,12 @@ public final class ChildServer: @unchecked Sendable {
         try process.run()
     }
 
+    /// A server still running when the last reference to it goes (a test or a bench that failed half-way)
+    /// is killed rather than left behind.
+    deinit {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    }
+
     /// Waits until the server logs its port; throws if it exits first or `seconds` pass.
     public func waitUntilListening(seconds: Double = 60) async throws -> Int {
         let deadline = Date().addingTimeInterval(seconds)

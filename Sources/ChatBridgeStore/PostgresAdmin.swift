@@ -37,10 +37,12 @@ extension PostgresLocation {
     /// The location as a URL **with its password**, for handing to a child process's configuration; never
     /// log it (``description`` is the masked form).
     public var urlWithPassword: String {
-        let password = self.password.map { ":" + ($0.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? $0) } ?? ""
-        let user = username.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? username
+        // Only RFC 3986's unreserved characters stay as they are.
+        let unreserved = CharacterSet(charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+        func encoded(_ text: String) -> String { text.addingPercentEncoding(withAllowedCharacters: unreserved) ?? text }
+        let password = self.password.map { ":" + encoded($0) } ?? ""
         let host = self.host.contains(":") ? "[\(self.host)]" : self.host
-        return "postgres://\(user)\(password)@\(host):\(port)/\(database)?sslmode=\(tls.rawValue)"
+        return "postgres://\(encoded(username))\(password)@\(host):\(port)/\(encoded(database))?sslmode=\(tls.rawValue)"
     }
 }
 

@@ -45,6 +45,9 @@ struct Bench: AsyncParsableCommand {
     func run() async throws {
         if context { return try await measureContext() }
         guard replicas >= 1 else { throw ValidationError("--replicas must be at least 1") }
+        if replicas > 1, database.lowercased() == "sqlite" {
+            throw ValidationError("--replicas needs a PostgreSQL --database (postgres or a postgres:// URL): a SQLite database belongs to one server process")
+        }
         if target != nil, replicas != 1 || database != "sqlite" {
             throw ValidationError("--target drives a server that is already running; --replicas and --database apply to the servers the bench starts")
         }
@@ -57,10 +60,12 @@ struct Bench: AsyncParsableCommand {
         let directory = NSTemporaryDirectory() + "chatbridge-bench-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let store = try await BenchDatabase.prepare(target == nil ? database : "sqlite", directory: directory)
-        if store.kind == "sqlite", replicas > 1 {
-            await store.cleanup()
-            throw ValidationError("--replicas needs a PostgreSQL --database (postgres or a postgres:// URL): a SQLite database belongs to one server process")
+        let store: BenchDatabase
+        do {
+            store = try await BenchDatabase.prepare(target == nil ? database : "sqlite", directory: directory)
+        } catch {
+            await model.stop()
+            throw error
         }
         var report: Report
         do {

@@ -2,8 +2,9 @@ import AsyncHTTPClient
 import ChatBridgeCore
 import ChatBridgeServer
 import ChatBridgeSimulators
-import ChatBridgeStore
+@testable import ChatBridgeStore
 import Foundation
+import SQLKit
 import Testing
 
 @Suite(.serialized) struct CallbackIntegrationTests {
@@ -286,6 +287,16 @@ import Testing
         try await h.restart()
         #expect(await eventually { h.dingtalk.deliveries.contains { $0.target == "d2" } })
         #expect(h.dingtalk.deliveries.count == 2)
+    }
+
+    @Test func readinessSaysWhenAnotherReplicaMigratedTheDatabaseToANewerSchema() async throws {
+        let h = try await Harness.start()
+        defer { Task { await h.stop() } }
+        #expect(try await h.get("/readyz").status == 200)
+        let newer = SQLStore.latestVersion + 1
+        try await h.store.single { db in try await db.raw("INSERT INTO schema_migrations (version, applied_at) VALUES (\(bind: newer), 0)").run() }
+        let ready = try await h.get("/readyz")
+        #expect(ready.status == 503 && ready.body.contains("database schema newer than this build"))
     }
 
     @Test func metricsAndReadinessFollowTheTraffic() async throws {

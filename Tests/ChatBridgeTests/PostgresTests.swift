@@ -232,6 +232,10 @@ struct PostgresStoreTests {
     @Test func anAcknowledgementDoesNotQueueBehindAnsweringWorkThatHoldsEveryPooledConnection() async throws {
         let url = try await TestPostgres.freshDatabase()
         let store = try await SQLStore.open(try DatabaseLocation.parse(url), options: .init(poolSize: 1), logger: Logger(label: "t"))
+        let claimed = message("m0", chat: "a")
+        _ = try await store.accept(claimed, conversation: key(claimed), now: Date())
+        let rows = try await store.claim(limit: 1, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        guard case .ready(let item) = try #require(rows.first) else { throw SimulatorError(description: "not claimed") }
         // Answering work holds both connections of the main pool (pool_size 1, +1 kept for the listener).
         let finished = EventCount()
         let busy = Task {
@@ -250,10 +254,14 @@ struct PostgresStoreTests {
                     .first()?.decode(column: "n", as: Int.self)
             } == 2
         })
-        // The acknowledgement's write and a lease renewal go through connections of their own.
+        // The sleeps end at the earliest about 4 s from now; an acknowledgement's write and a lease renewal go
+        // through connections of their own and are done long before.
+        let busySince = ContinuousClock.now
         let m = message("m1", chat: "c")
         #expect(try await store.accept(m, conversation: key(m), now: Date()) == .accepted)
-        #expect(finished.value == 0, "accepted while the answering work still held the pool")
+        #expect(try await store.renewLeases([item.lease], until: Date().addingTimeInterval(60), now: Date()) == 1)
+        #expect(ContinuousClock.now - busySince < .seconds(2), "not queued behind the answering work")
+        #expect(finished.value == 0)
         await busy.value
         #expect(finished.value == 2)
         await store.close()
