@@ -279,6 +279,115 @@ struct ReplicaTests {
         await dingtalk.stop()
     }
 
+    @Test func streamFramesStayUnacknowledgedWhilePostgresIsAwayAndAreAnsweredOnceWhenItReturns() async throws {
+        let cluster = try PostgresCluster.start()
+        defer { cluster.destroy() }
+        let model = try await ModelSimulator.start()
+        let dingtalk = try await DingTalkSimulator.start()
+        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
+        let gateway = dingtalk.gateway
+        let directory = temporaryDirectory()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment["CHATBRIDGE_DATABASE_URL"] = cluster.url()
+        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
+        var replicas: [ChildServer] = []
+        for index in 0..<2 {
+            replicas.append(try await startReplica(index, environment: environment, directory: directory))
+            #expect(await eventually { gateway.openConnections.count == index + 1 })
+        }
+        let connections = gateway.openConnections
+        let sender = CallbackSender(url: "", secret: testSecret)
+        func body(_ id: String) -> Data {
+            sender.body(messageID: id, text: "q \(id)", conversationID: "cidOut==", senderStaffID: "out", webhook: dingtalk.webhookURL(session: id))
+        }
+        let first = try await gateway.pushMessage(body("o1"), to: connections[0])
+        #expect(await gateway.waitForAck(first).code == 200)
+        #expect(await eventually { dingtalk.deliveries.count == 1 })
+        try cluster.stop()
+        // While the database is away the frame is not stored, so it is not acknowledged.
+        let frame = try await gateway.pushMessage(body("o2"), to: connections[0])
+        #expect(await eventually(seconds: 30) {
+            (try? String(contentsOfFile: "\(directory)/replica0.log", encoding: .utf8))?.contains("could not store a Stream robot message") == true
+        })
+        #expect(gateway.acks(for: frame).isEmpty)
+        try cluster.startServer()
+        // DingTalk delivers it again, here on the other replica's connection, until it is acknowledged.
+        #expect(await eventually(seconds: 60) {
+            try? await gateway.pushMessage(body("o2"), to: connections[1], frameID: frame)
+            return await SystemClock().withTimeout(.seconds(6)) { await gateway.firstAck(frame) }??.code == 200
+        })
+        #expect(await eventually(seconds: 30) { dingtalk.deliveries.count == 2 })
+        for replica in replicas { replica.signal(SIGTERM) }
+        for replica in replicas { #expect(await replica.wait() == 0) }
+        #expect(dingtalk.deliveries.map(\.target) == ["o1", "o2"])
+        #expect(dingtalk.deliveries.last?.text == ModelSimulator.answer(to: "q o2"))
+        await model.stop()
+        await dingtalk.stop()
+    }
+
+    @Test func onTheLarkLongConnectionAnEventPushedToTwoReplicasAtOnceIsAnsweredOnceInOrder() async throws {
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.firstTokenLatency = .milliseconds(200)
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        let lark = try await LarkSimulator.start()
+        let gateway = lark.gateway
+        let directory = temporaryDirectory()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment.merge([
+            "CHATBRIDGE_DATABASE_URL": try await TestPostgres.freshDatabase(),
+            "CHATBRIDGE_LARK_APP_ID": lark.appID, "CHATBRIDGE_LARK_APP_SECRET": lark.appSecret, "CHATBRIDGE_LARK_BASE_URL": lark.baseURL,
+            "CHATBRIDGE_LARK_MODE": "websocket", "CHATBRIDGE_LARK_STREAM_HOSTS": "127.0.0.1", "CHATBRIDGE_LARK_CARD_MODE": "off",
+        ]) { $1 }
+        var replicas: [ChildServer] = []
+        for index in 0..<2 {
+            replicas.append(try await startReplica(index, environment: environment, directory: directory))
+            #expect(await gateway.wait { $0.openConnections.count == index + 1 })
+        }
+        let connections = gateway.openConnections
+        try #require(connections.count == 2)
+        let sender = LarkEventSender(url: "", verificationToken: "", encryptKey: "")
+        let chats = 3
+        let perChat = 4
+        // Each chat's events arrive one after the other; every other one is pushed on both replicas'
+        // connections at the same moment (Feishu re-pushing an event on another connection).
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for c in 0..<chats {
+                group.addTask {
+                    for n in 0..<perChat {
+                        let event = sender.messageEvent(messageID: "om_r\(c)_\(n)", text: "q \(c) \(n)", chatID: "oc_r\(c)", sender: "ou_r\(c)")
+                        var targets = [connections[(c + n) % 2]]
+                        if n % 2 == 0 { targets.append(connections[(c + n + 1) % 2]) }
+                        let frames = try await withThrowingTaskGroup(of: String.self) { pushes in
+                            for target in targets { pushes.addTask { try await gateway.pushEvent(event, to: target) } }
+                            return try await pushes.reduce(into: [String]()) { $0.append($1) }
+                        }
+                        for frame in frames {
+                            #expect(await gateway.wait { $0.replies(for: frame).contains { $0.code == 200 } })
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(await eventually(seconds: 60) { Set(lark.messages.compactMap(\.replyTo)).count == chats * perChat })
+        for replica in replicas { replica.signal(SIGTERM) }
+        for replica in replicas { #expect(await replica.wait() == 0) }
+        // Stored once, so asked of the model once and replied to once (not merely refused by Feishu's uuid check).
+        #expect(model.requestCount == chats * perChat)
+        #expect(lark.duplicateReplies == 0)
+        for c in 0..<chats {
+            let ids = (0..<perChat).map { "om_r\(c)_\($0)" }
+            #expect(lark.messages.compactMap(\.replyTo).filter(ids.contains) == ids, "chat \(c): each answered once, in order")
+            for n in 0..<perChat {
+                #expect(lark.replies(to: "om_r\(c)_\(n)").map(\.text) == [ModelSimulator.answer(to: "q \(c) \(n)")])
+            }
+        }
+        await model.stop()
+        await dingtalk.stop()
+        await lark.stop()
+    }
+
     @Test func benchSpreadsCallbacksOverReplicasOnANewDatabaseAndDropsItAfterwards() async throws {
         let url = try await TestPostgres.freshDatabase()
         guard case .postgres(let server) = try DatabaseLocation.parse(url) else { throw SimulatorError(description: "not PostgreSQL") }
