@@ -67,7 +67,15 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
         #expect(await second.wait() == 0)
         let perMessage = Dictionary(grouping: dingtalk.deliveries, by: \.target).mapValues(\.count)
         #expect(perMessage.count == 12)
-        #expect(perMessage.values.allSatisfy { $0 == 1 }, "duplicates: \(perMessage.filter { $0.value > 1 })")
+        // The one duplicate a kill can cause: it lands between a webhook send and its record (a webhook reply
+        // has no idempotency key), and the restarted server sends that part once more and logs it so.
+        let log = (try? String(contentsOfFile: directory + "/second.log", encoding: .utf8)) ?? ""
+        let duplicated = perMessage.filter { $0.value > 1 }
+        for (id, count) in duplicated {
+            let warned = log.split(separator: "\n").contains { $0.contains("message_id=\(id) ") && $0.contains("sending a reply part again") }
+            #expect(count == 2 && warned, "\(id) answered \(count) times")
+        }
+        #expect(duplicated.count <= 1, "duplicates: \(duplicated)")
         for id in accepted {
             let index = id.split(separator: "-").last!
             #expect(dingtalk.deliveries.first { $0.target == id }?.text == ModelSimulator.answer(to: "q\(index)"))

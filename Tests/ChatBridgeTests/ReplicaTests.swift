@@ -82,12 +82,7 @@ struct ReplicaTests {
         environment["CHATBRIDGE_DATABASE_URL"] = database
         environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
         environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
-        // One after the other, so connection i (in the order they opened) belongs to replica i.
-        var replicas: [ChildServer] = []
-        for index in 0..<3 {
-            replicas.append(try await startReplica(index, environment: environment, directory: directory))
-            #expect(await eventually { gateway.openConnections.count == index + 1 })
-        }
+        let replicas = try await startReplicasOneByOne(3, environment: environment, directory: directory) { gateway.openConnections.count }
         let connections = gateway.openConnections
         try #require(connections.count == 3)
         // As DingTalk: a frame unacknowledged for 2 s is delivered again, on the newest connection.
@@ -170,11 +165,7 @@ struct ReplicaTests {
         environment["CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID"] = "tpl.schema"
         environment["CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL"] = "100ms"
         environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
-        var replicas: [ChildServer] = []
-        for index in 0..<2 {
-            replicas.append(try await startReplica(index, environment: environment, directory: directory))
-            #expect(await eventually { gateway.openConnections.count == index + 1 })
-        }
+        let replicas = try await startReplicasOneByOne(2, environment: environment, directory: directory) { gateway.openConnections.count }
         let doomed = try #require(gateway.openConnections.first)
         let sender = CallbackSender(url: "", secret: testSecret)
         for i in 0..<4 {
@@ -290,11 +281,7 @@ struct ReplicaTests {
         var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
         environment["CHATBRIDGE_DATABASE_URL"] = cluster.url()
         environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
-        var replicas: [ChildServer] = []
-        for index in 0..<2 {
-            replicas.append(try await startReplica(index, environment: environment, directory: directory))
-            #expect(await eventually { gateway.openConnections.count == index + 1 })
-        }
+        let replicas = try await startReplicasOneByOne(2, environment: environment, directory: directory) { gateway.openConnections.count }
         let connections = gateway.openConnections
         let sender = CallbackSender(url: "", secret: testSecret)
         func body(_ id: String) -> Data {
@@ -316,7 +303,9 @@ struct ReplicaTests {
             try? await gateway.pushMessage(body("o2"), to: connections[1], frameID: frame)
             return await SystemClock().withTimeout(.seconds(6)) { await gateway.firstAck(frame) }??.code == 200
         })
-        #expect(await eventually(seconds: 30) { dingtalk.deliveries.count == 2 })
+        // Answered once the replicas' answering connections are back: the pool retries with a growing
+        // back-off, up to a minute after a long outage.
+        #expect(await eventually(seconds: 90) { dingtalk.deliveries.count == 2 })
         for replica in replicas { replica.signal(SIGTERM) }
         for replica in replicas { #expect(await replica.wait() == 0) }
         #expect(dingtalk.deliveries.map(\.target) == ["o1", "o2"])
@@ -339,11 +328,7 @@ struct ReplicaTests {
             "CHATBRIDGE_LARK_APP_ID": lark.appID, "CHATBRIDGE_LARK_APP_SECRET": lark.appSecret, "CHATBRIDGE_LARK_BASE_URL": lark.baseURL,
             "CHATBRIDGE_LARK_MODE": "websocket", "CHATBRIDGE_LARK_STREAM_HOSTS": "127.0.0.1", "CHATBRIDGE_LARK_CARD_MODE": "off",
         ]) { $1 }
-        var replicas: [ChildServer] = []
-        for index in 0..<2 {
-            replicas.append(try await startReplica(index, environment: environment, directory: directory))
-            #expect(await gateway.wait { $0.openConnections.count == index + 1 })
-        }
+        let replicas = try await startReplicasOneByOne(2, environment: environment, directory: directory) { gateway.openConnections.count }
         let connections = gateway.openConnections
         try #require(connections.count == 2)
         let sender = LarkEventSender(url: "", verificationToken: "", encryptKey: "")
@@ -433,11 +418,20 @@ struct ReplicaTests {
     }
 }
 
-/// Starts replica `index` of a set (its log is `replicaINDEX.log`) and waits until it listens.
-func startReplica(_ index: Int, environment: [String: String], directory: String) async throws -> ChildServer {
-    let replica = try ChildServer(executable: chatbridgeExecutable(), environment: environment, logPath: "\(directory)/replica\(index).log")
-    _ = try await replica.waitUntilListening()
-    return replica
+/// Starts `count` replicas one after the other (their logs are `replicaINDEX.log`), each once the one before
+/// opened its platform connection (`connections` counts them), so connection i, in the order they opened,
+/// belongs to replica i.
+func startReplicasOneByOne(
+    _ count: Int, environment: [String: String], directory: String, connections: @escaping @Sendable () -> Int
+) async throws -> [ChildServer] {
+    var replicas: [ChildServer] = []
+    for index in 0..<count {
+        let replica = try ChildServer(executable: chatbridgeExecutable(), environment: environment, logPath: "\(directory)/replica\(index).log")
+        replicas.append(replica)
+        _ = try await replica.waitUntilListening()
+        try #require(await eventually { connections() == index + 1 }, "replica \(index) opened its connection")
+    }
+    return replicas
 }
 
 /// Starts `count` replicas at once (they race for the migrations) and returns them with their ports.
