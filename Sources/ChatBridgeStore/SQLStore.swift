@@ -272,7 +272,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 let logger = self.logger
                 return try await Self.within(timeout) {
                     try await client.withTransaction(logger: logger) { connection in
-                        try await body(connection.sql(queryLogLevel: nil))
+                        // A call given up by `within` while it waited for a connection must not run when one
+                        // arrives: a claim whose result nobody reads would hold its messages for a lease.
+                        try Task.checkCancellation()
+                        return try await body(connection.sql(queryLogLevel: nil))
                     }
                 }
             } catch let error as PostgresTransactionError {
@@ -293,7 +296,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             let client = priority == .urgent ? urgent : main
             do {
                 return try await Self.within(Self.callTimeout) {
-                    try await client.withConnection { connection in try await body(connection.sql(queryLogLevel: nil)) }
+                    try await client.withConnection { connection in
+                        try Task.checkCancellation()  // given up by `within` while waiting: do not run it now
+                        return try await body(connection.sql(queryLogLevel: nil))
+                    }
                 }
             } catch {
                 throw Self.storeError(error)
