@@ -56,6 +56,9 @@ public final class Dispatcher: Sendable {
         var abandoning = false
         /// Claims being worked on (one row can appear twice: an attempt that lost its lease is still finishing).
         var inFlight: Set<Lease> = []
+        /// A claim failed: it may have committed all the same (a call given up after it did), leaving rows
+        /// claimed by this process that nobody works on.
+        var claimsMayBeLost = false
         /// The earliest retry this dispatcher scheduled, so it wakes in time without asking the database.
         var nextRetry: Date?
         /// Live replies to mark failed once running (messages the previous run gave up).
@@ -142,12 +145,14 @@ public final class Dispatcher: Sendable {
                 let limit = min(free, 512)
                 var claimed: [ClaimedRow] = []
                 if free > 0 {
+                    if state.withLock({ $0.claimsMayBeLost }) { await releaseLostClaims() }
                     do {
                         let now = clock.now
                         claimed = try await inbox.claim(
                             limit: limit, owner: owner, leaseUntil: now.adding(settings.lease),
                             maxAttempts: settings.retry.maxAttempts, now: now)
                     } catch {
+                        state.withLock { $0.claimsMayBeLost = true }
                         logger.error("could not claim messages", metadata: ["error": "\(error)"])
                         await signal.wait(timeout: settings.pollInterval, clock: clock)
                         continue
@@ -176,6 +181,21 @@ public final class Dispatcher: Sendable {
                 await signal.wait(timeout: settings.pollInterval, clock: clock)
             }
             group.cancelAll()
+        }
+    }
+
+    /// Returns the rows a failed claim may have claimed all the same to pending, so they are answered now
+    /// rather than after their lease (they were never worked on; each gets its attempt back).
+    private func releaseLostClaims() async {
+        let keeping = state.withLock { $0.inFlight }
+        do {
+            let released = try await inbox.releaseOwnClaims(owner: owner, keeping: keeping, now: clock.now)
+            state.withLock { $0.claimsMayBeLost = false }
+            if released > 0 {
+                logger.notice("returned claims whose result was lost to pending", metadata: ["count": "\(released)"])
+            }
+        } catch {
+            logger.error("could not return claims whose result may have been lost; their leases will expire", metadata: ["error": "\(error)"])
         }
     }
 

@@ -694,6 +694,37 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         return released
     }
 
+    public func releaseOwnClaims(owner: String, keeping: Set<Lease>, now: Date) async throws -> Int {
+        let nowSQL = sqlNow(now)
+        let held = try await single { db in
+            try await db.raw("""
+                SELECT id, lease_token FROM inbox WHERE state = 'running' AND lease_owner = \(bind: owner)
+                """).all().compactMap { row -> Lease? in
+                guard let id = try? row.decode(column: "id", as: Int64.self),
+                    let token = try? row.decode(column: "lease_token", as: String.self)
+                else { return nil }
+                return Lease(id: id, token: token)
+            }
+        }
+        let orphans = held.filter { !keeping.contains($0) }
+        var released = 0
+        for start in stride(from: 0, to: orphans.count, by: 400) {
+            let chunk = orphans[start..<min(start + 400, orphans.count)]
+            let ids: [any Encodable & Sendable] = chunk.map(\.id)
+            let tokens: [any Encodable & Sendable] = chunk.map(\.token)
+            released += try await single { db in
+                try await db.raw("""
+                    UPDATE inbox SET state = 'pending', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
+                      lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = \(nowSQL)
+                    WHERE id IN (\(binds: ids)) AND lease_token IN (\(binds: tokens)) AND state = 'running'
+                      AND lease_owner = \(bind: owner)
+                    RETURNING id
+                    """).all().count
+            }
+        }
+        return released
+    }
+
     /// With a shared database (PostgreSQL) the running rows of other replicas are theirs: only expired
     /// claims are released, as the reaper would.
     public func reclaimRunning(now: Date, maxAttempts: Int) async throws -> ReleasedClaims {

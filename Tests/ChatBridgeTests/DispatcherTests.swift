@@ -63,6 +63,25 @@ final class DispatcherFixture: @unchecked Sendable {
 }
 
 @Suite struct DispatcherTests {
+    @Test func aClaimWhoseResultWasLostIsAnsweredWithoutWaitingForItsLease() async throws {
+        let f = DispatcherFixture()
+        // The claim commits, but its call fails (as one given up after 5 s that committed all the same).
+        await f.inbox.loseNextClaimResult()
+        let id = try await f.accept("m1", "hello")
+        f.start()
+        // One poll interval later (not a 30 s lease) the row is back to pending and answered once.
+        var answered = false
+        for _ in 0..<5 where !answered {
+            f.clock.advance(by: .seconds(1))
+            answered = await eventually(seconds: 2) { await f.state(id) == "answered" }
+        }
+        #expect(answered)
+        #expect(f.replies.delivered.count == 1)
+        #expect(await f.inbox.claims[id] == 2)
+        #expect(await f.inbox.row(id)?.attempts == 1, "the lost claim gave its attempt back")
+        await f.stop()
+    }
+
     @Test func anAttemptThatLostItsLeaseSendsNothing() async throws {
         let f = DispatcherFixture()
         let gate = OneTimeEvent()

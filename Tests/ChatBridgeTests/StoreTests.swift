@@ -47,6 +47,30 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
         await store.close()
     }
 
+    @Test(arguments: StoreKind.enabled) func claimsWhoseResultWasLostAreReturnedByTheirOwnerWithTheirAttempt(_ kind: StoreKind) async throws {
+        let store = try await kind.open()
+        try await accept(store, ["a1", "b1", "c1", "d1"])
+        let lease = Date().addingTimeInterval(30)
+        let mine = items(try await store.claim(limit: 3, owner: "me", leaseUntil: lease, maxAttempts: 5, now: Date()))
+        let theirs = items(try await store.claim(limit: 3, owner: "other", leaseUntil: lease, maxAttempts: 5, now: Date()))
+        #expect(mine.count == 3 && theirs.count == 1)
+        // "me" works on its first claim only; the other two are claims whose result never reached it.
+        #expect(try await store.releaseOwnClaims(owner: "me", keeping: [mine[0].lease], now: Date()) == 2)
+        let rows = Dictionary(uniqueKeysWithValues: try await store.inboxRows().map { ($0.messageID, $0) })
+        #expect(rows[mine[0].message.messageID]?.state == "running")
+        #expect(rows[theirs[0].message.messageID]?.state == "running", "another owner's claim is left alone")
+        for item in mine.dropFirst() {
+            #expect(rows[item.message.messageID]?.state == "pending")
+            #expect(rows[item.message.messageID]?.attempts == 0, "the attempt is given back")
+        }
+        // Their old tokens write nothing, and they are claimed again at once.
+        await #expect(throws: LeaseLost.self) {
+            try await store.scheduleRetry(mine[1].lease, notBefore: Date(), error: "x", lastSendFailed: false, now: Date())
+        }
+        #expect(items(try await store.claim(limit: 5, owner: "me", leaseUntil: lease, maxAttempts: 5, now: Date())).count == 2)
+        await store.close()
+    }
+
     @Test(arguments: StoreKind.enabled) func aCopyOfManyPagesOfEveryTableHoldsEveryRowOnce(_ kind: StoreKind) async throws {
         let source = try await StoreKind.sqlite.open()
         // More rows than one page (200) of each table, with keys whose text order differs from their numbers.

@@ -97,6 +97,7 @@ actor InMemoryInbox: Inbox {
         var attempts = 0
         var notBefore: Date
         var leaseToken: String?
+        var leaseOwner: String?
         var leaseExpires: Date?
         var reply: StoredReply?
         var deliveredParts = 0
@@ -169,6 +170,7 @@ actor InMemoryInbox: Inbox {
         if stealBefore == operation, let index = rows.firstIndex(where: { $0.id == lease.id }) {
             stealBefore = nil
             rows[index].leaseToken = "another-worker"
+            rows[index].leaseOwner = "another-worker"
         }
         guard let index = rows.firstIndex(where: { $0.id == lease.id && $0.leaseToken == lease.token && $0.state == "running" }) else {
             refusedWrites.append(operation)
@@ -195,7 +197,34 @@ actor InMemoryInbox: Inbox {
         return .accepted
     }
 
+    /// The next claim commits, then fails as a call given up after it committed would: its result is lost.
+    func loseNextClaimResult() { loseClaimResult = true }
+    private var loseClaimResult = false
+
+    func releaseOwnClaims(owner: String, keeping: Set<Lease>, now: Date) async throws -> Int {
+        var released = 0
+        for index in rows.indices where rows[index].state == "running" && rows[index].leaseOwner == owner {
+            guard let token = rows[index].leaseToken, !keeping.contains(Lease(id: rows[index].id, token: token)) else { continue }
+            rows[index].state = "pending"
+            rows[index].attempts = max(0, rows[index].attempts - 1)
+            rows[index].leaseToken = nil
+            rows[index].leaseOwner = nil
+            rows[index].leaseExpires = nil
+            released += 1
+        }
+        return released
+    }
+
     func claim(limit: Int, owner: String, leaseUntil: Date, maxAttempts: Int, now: Date) async throws -> [ClaimedRow] {
+        let result = try claimNow(limit: limit, owner: owner, leaseUntil: leaseUntil, maxAttempts: maxAttempts, now: now)
+        if loseClaimResult {
+            loseClaimResult = false
+            throw Injected()
+        }
+        return result
+    }
+
+    private func claimNow(limit: Int, owner: String, leaseUntil: Date, maxAttempts: Int, now: Date) throws -> [ClaimedRow] {
         claimBatch += 1
         var seen: Set<ConversationKey> = []
         var result: [ClaimedRow] = []
@@ -207,6 +236,7 @@ actor InMemoryInbox: Inbox {
             rows[index].state = "running"
             rows[index].attempts += 1
             rows[index].leaseToken = "b\(claimBatch)-\(row.id)"
+            rows[index].leaseOwner = owner
             rows[index].leaseExpires = leaseUntil
             claims[row.id, default: 0] += 1
             let lease = Lease(id: row.id, token: rows[index].leaseToken!)
@@ -238,6 +268,7 @@ actor InMemoryInbox: Inbox {
         var released = ReleasedClaims()
         for index in rows.indices where condition(rows[index]) {
             rows[index].leaseToken = nil
+            rows[index].leaseOwner = nil
             rows[index].leaseExpires = nil
             if rows[index].attempts >= maxAttempts {
                 rows[index].state = "failed"
@@ -300,6 +331,7 @@ actor InMemoryInbox: Inbox {
         rows[index].state = reply.kind == .answer ? "answered" : "failed"
         rows[index].uncertainSends = 0
         rows[index].leaseToken = nil
+            rows[index].leaseOwner = nil
         if reply.kind == .answer, reply.effect != .none { effects.append((conversation, reply.effect)) }
     }
 
@@ -307,6 +339,7 @@ actor InMemoryInbox: Inbox {
         let index = try index(lease, .scheduleRetry)
         rows[index].state = "pending"
         rows[index].leaseToken = nil
+            rows[index].leaseOwner = nil
         rows[index].notBefore = notBefore
         rows[index].lastError = error
         if lastSendFailed { rows[index].uncertainSends -= 1 }
@@ -316,6 +349,7 @@ actor InMemoryInbox: Inbox {
         let index = try index(lease, .markFailed)
         rows[index].state = "failed"
         rows[index].leaseToken = nil
+            rows[index].leaseOwner = nil
         rows[index].lastError = error
         if lastSendFailed { rows[index].uncertainSends -= 1 }
     }
