@@ -323,9 +323,10 @@ public protocol Inbox: Sendable {
     /// when they have used `maxAttempts` attempts. Claims in `keeping` are still being worked on by the
     /// caller and are never released by it, expired or not.
     func releaseExpiredLeases(now: Date, maxAttempts: Int, keeping: Set<Lease>) async throws -> ReleasedClaims
-    /// Returns to pending the claims `owner` holds but is not working on (not in `keeping`): claims whose
-    /// result never reached it, such as a claim that committed after its call had been given up. Nothing
-    /// was done for them, so each gives back the attempt it counted. Returns how many.
+    /// Returns to pending the rows of this store's failed `claim` calls that `owner` holds all the same and
+    /// is not working on (not in `keeping`): a claim that committed after its call had been given up.
+    /// Nothing was done for them, so each gives back the attempt it counted. Rows of claims that succeeded
+    /// are never touched. Returns how many.
     func releaseOwnClaims(owner: String, keeping: Set<Lease>, now: Date) async throws -> Int
     /// At single-process start-up: returns every running row to pending (or failed, past `maxAttempts`),
     /// and fails pending rows past `maxAttempts`.

@@ -70,6 +70,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     let dialect: Dialect
     let timeSource: TimeSource
     private let closed = Atomic<Bool>(false)
+    /// The batch tokens of this process's most recent claims that failed (they may have committed all the same).
+    private let failedClaimBatches = Mutex<[String]>([])
     private let logger: Logger
     public let location: DatabaseLocation
 
@@ -573,22 +575,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 delivered_parts, uncertain_sends, live_state, live_ref
             """
         let rows: [any SQLRow]
-        switch dialect {
-        case .sqlite:
-            rows = try await single { db in try await db.raw(statement).all() }
-        case .postgres:
-            // Claims are serialised across replicas, and each sees every claim committed before it (a
-            // statement's snapshot starts after the lock): no conversation ever has two messages running.
-            rows = try await transaction { db in
-                // READ COMMITTED whatever the server's default (the snapshot must start after the lock), and
-                // a replica that holds the lock and hangs cannot stall the others' claims for long.
-                try await db.raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").run()
-                try await db.raw("""
-                    SELECT set_config('lock_timeout', '5s', true), set_config('idle_in_transaction_session_timeout', '10s', true)
-                    """).run()
-                try await self.lockAcrossProcesses(Self.claimLockKey, on: db)
-                return try await db.raw(statement).all()
-            }
+        do {
+            rows = try await claimRows(statement)
+        } catch {
+            // The claim may have committed all the same (given up after it did): `releaseOwnClaims` returns
+            // the rows of this batch, and only of failed batches.
+            noteFailedClaim(batch)
+            throw error
         }
         var claimed: [ClaimedRow] = []
         claimed.reserveCapacity(rows.count)
@@ -636,6 +629,37 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             uncertainSends: try row.decode(column: "uncertain_sends", as: Int.self),
             live: LiveReplyState(rawValue: try row.decode(column: "live_state", as: String.self)) ?? .none,
             liveReference: try row.decode(column: "live_ref", as: String?.self))
+    }
+
+    /// Remembers the batch token of a claim that failed (the most recent 64).
+    func noteFailedClaim(_ batch: String) {
+        failedClaimBatches.withLock { batches in
+            batches.append(batch)
+            if batches.count > 64 { batches.removeFirst(batches.count - 64) }
+        }
+    }
+
+    /// Runs the claim statement: on PostgreSQL under the claim lock, so claims are serialised across replicas.
+    private func claimRows(_ statement: SQLQueryString) async throws -> [any SQLRow] {
+        switch dialect {
+        case .sqlite:
+            return try await single { db in try await db.raw(statement).all() }
+        case .postgres:
+            // Claims are serialised across replicas, and each sees every claim committed before it (a
+            // statement's snapshot starts after the lock): no conversation ever has two messages running.
+            return try await transaction { db in
+                // READ COMMITTED whatever the server's default (the snapshot must start after the lock), and
+                // a replica that holds the lock and hangs cannot stall the others' claims for long.
+                try await db.raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").run()
+                try await db.raw("""
+                    SELECT set_config('lock_timeout', '5s', true), set_config('idle_in_transaction_session_timeout', '10s', true)
+                    """).run()
+                try await self.lockAcrossProcesses(Self.claimLockKey, on: db)
+                // The lock can take almost as long as the whole call may: a claim given up meanwhile stops here.
+                try Task.checkCancellation()
+                return try await db.raw(statement).all()
+            }
+        }
     }
 
     public func renewLeases(_ leases: [Lease], until: Date, now: Date) async throws -> Int {
@@ -696,9 +720,14 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func releaseOwnClaims(owner: String, keeping: Set<Lease>, now: Date) async throws -> Int {
         let nowSQL = sqlNow(now)
+        // Only rows of a claim that failed: a row left running by an attempt that ended without closing its
+        // claim (it is retried after its lease) keeps its lease and its attempt.
+        let batches = failedClaimBatches.withLock { $0 }
+        guard !batches.isEmpty else { return 0 }
+        let fromFailedClaims = batches.map { batch -> SQLQueryString in "lease_token LIKE \(bind: batch + "-%")" }.joined(separator: " OR ")
         let held = try await single { db in
             try await db.raw("""
-                SELECT id, lease_token FROM inbox WHERE state = 'running' AND lease_owner = \(bind: owner)
+                SELECT id, lease_token FROM inbox WHERE state = 'running' AND lease_owner = \(bind: owner) AND (\(fromFailedClaims))
                 """).all().compactMap { row -> Lease? in
                 guard let id = try? row.decode(column: "id", as: Int64.self),
                     let token = try? row.decode(column: "lease_token", as: String.self)

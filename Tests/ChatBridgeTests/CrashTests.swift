@@ -31,6 +31,33 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
     ]
 }
 
+/// The simulators and the `chatbridge serve` environment for DingTalk Stream mode: AI cards with `cards`,
+/// on `database` (a new SQLite file when nil), with `settings` added.
+struct StreamSetup {
+    let model: ModelSimulator
+    let dingtalk: DingTalkSimulator
+    let directory: String
+    let environment: [String: String]
+
+    static func start(
+        _ behaviour: ModelSimulator.Behaviour = .init(), database: String? = nil, cards: Bool = false, settings: [String: String] = [:]
+    ) async throws -> StreamSetup {
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
+        let directory = temporaryDirectory()
+        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
+        if let database { environment["CHATBRIDGE_DATABASE_URL"] = database }
+        if cards {
+            environment["CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID"] = "tpl.schema"
+            environment["CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL"] = "100ms"
+        }
+        environment.merge(settings) { $1 }
+        return StreamSetup(model: model, dingtalk: dingtalk, directory: directory, environment: environment)
+    }
+}
+
 @Suite(.serialized) struct CrashTests {
     @Test func killedMidAnswerEveryAcceptedMessageIsAnsweredExactlyOnce() async throws {
         var behaviour = ModelSimulator.Behaviour()
@@ -150,14 +177,8 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
         var behaviour = ModelSimulator.Behaviour()
         behaviour.tokensPerSecond = 20
         behaviour.answerTokens = 40
-        let model = try await ModelSimulator.start(behaviour: behaviour)
-        let dingtalk = try await DingTalkSimulator.start()
-        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
-        let directory = temporaryDirectory()
-        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
-        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
-        environment["CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID"] = "tpl.schema"
-        environment["CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL"] = "100ms"
+        let setup = try await StreamSetup.start(behaviour, cards: true)
+        let (model, dingtalk, directory, environment) = (setup.model, setup.dingtalk, setup.directory, setup.environment)
         let executable = chatbridgeExecutable()
         let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
         _ = try await first.waitUntilListening()

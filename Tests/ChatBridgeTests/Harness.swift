@@ -8,6 +8,7 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import ServiceLifecycle
+import Synchronization
 
 let testSecret = "test-app-secret"
 
@@ -197,4 +198,11 @@ final class Harness: @unchecked Sendable {
         await lark?.stop()
         try? FileManager.default.removeItem(atPath: directory)
     }
+}
+
+/// A thread-safe count.
+final class EventCount: Sendable {
+    private let count = Mutex(0)
+    func increment() { count.withLock { $0 += 1 } }
+    var value: Int { count.withLock { $0 } }
 }

@@ -27,6 +27,9 @@ struct ReplicaTests {
         let client = HTTPClientFactory.make()
         let conversations = 5
         let perConversation = 6
+        // The model waits until the kill below, so the killed replica is answering then (a kill between a
+        // webhook send and its record is CrashTests' killedBetweenDeliveryAndItsRecord…).
+        model.hold()
         // Each conversation asks its questions one after the other, round-robin over the replicas; every
         // third question is delivered twice at the same moment, to two different replicas.
         let accepted = try await withThrowingTaskGroup(of: [String].self) { group in
@@ -58,6 +61,7 @@ struct ReplicaTests {
         await store.close()
         replicas[victim].signal(SIGKILL)
         _ = await replicas[victim].wait()
+        model.release()
         // The others take over its claims when their leases expire, and answer everything.
         #expect(await eventually(seconds: 90) { Set(dingtalk.deliveries.map(\.target)).count == accepted.count })
         let survivors = replicas.indices.filter { $0 != victim }.map { replicas[$0] }
@@ -72,16 +76,10 @@ struct ReplicaTests {
     @Test func inStreamModeEveryReplicaHoldsAConnectionAndAFrameDeliveredToTwoReplicasOrLeftOnAKilledOneIsAnsweredOnce() async throws {
         var behaviour = ModelSimulator.Behaviour()
         behaviour.firstTokenLatency = .milliseconds(400)
-        let model = try await ModelSimulator.start(behaviour: behaviour)
-        let dingtalk = try await DingTalkSimulator.start()
-        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
-        let gateway = dingtalk.gateway
-        let directory = temporaryDirectory()
         let database = try await TestPostgres.freshDatabase()
-        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
-        environment["CHATBRIDGE_DATABASE_URL"] = database
-        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
-        environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
+        let setup = try await StreamSetup.start(behaviour, database: database, settings: ["CHATBRIDGE_WORKER_LEASE": "20s"])
+        let (model, dingtalk, directory, environment) = (setup.model, setup.dingtalk, setup.directory, setup.environment)
+        let gateway = dingtalk.gateway
         let replicas = try await startReplicasOneByOne(3, environment: environment, directory: directory) { gateway.openConnections.count }
         let connections = gateway.openConnections
         try #require(connections.count == 3)
@@ -153,18 +151,10 @@ struct ReplicaTests {
         // 8 s per answer: no card is finished yet when the kill lands (shortly after the fourth word).
         behaviour.tokensPerSecond = 5
         behaviour.answerTokens = 40
-        let model = try await ModelSimulator.start(behaviour: behaviour)
-        let dingtalk = try await DingTalkSimulator.start()
-        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
-        let gateway = dingtalk.gateway
-        let directory = temporaryDirectory()
         let database = try await TestPostgres.freshDatabase()
-        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
-        environment["CHATBRIDGE_DATABASE_URL"] = database
-        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
-        environment["CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID"] = "tpl.schema"
-        environment["CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL"] = "100ms"
-        environment["CHATBRIDGE_WORKER_LEASE"] = "20s"
+        let setup = try await StreamSetup.start(behaviour, database: database, cards: true, settings: ["CHATBRIDGE_WORKER_LEASE": "20s"])
+        let (model, dingtalk, directory, environment) = (setup.model, setup.dingtalk, setup.directory, setup.environment)
+        let gateway = dingtalk.gateway
         let replicas = try await startReplicasOneByOne(2, environment: environment, directory: directory) { gateway.openConnections.count }
         let doomed = try #require(gateway.openConnections.first)
         let sender = CallbackSender(url: "", secret: testSecret)
@@ -221,28 +211,32 @@ struct ReplicaTests {
         let client = HTTPClientFactory.make()
         let conversations = 6
         let perConversation = 8
+        let sentBefore = EventCount()
         let refused = EventCount()
-        // Each conversation asks a question every 250 ms (a steady load that goes on while the database is
-        // away); a callback refused then (503) is delivered again, to the other replica, as DingTalk does,
-        // until it is accepted.
+        let down = OneTimeEvent()
+        let back = OneTimeEvent()
+        // Each conversation asks two questions, then the rest once the database is down: the first of those is
+        // refused (503) and, as DingTalk does, delivered again to the other replica once the database is back.
         let load = Task {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for c in 0..<conversations {
                     group.addTask {
                         for n in 0..<perConversation {
+                            if n == 2 {
+                                sentBefore.increment()
+                                await down.wait()
+                            }
                             let id = "pg-\(c)-\(n)"
                             let body = senders[0].body(
                                 messageID: id, text: "q \(c) \(n)", conversationID: "cidPG\(c)==", senderStaffID: "pg\(c)",
                                 webhook: dingtalk.webhookURL(session: id))
-                            var attempt = c + n
-                            let deadline = Date().addingTimeInterval(90)
-                            while (try? await senders[attempt % senders.count].post(body, client: client).status) != 200 {
-                                refused.increment()
-                                try #require(Date() < deadline, "\(id) never accepted")
-                                attempt += 1
-                                try await Task.sleep(for: .milliseconds(100))
+                            if (try? await senders[(c + n) % senders.count].post(body, client: client).status) == 200 { continue }
+                            refused.increment()
+                            await back.wait()
+                            let accepted = await eventually(seconds: 60) {
+                                (try? await senders[(c + n + 1) % senders.count].post(body, client: client).status) == 200
                             }
-                            try await Task.sleep(for: .milliseconds(250))
+                            try #require(accepted, "\(id) accepted once the database is back")
                         }
                     }
                 }
@@ -250,11 +244,13 @@ struct ReplicaTests {
             }
         }
         // Stop the server abruptly (as a crash or a fail-over does) while answers are in flight, and start it
-        // again once the replicas have refused a callback because of it.
-        #expect(await eventually { model.requestCount >= conversations })
+        // again once every conversation had a question refused because of it.
+        #expect(await eventually { sentBefore.value == conversations && model.requestCount >= conversations })
         try cluster.stop(immediately: true)
-        #expect(await eventually(seconds: 30) { refused.value > 0 })
+        down.signal()
+        #expect(await eventually(seconds: 60) { refused.value >= conversations })
         try cluster.startServer()
+        back.signal()
         try await load.value
         let expected = (0..<conversations).map { c in (0..<perConversation).map { "pg-\(c)-\($0)" } }
         #expect(await eventually(seconds: 90) { Set(dingtalk.deliveries.map(\.target)).count == expected.joined().count })
@@ -273,14 +269,9 @@ struct ReplicaTests {
     @Test func streamFramesStayUnacknowledgedWhilePostgresIsAwayAndAreAnsweredOnceWhenItReturns() async throws {
         let cluster = try PostgresCluster.start()
         defer { cluster.destroy() }
-        let model = try await ModelSimulator.start()
-        let dingtalk = try await DingTalkSimulator.start()
-        dingtalk.gateway.setCredentials(clientID: "dingbot", clientSecret: testSecret)
+        let setup = try await StreamSetup.start(database: cluster.url())
+        let (model, dingtalk, directory, environment) = (setup.model, setup.dingtalk, setup.directory, setup.environment)
         let gateway = dingtalk.gateway
-        let directory = temporaryDirectory()
-        var environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
-        environment["CHATBRIDGE_DATABASE_URL"] = cluster.url()
-        environment["CHATBRIDGE_DINGTALK_MODE"] = "stream"
         let replicas = try await startReplicasOneByOne(2, environment: environment, directory: directory) { gateway.openConnections.count }
         let connections = gateway.openConnections
         let sender = CallbackSender(url: "", secret: testSecret)
@@ -484,13 +475,6 @@ func expectAnsweredOnceInOrder(
             #expect(deliveries.first { $0.target == id }?.text == ModelSimulator.answer(to: questions(id)), "\(id)", sourceLocation: sourceLocation)
         }
     }
-}
-
-/// A thread-safe count.
-final class EventCount: Sendable {
-    private let count = Mutex(0)
-    func increment() { count.withLock { $0 += 1 } }
-    var value: Int { count.withLock { $0 } }
 }
 
 extension SQLStore {

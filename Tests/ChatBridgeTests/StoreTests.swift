@@ -54,8 +54,16 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
         let mine = items(try await store.claim(limit: 3, owner: "me", leaseUntil: lease, maxAttempts: 5, now: Date()))
         let theirs = items(try await store.claim(limit: 3, owner: "other", leaseUntil: lease, maxAttempts: 5, now: Date()))
         #expect(mine.count == 3 && theirs.count == 1)
-        // "me" works on its first claim only; the other two are claims whose result never reached it.
+        try await accept(store, ["e1"])
+        let kept = items(try await store.claim(limit: 3, owner: "me", leaseUntil: lease, maxAttempts: 5, now: Date()))
+        #expect(kept.count == 1)
+        // The first claim's call failed after it committed (as a call given up after 5 s): its batch token
+        // (each lease token is BATCH-ID) is remembered. "me" works on one of its rows only.
+        let batch = String(mine[0].lease.token.dropLast("-\(mine[0].lease.id)".count))
+        store.noteFailedClaim(batch)
         #expect(try await store.releaseOwnClaims(owner: "me", keeping: [mine[0].lease], now: Date()) == 2)
+        #expect(try await store.inboxRows().first { $0.messageID == kept[0].message.messageID }?.state == "running",
+                "a row of a claim that succeeded keeps its lease, worked on or not")
         let rows = Dictionary(uniqueKeysWithValues: try await store.inboxRows().map { ($0.messageID, $0) })
         #expect(rows[mine[0].message.messageID]?.state == "running")
         #expect(rows[theirs[0].message.messageID]?.state == "running", "another owner's claim is left alone")

@@ -201,10 +201,15 @@ actor InMemoryInbox: Inbox {
     func loseNextClaimResult() { loseClaimResult = true }
     private var loseClaimResult = false
 
+    /// Batches of claims that failed after they committed.
+    private var lostBatches: [Int] = []
+
     func releaseOwnClaims(owner: String, keeping: Set<Lease>, now: Date) async throws -> Int {
         var released = 0
         for index in rows.indices where rows[index].state == "running" && rows[index].leaseOwner == owner {
-            guard let token = rows[index].leaseToken, !keeping.contains(Lease(id: rows[index].id, token: token)) else { continue }
+            guard let token = rows[index].leaseToken, !keeping.contains(Lease(id: rows[index].id, token: token)),
+                lostBatches.contains(where: { token.hasPrefix("b\($0)-") })
+            else { continue }
             rows[index].state = "pending"
             rows[index].attempts = max(0, rows[index].attempts - 1)
             rows[index].leaseToken = nil
@@ -219,6 +224,7 @@ actor InMemoryInbox: Inbox {
         let result = try claimNow(limit: limit, owner: owner, leaseUntil: leaseUntil, maxAttempts: maxAttempts, now: now)
         if loseClaimResult {
             loseClaimResult = false
+            lostBatches.append(claimBatch)
             throw Injected()
         }
         return result
@@ -331,7 +337,7 @@ actor InMemoryInbox: Inbox {
         rows[index].state = reply.kind == .answer ? "answered" : "failed"
         rows[index].uncertainSends = 0
         rows[index].leaseToken = nil
-            rows[index].leaseOwner = nil
+        rows[index].leaseOwner = nil
         if reply.kind == .answer, reply.effect != .none { effects.append((conversation, reply.effect)) }
     }
 
@@ -339,7 +345,7 @@ actor InMemoryInbox: Inbox {
         let index = try index(lease, .scheduleRetry)
         rows[index].state = "pending"
         rows[index].leaseToken = nil
-            rows[index].leaseOwner = nil
+        rows[index].leaseOwner = nil
         rows[index].notBefore = notBefore
         rows[index].lastError = error
         if lastSendFailed { rows[index].uncertainSends -= 1 }
@@ -349,7 +355,7 @@ actor InMemoryInbox: Inbox {
         let index = try index(lease, .markFailed)
         rows[index].state = "failed"
         rows[index].leaseToken = nil
-            rows[index].leaseOwner = nil
+        rows[index].leaseOwner = nil
         rows[index].lastError = error
         if lastSendFailed { rows[index].uncertainSends -= 1 }
     }
