@@ -304,19 +304,33 @@ public final class Dispatcher: Sendable {
         ]
         let started = clock.now
         do {
+            // What to do is decided before anything shows: a command, a refusal or a limit is answered with
+            // a message (no card), a group the bot may not serve gets nothing.
+            var plan: Plan?
+            if item.reply == nil && item.live == .none {
+                guard let planned = try await self.plan(for: item, metadata: metadata) else { return }
+                if case .silent(let reason) = planned {
+                    try await recordFinished(StoredReply(text: "", kind: .answer, effect: .none), for: item, metadata: metadata)
+                    logger.debug("not answered", metadata: metadata.merging(["why": "\(reason)"]) { $1 })
+                    return
+                }
+                plan = planned
+            }
             // A message already (partly) sent as whole messages stays on that path: a card would repeat it.
             let sentWhole = item.live == .none && (item.deliveredParts > 0 || item.uncertainSends > 0)
             // A live reply an earlier attempt began is continued whatever the card settings are now.
             let begun = item.live == .opening || item.live == .opened || item.live == .finalized
-            let live = item.live == .declined || sentWhole ? nil : replies.liveReply(to: item.message, reference: item.liveReference, begun: begun)
+            let wantsLive = begun || (plan?.asksModel ?? true)
+            let live = item.live == .declined || sentWhole || !wantsLive
+                ? nil : replies.liveReply(to: item.message, reference: item.liveReference, begun: begun)
             let finished: StoredReply?
             if item.live == .finalized, let stored = item.reply {
                 // The live reply shows the final text already: only recording it is left.
                 try await recordFinished(stored, for: item, metadata: metadata)
                 finished = stored
             } else if let live {
-                finished = try await answerLive(item, live: live, metadata: metadata)
-            } else if let reply = try await reply(for: item, metadata: metadata) {
+                finished = try await answerLive(item, live: live, plan: plan, metadata: metadata)
+            } else if let reply = try await reply(for: item, plan: plan, metadata: metadata) {
                 finished = try await deliver(reply, for: item, metadata: metadata) ? reply : nil
             } else {
                 finished = nil
@@ -344,22 +358,24 @@ public final class Dispatcher: Sendable {
     /// The reply to deliver: the stored one, a new answer, or the error reply when the model failed for
     /// good. Nil when a retry was scheduled instead.
     private func reply(
-        for item: InboxItem, metadata: Logger.Metadata, onDelta: @escaping @Sendable (String) async -> Void = { _ in }
+        for item: InboxItem, plan: Plan?, metadata: Logger.Metadata, onDelta: @escaping @Sendable (String) async -> Void = { _ in }
     ) async throws -> StoredReply? {
         if let stored = item.reply { return stored }
         let reply: StoredReply
         var reason: String?
         do {
-            let resolution = try await engine.resolve(item.message, onDelta: onDelta)
+            let resolution: Resolution
+            let planned: Plan
+            if let plan { planned = plan } else { planned = try await engine.plan(item.message) }
+            switch planned {
+            case .reply(let immediate): resolution = immediate
+            // Refused since an earlier attempt began a live reply for it (the rules were reloaded).
+            case .silent: resolution = Resolution(text: engine.texts.accessDenied, effect: .none)
+            case .ask(let question): resolution = try await engine.answer(question, onDelta: onDelta)
+            }
             reply = StoredReply(text: resolution.text, kind: .answer, effect: resolution.effect)
         } catch let error where !(error is CancellationError) && !Task.isCancelled {
-            let (retryable, retryAfter) = Self.classify(error)
-            let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: retryable, retryAfter: retryAfter, random: random())
-            if case .retry(let delay) = decision {
-                try await scheduleRetry(item, after: delay, error: "\(error)", lastSendFailed: false, metadata: metadata)
-                return nil
-            }
-            logger.error("answer failed for good; telling the user", metadata: metadata.merging(["error": "\(error)", "why": "\(decision)"]) { $1 })
+            guard try await handleAnswerFailure(error, item: item, metadata: metadata) else { return nil }
             reply = StoredReply(text: engine.settings.messages.reply(for: error), kind: .error, effect: .none)
             reason = "\(error)"
         }
@@ -368,6 +384,31 @@ public final class Dispatcher: Sendable {
             try await inbox.storeReply(reply, for: item.lease, error: reason, now: now)
         }
         return reply
+    }
+
+    /// The engine's plan for a message; nil when deciding failed and a retry was scheduled (or, out of
+    /// attempts, the error reply was stored and sent).
+    private func plan(for item: InboxItem, metadata: Logger.Metadata) async throws -> Plan? {
+        do {
+            return try await engine.plan(item.message)
+        } catch let error where !(error is CancellationError) && !Task.isCancelled {
+            // Deciding fails only when the database does; the model path has the same retry rules.
+            guard try await handleAnswerFailure(error, item: item, metadata: metadata) else { return nil }
+            return .reply(Resolution(text: engine.settings.messages.reply(for: error), effect: .none))
+        }
+    }
+
+    /// Schedules a retry for a failed answer and returns false, or returns true when the user is to be told
+    /// it failed for good.
+    private func handleAnswerFailure(_ error: any Error, item: InboxItem, metadata: Logger.Metadata) async throws -> Bool {
+        let (retryable, retryAfter) = Self.classify(error)
+        let decision = settings.retry.decision(afterAttempt: item.attempts, retryable: retryable, retryAfter: retryAfter, random: random())
+        if case .retry(let delay) = decision {
+            try await scheduleRetry(item, after: delay, error: "\(error)", lastSendFailed: false, metadata: metadata)
+            return false
+        }
+        logger.error("answer failed for good; telling the user", metadata: metadata.merging(["error": "\(error)", "why": "\(decision)"]) { $1 })
+        return true
     }
 
     /// Sends the parts not yet delivered. Returns true when the whole reply was delivered and recorded.
@@ -446,7 +487,7 @@ public final class Dispatcher: Sendable {
     /// A live reply the platform refuses before it is shown is recorded as declined and the message is
     /// answered with whole messages instead, exactly once like any other; so is one that cannot be
     /// completed for good (the whole answer then arrives as a message).
-    private func answerLive(_ item: InboxItem, live: any LiveReply, metadata: Logger.Metadata) async throws -> StoredReply? {
+    private func answerLive(_ item: InboxItem, live: any LiveReply, plan: Plan?, metadata: Logger.Metadata) async throws -> StoredReply? {
         var item = item
         if item.live == .none || item.live == .opening {
             let resuming = item.live == .opening
@@ -482,7 +523,7 @@ public final class Dispatcher: Sendable {
             let updates = LiveUpdates(reply: live, interval: live.updateInterval, clock: clock, logger: logger)
             let made: StoredReply?
             do {
-                made = try await self.reply(for: item, metadata: metadata) { delta in updates.append(delta) }
+                made = try await self.reply(for: item, plan: plan, metadata: metadata) { delta in updates.append(delta) }
             } catch {
                 await updates.close()
                 throw error
@@ -560,7 +601,7 @@ public final class Dispatcher: Sendable {
         item.live = .declined
         // The whole-message route has tries of its own (the store counts this attempt as its first).
         item.attempts = 1
-        guard let reply = try await reply(for: item, metadata: metadata) else { return nil }
+        guard let reply = try await reply(for: item, plan: nil, metadata: metadata) else { return nil }
         return try await deliver(reply, for: item, metadata: metadata) ? reply : nil
     }
 

@@ -126,6 +126,10 @@ public enum ConversationEffect: Sendable, Equatable, Codable {
     case appendExchange(question: Turn, answer: Turn)
     /// Start a fresh context.
     case reset(at: Date)
+    /// Start a fresh context and forget the conversation's persona, model and system prompt.
+    case resetAll(at: Date)
+    /// Replace the conversation's persona, model and system prompt.
+    case preferences(ConversationPreferences)
 }
 
 /// The engine's result for one message: the text to deliver and its effect on the conversation.

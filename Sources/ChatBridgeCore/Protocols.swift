@@ -18,9 +18,34 @@ public struct ChatRequest: Sendable, Equatable {
     public var messages: [ChatMessage]
     /// An opaque end-user id the provider may use for abuse monitoring.
     public var user: String?
-    public init(messages: [ChatMessage], user: String? = nil) {
+    /// The model profile to answer with (`models.<name>`); nil is `default`.
+    public var profile: String?
+    public init(messages: [ChatMessage], user: String? = nil, profile: String? = nil) {
         self.messages = messages
         self.user = user
+        self.profile = profile
+    }
+}
+
+/// Which profile, model and key answered, and what its tokens cost.
+public struct ModelUse: Sendable, Equatable {
+    public var profile: String
+    public var model: String
+    /// `sk-…abcd`, never the key.
+    public var keyFingerprint: String
+    /// Prices per million tokens, when the profile names them.
+    public var inputPrice: Double?
+    public var outputPrice: Double?
+    public init(profile: String, model: String, keyFingerprint: String, inputPrice: Double? = nil, outputPrice: Double? = nil) {
+        self.profile = profile
+        self.model = model
+        self.keyFingerprint = keyFingerprint
+        self.inputPrice = inputPrice
+        self.outputPrice = outputPrice
+    }
+
+    public func cost(prompt: Int, completion: Int) -> Double {
+        (Double(prompt) * (inputPrice ?? 0) + Double(completion) * (outputPrice ?? 0)) / 1_000_000
     }
 }
 
@@ -34,10 +59,13 @@ public struct ChatCompletion: Sendable, Equatable {
     public var promptTokens: Int?
     public var completionTokens: Int?
     public var timeToFirstToken: Duration?
+    /// Which profile, model and key answered (set by the profile router).
+    public var servedBy: ModelUse?
     public init(
         text: String, finishReason: String? = nil, refusal: String? = nil, promptTokens: Int? = nil,
-        completionTokens: Int? = nil, timeToFirstToken: Duration? = nil
+        completionTokens: Int? = nil, timeToFirstToken: Duration? = nil, servedBy: ModelUse? = nil
     ) {
+        self.servedBy = servedBy
         self.text = text
         self.finishReason = finishReason
         self.refusal = refusal
@@ -62,6 +90,12 @@ public protocol ConversationStore: Sendable {
     func recentTurns(_ key: ConversationKey, limit: Int) async throws -> [Turn]
     /// Applies an effect outside the inbox (terminal chat).
     func apply(_ effect: ConversationEffect, to key: ConversationKey) async throws
+    /// The conversation's own persona, model and system prompt.
+    func preferences(_ key: ConversationKey) async throws -> ConversationPreferences
+}
+
+extension ConversationStore {
+    public func preferences(_ key: ConversationKey) async throws -> ConversationPreferences { ConversationPreferences() }
 }
 
 /// The platform's way out for an answer: whole messages (one-shot), and optionally a live reply that

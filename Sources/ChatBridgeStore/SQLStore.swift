@@ -490,6 +490,56 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         (4, [
             "ALTER TABLE inbox ADD COLUMN live_ref TEXT",
         ]),
+        // Operator controls: questions counted against limits (one row per message), the tokens and cost
+        // of each answer, notices given at most once a period, and model API keys' health (and donated keys).
+        (5, [
+            """
+            CREATE TABLE requests (
+                message_key TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                chat_id TEXT NOT NULL,
+                day TEXT NOT NULL,
+                at_ms BIGINT NOT NULL
+            )
+            """,
+            "CREATE INDEX requests_user_at ON requests (user_id, at_ms)",
+            "CREATE INDEX requests_user_day ON requests (user_id, day)",
+            """
+            CREATE TABLE usage_records (
+                message_key TEXT PRIMARY KEY,
+                day TEXT NOT NULL,
+                at_ms BIGINT NOT NULL,
+                platform TEXT NOT NULL,
+                chat_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                profile TEXT NOT NULL,
+                model TEXT NOT NULL,
+                key_fingerprint TEXT NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                estimated INTEGER NOT NULL,
+                cost DOUBLE PRECISION NOT NULL
+            )
+            """,
+            "CREATE INDEX usage_day ON usage_records (day)",
+            "CREATE INDEX usage_user_day ON usage_records (user_id, day)",
+            "CREATE INDEX usage_chat_day ON usage_records (chat_id, day)",
+            "CREATE TABLE notices (subject TEXT PRIMARY KEY, last_at BIGINT NOT NULL)",
+            """
+            CREATE TABLE model_keys (
+                key_id TEXT PRIMARY KEY,
+                fingerprint TEXT NOT NULL,
+                profile TEXT NOT NULL,
+                state TEXT NOT NULL,
+                until_ms BIGINT,
+                reason TEXT,
+                checked_at BIGINT,
+                secret TEXT,
+                donor TEXT,
+                added_at BIGINT NOT NULL
+            )
+            """,
+        ]),
         ]
     }
 
@@ -990,6 +1040,20 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 INSERT INTO conversations (conversation_key, platform, last_activity, last_seq, context_start_seq)
                 VALUES (\(bind: key.rawValue), \(bind: platform), \(bind: at.millis), 0, 0)
                 ON CONFLICT (conversation_key) DO UPDATE SET context_start_seq = conversations.last_seq, last_activity = excluded.last_activity
+                """).run()
+        case .resetAll(let at):
+            try await db.raw("""
+                INSERT INTO conversations (conversation_key, platform, last_activity, last_seq, context_start_seq)
+                VALUES (\(bind: key.rawValue), \(bind: platform), \(bind: at.millis), 0, 0)
+                ON CONFLICT (conversation_key) DO UPDATE SET context_start_seq = conversations.last_seq, last_activity = excluded.last_activity,
+                    settings = NULL
+                """).run()
+        case .preferences(let preferences):
+            let json = preferences.isEmpty ? nil : String(decoding: try JSONEncoder().encode(preferences), as: UTF8.self)
+            try await db.raw("""
+                INSERT INTO conversations (conversation_key, platform, last_activity, last_seq, context_start_seq, settings)
+                VALUES (\(bind: key.rawValue), \(bind: platform), 0, 0, 0, \(bind: json))
+                ON CONFLICT (conversation_key) DO UPDATE SET settings = excluded.settings
                 """).run()
         case .appendExchange(let question, let answer):
             let row = try await db.raw("""

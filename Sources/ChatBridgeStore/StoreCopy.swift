@@ -9,7 +9,11 @@ extension SQLStore {
         public var conversations = 0
         public var turns = 0
         public var inbox = 0
-        public var description: String { "\(conversations) conversations, \(turns) turns, \(inbox) inbox messages" }
+        public var usage = 0
+        public var keys = 0
+        public var description: String {
+            "\(conversations) conversations, \(turns) turns, \(inbox) inbox messages, \(usage) usage records, \(keys) model keys"
+        }
     }
 
     private enum Column {
@@ -17,10 +21,11 @@ extension SQLStore {
         case optionalText(String)
         case integer(String)
         case optionalInteger(String)
+        case double(String)
 
         var name: String {
             switch self {
-            case .text(let name), .optionalText(let name), .integer(let name), .optionalInteger(let name): name
+            case .text(let name), .optionalText(let name), .integer(let name), .optionalInteger(let name), .double(let name): name
             }
         }
 
@@ -30,6 +35,7 @@ extension SQLStore {
             case .optionalText(let name): try row.decode(column: name, as: String?.self)
             case .integer(let name): try row.decode(column: name, as: Int64.self)
             case .optionalInteger(let name): try row.decode(column: name, as: Int64?.self)
+            case .double(let name): try row.decode(column: name, as: Double.self)
             }
         }
     }
@@ -52,6 +58,19 @@ extension SQLStore {
             .optionalText("reply_kind"), .optionalText("reply_effect"), .integer("uncertain_sends"), .text("live_state"),
             .optionalText("live_ref"),
         ]),
+        ("requests", [.text("message_key")], [
+            .text("message_key"), .text("user_id"), .text("chat_id"), .text("day"), .integer("at_ms"),
+        ]),
+        ("usage_records", [.text("message_key")], [
+            .text("message_key"), .text("day"), .integer("at_ms"), .text("platform"), .text("chat_id"), .text("user_id"),
+            .text("profile"), .text("model"), .text("key_fingerprint"), .integer("prompt_tokens"), .integer("completion_tokens"),
+            .integer("estimated"), .double("cost"),
+        ]),
+        ("notices", [.text("subject")], [.text("subject"), .integer("last_at")]),
+        ("model_keys", [.text("key_id")], [
+            .text("key_id"), .text("fingerprint"), .text("profile"), .text("state"), .optionalInteger("until_ms"), .optionalText("reason"),
+            .optionalInteger("checked_at"), .optionalText("secret"), .optionalText("donor"), .integer("added_at"),
+        ]),
     ]
 
     public func tableCounts() async throws -> TableCounts {
@@ -59,7 +78,9 @@ extension SQLStore {
             func count(_ table: String) async throws -> Int {
                 try await db.raw("SELECT COUNT(*) AS n FROM \(unsafeRaw: table)").first()?.decode(column: "n", as: Int.self) ?? 0
             }
-            return TableCounts(conversations: try await count("conversations"), turns: try await count("turns"), inbox: try await count("inbox"))
+            return TableCounts(
+                conversations: try await count("conversations"), turns: try await count("turns"), inbox: try await count("inbox"),
+                usage: try await count("usage_records"), keys: try await count("model_keys"))
         }
     }
 
