@@ -19,6 +19,9 @@ public struct Controls: Sendable {
     public var allowCustomPrompt = true
     /// `/donate KEY` in a direct chat adds a verified key to the default profile.
     public var acceptDonatedKeys = false
+    /// The system prompt of conversations without a persona or their own (`llm.system_prompt`); nil: the
+    /// engine's.
+    public var systemPrompt: String?
     /// Days (limits, usage) are counted in this time zone.
     public var timeZone = TimeZone(identifier: "Asia/Shanghai")!
 

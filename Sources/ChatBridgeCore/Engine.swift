@@ -263,7 +263,7 @@ public struct Engine: Sendable {
             let profile = candidates.first(where: { controls.profiles.contains($0) }) ?? "default"
             let personaNames: [String] = [preferences.persona, route?.persona].compactMap { $0 }
             let persona: Persona? = personaNames.compactMap { controls.persona(named: $0) }.first
-            let systemPrompt = preferences.systemPrompt ?? persona?.prompt ?? settings.systemPrompt
+            let systemPrompt = preferences.systemPrompt ?? persona?.prompt ?? controls.systemPrompt ?? settings.systemPrompt
             return .ask(PreparedQuestion(
                 message: message, conversation: key, text: question, profile: profile, systemPrompt: systemPrompt, startedAt: now,
                 controls: controls))

@@ -12,6 +12,8 @@ public struct LLMSettings: Sendable, Equatable {
     /// `https://api.openai.com/v1`, or for Azure `https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT`.
     public var baseURL: String
     public var apiKey: String
+    /// `llm.api_keys`: a pool for the default profile (``ModelProfile``); `apiKey` when empty.
+    public var apiKeys: [String] = []
     public var model: String
     public var apiVersion: String
     public var temperature: Double?

@@ -35,6 +35,12 @@ public struct ChatBridgeComponents: Sendable {
     public let configuration: ChatBridgeConfiguration
     public let store: SQLStore
     public let engine: Engine
+    /// The operator controls in force; a reload replaces them.
+    public let controls: ControlsBox
+    /// Every model profile with its key pool.
+    public let models: ModelRouter
+    /// Reloads controls and profiles (SIGHUP, a changed file).
+    public let reloader: ConfigReloader
     public let dispatcher: Dispatcher
     public let ingress: DingTalkIngress
     /// The DingTalk Stream-mode connection (status `off` when not configured to connect).
@@ -257,6 +263,27 @@ struct ResourcesService: Service {
     }
 }
 
+/// What `/status` reads besides the store and the models: the dispatcher and the outbound connections,
+/// known only once they are made.
+final class StatusSources: Sendable {
+    private let state = Mutex<(dispatcher: Dispatcher?, connections: [(String, @Sendable () -> String)])>((nil, []))
+
+    func set(dispatcher: Dispatcher, connections: [(String, @Sendable () -> String)]) {
+        state.withLock { $0 = (dispatcher, connections) }
+    }
+
+    func report(store: SQLStore, models: ModelRouter) async -> StatusReport {
+        let (dispatcher, connections) = state.withLock { $0 }
+        let counts = (try? await store.counts()) ?? InboxCounts()
+        await models.refreshHealthIfStale()
+        let latency = models.latencySummary()
+        return StatusReport(
+            pending: counts.pending, running: counts.running, inFlightHere: dispatcher?.inFlightCount ?? 0, keys: models.keyReport(),
+            latencyP50: latency.p50, latencyP99: latency.p99, latencySamples: latency.count,
+            connections: connections.map { ($0.0, $0.1()) }.filter { $0.1 != "off" })
+    }
+}
+
 /// Problems that stop the server from starting.
 public struct StartupError: Error, CustomStringConvertible {
     public var description: String
@@ -293,8 +320,14 @@ public func buildApplication(
     let httpClient = OutboundHTTP.makeClient(
         readTimeout: .seconds(Int64(max(configuration.llm.timeout.seconds, 30))),
         connectionsPerHost: max(configuration.worker.concurrency, 8))
-    let model = OpenAIChatModel(settings: configuration.llm, client: httpClient, metrics: factory, logger: logger)
-    let engine = Engine(settings: configuration.engine, model: model, conversations: store, clock: clock)
+    let models = ModelRouter(
+        profiles: configuration.profiles, store: store, client: httpClient, clock: clock, recheckInterval: configuration.keyRecheck,
+        metrics: factory, logger: logger)
+    let controls = ControlsBox(configuration.controls)
+    let statusSources = StatusSources()
+    let engine = Engine(
+        settings: configuration.engine, model: models, conversations: store, clock: clock, controls: controls, ledger: store,
+        donations: models, status: { await statusSources.report(store: store, models: models) }, metrics: factory, logger: logger)
     let dingtalkReplies = DingTalkReplyChannel(settings: configuration.dingtalk, client: httpClient, logger: logger)
     var channels: [String: any ReplyChannel] = ["dingtalk": dingtalkReplies]
     let larkAPI = configuration.lark.isEnabled ? LarkAPI(settings: configuration.lark, client: httpClient, clock: clock, logger: logger) : nil
@@ -324,8 +357,13 @@ public func buildApplication(
         onAccepted: { [dispatcher] in dispatcher.wake() })
     let larkConnection = LarkLongConnection(
         settings: configuration.lark, ingress: larkIngress, bot: larkBot, client: httpClient, clock: clock, metrics: factory, logger: logger)
+    statusSources.set(dispatcher: dispatcher, connections: [
+        ("dingtalk.stream", { stream.status.rawValue }), ("lark.stream", { larkConnection.status.rawValue }),
+    ])
+    let reloader = ConfigReloader(configuration: configuration, controls: controls, models: models, logger: logger)
     let components = ChatBridgeComponents(
-        configuration: configuration, store: store, engine: engine, dispatcher: dispatcher, ingress: ingress, stream: stream,
+        configuration: configuration, store: store, engine: engine, controls: controls, models: models, reloader: reloader,
+        dispatcher: dispatcher, ingress: ingress, stream: stream,
         larkIngress: larkIngress, larkConnection: larkConnection, larkAPI: larkAPI,
         httpClient: httpClient,
         metrics: metrics, lifecycle: LifecycleState(), ports: BoundPorts(), serverRunning: OneTimeEvent(),
@@ -375,5 +413,6 @@ public func buildApplication(
         app.addServices(MetricsServer(address: address, registry: metrics, store: store, ports: components.ports, logger: logger))
     }
     app.addServices(DispatcherService(dispatcher: dispatcher, serverRunning: components.serverRunning, stopped: components.dispatcherStopped))
+    app.addServices(reloader, KeyRecheckService(models: models, interval: .seconds(60)))
     return app
 }

@@ -77,6 +77,14 @@ public struct ChatBridgeConfiguration: Sendable {
         (try? DatabaseLocation.parse(databaseURL))?.description ?? "(invalid)"
     }
     public var llm = LLMSettings()
+    /// Every model profile, `default` (from `llm.*`) first.
+    public var profiles: [ModelProfile] = []
+    /// Access, limits, safety, personas, routes (reloadable).
+    public var controls = Controls()
+    /// How often a disabled model key is tried again (`llm.key_recheck`).
+    public var keyRecheck: Duration = .seconds(3600)
+    /// Reload when the configuration file changes (`config.watch`).
+    public var watchConfig = true
     public var engine = EngineSettings()
     public var dingtalk = DingTalkSettings()
     public var lark = LarkSettings()
@@ -105,20 +113,28 @@ public struct ChatBridgeConfiguration: Sendable {
         providers.append(EnvironmentVariablesProvider(environmentVariables: env, arraySeparator: ","))
         let path = file ?? "chatbridge.yaml"
         var source: String?
+        var yamlText: String?
         if file != nil || FileManager.default.fileExists(atPath: path) {
             guard FileManager.default.fileExists(atPath: path) else {
                 throw LoadError(description: "configuration file \(path) does not exist")
             }
             do {
                 providers.append(try await FileProvider<YAMLSnapshot>(filePath: FilePath(path)))
+                yamlText = try String(contentsOfFile: path, encoding: .utf8)
                 source = path
             } catch {
                 throw LoadError(description: "cannot read configuration file \(path): \(error)")
             }
         }
+        let sections: StructuredSections
+        do {
+            sections = try StructuredSections(yaml: yamlText, dottedKeys: [])
+        } catch {
+            throw LoadError(description: "cannot read configuration file \(path): \(error)")
+        }
         var config = ChatBridgeConfiguration()
         config.sourceFile = source
-        config.read(ConfigReader(providers: providers), environment: environment)
+        config.read(ConfigReader(providers: providers), environment: environment, sections: sections)
         return config
     }
 
@@ -129,13 +145,14 @@ public struct ChatBridgeConfiguration: Sendable {
             env[key.uppercased().replacingOccurrences(of: ".", with: "_")] = value
         }
         var config = ChatBridgeConfiguration()
-        config.read(ConfigReader(provider: EnvironmentVariablesProvider(environmentVariables: env)), environment: [:])
+        let sections = (try? StructuredSections(yaml: nil, dottedKeys: Array(values.keys))) ?? StructuredSections()
+        config.read(ConfigReader(provider: EnvironmentVariablesProvider(environmentVariables: env, arraySeparator: ",")), environment: [:], sections: sections)
         return config
     }
 
     // MARK: Reading
 
-    private mutating func read(_ reader: ConfigReader, environment: [String: String]) {
+    private mutating func read(_ reader: ConfigReader, environment: [String: String], sections: StructuredSections) {
         var r = Reader(reader: reader)
         server.host = r.string("server.host") ?? server.host
         server.port = r.int("server.port", range: 0...65535) ?? server.port
@@ -198,6 +215,7 @@ public struct ChatBridgeConfiguration: Sendable {
         settings.resetCommands = r.list("conversation.reset_commands") ?? settings.resetCommands
         settings.helpCommands = r.list("conversation.help_commands") ?? settings.helpCommands
         engine = settings
+        readControls(&r, sections: sections)
 
         dingtalk = DingTalkSettings(
             clientID: r.string("dingtalk.client_id") ?? "",
@@ -383,7 +401,7 @@ extension ChatBridgeConfiguration {
 }
 
 /// Reads typed values and collects one problem per bad value.
-private struct Reader {
+struct Reader {
     let reader: ConfigReader
     var problems: [ChatBridgeConfiguration.Problem] = []
 
@@ -398,14 +416,25 @@ private struct Reader {
         return trimmed.isEmpty ? nil : value
     }
 
-    func list(_ key: String) -> [String]? {
-        if let array = reader.stringArray(forKey: ConfigKey(key)) {
+    func list(_ key: String, secret: Bool = false) -> [String]? {
+        if let array = reader.stringArray(forKey: ConfigKey(key), isSecret: secret) {
             let cleaned = array.map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
             return cleaned.isEmpty ? nil : cleaned
         }
-        guard let value = string(key) else { return nil }
+        guard let value = string(key, secret: secret) else { return nil }
         let cleaned = value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         return cleaned.isEmpty ? nil : cleaned
+    }
+
+    mutating func bool(_ key: String) -> Bool? {
+        guard let raw = string(key) else { return nil }
+        switch raw.trimmingCharacters(in: .whitespaces).lowercased() {
+        case "true", "yes", "1", "on": return true
+        case "false", "no", "0", "off": return false
+        default:
+            error(key, "must be true or false, got '\(raw.prefix(60))'")
+            return nil
+        }
     }
 
     mutating func int(_ key: String, range: ClosedRange<Int>) -> Int? {

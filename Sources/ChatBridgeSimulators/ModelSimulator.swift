@@ -81,6 +81,8 @@ public final class ModelSimulator: Sendable {
         var behaviour = Behaviour()
         var scripted: [Scripted] = []
         var received: [Received] = []
+        /// Replies given to every request made with a key, until cleared.
+        var byKey: [String: Scripted] = [:]
         var inFlight = 0
         var maxInFlight = 0
     }
@@ -133,6 +135,16 @@ public final class ModelSimulator: Sendable {
         state.withLock { $0.scripted.append(contentsOf: replies) }
     }
 
+    /// From now on every request made with `key` (Bearer or api-key) gets `reply`; nil clears it.
+    public func respond(toKey key: String, with reply: Scripted?) {
+        state.withLock { $0.byKey[key] = reply }
+    }
+
+    /// How many requests were made with `key`.
+    public func requests(withKey key: String) -> Int {
+        state.withLock { $0.received.filter { $0.authorization == "Bearer \(key)" || $0.apiKeyHeader == key }.count }
+    }
+
     /// From now on, requests are received but not answered until ``release()``.
     public func hold() { answers.close() }
 
@@ -159,12 +171,16 @@ public final class ModelSimulator: Sendable {
         let messages = (json["messages"] as? [[String: Any]] ?? []).map { message in
             ["role": message["role"] as? String ?? "", "content": message["content"] as? String ?? ""]
         }
+        let authorization = request.headers[.authorization]
+        let apiKeyHeader = request.headers[HTTPField.Name("api-key")!]
+        let key = authorization.map { $0.hasPrefix("Bearer ") ? String($0.dropFirst(7)) : $0 } ?? apiKeyHeader
         let (behaviour, scripted) = state.withLock { state -> (Behaviour, Scripted?) in
             state.received.append(Received(
                 messages: messages, authorization: request.headers[.authorization],
                 apiKeyHeader: request.headers[HTTPField.Name("api-key")!], path: request.uri.path,
                 query: request.uri.query ?? "", stream: json["stream"] as? Bool ?? false, user: json["user"] as? String,
                 at: Date().timeIntervalSince1970))
+            if let key, let reply = state.byKey[key] { return (state.behaviour, reply) }
             return (state.behaviour, state.scripted.isEmpty ? nil : state.scripted.removeFirst())
         }
         await answers.pass()

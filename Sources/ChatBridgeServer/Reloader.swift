@@ -1,0 +1,160 @@
+import ChatBridgeCore
+import ChatBridgeLLM
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+import UnixSignals
+
+/// Reloads the operator controls and model profiles without a restart: on SIGHUP, and when the
+/// configuration file changes (`config.watch`). A configuration with errors is rejected (each problem is
+/// logged) and the running one kept; a change to a setting that needs a restart is named in the log.
+public final class ConfigReloader: Service, Sendable {
+    public enum Outcome: Sendable, Equatable {
+        case applied(needsRestart: [String])
+        case rejected(problems: [String])
+        case unchanged
+    }
+
+    private let file: String?
+    private let environment: [String: String]
+    private let running: Mutex<ChatBridgeConfiguration>
+    private let controls: ControlsBox
+    private let models: ModelRouter
+    private let logger: Logger
+    private let pollInterval: Duration
+    private let reloads = Mutex(0)
+
+    public init(
+        configuration: ChatBridgeConfiguration, environment: [String: String] = ProcessInfo.processInfo.environment,
+        controls: ControlsBox, models: ModelRouter, pollInterval: Duration = .seconds(2), logger: Logger
+    ) {
+        file = configuration.sourceFile
+        self.environment = environment
+        running = Mutex(configuration)
+        self.controls = controls
+        self.models = models
+        self.pollInterval = pollInterval
+        self.logger = logger
+    }
+
+    /// How many reloads were applied.
+    public var appliedCount: Int { reloads.withLock { $0 } }
+
+    public func run() async throws {
+        let watch = running.withLock { $0.watchConfig } && file != nil
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                let signals = await UnixSignalsSequence(trapping: .sighup)
+                for await _ in signals {
+                    _ = await self.reload(because: "SIGHUP")
+                }
+            }
+            if watch, let file = self.file {
+                group.addTask {
+                    var last = Self.stamp(file)
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: self.pollInterval)
+                        let now = Self.stamp(file)
+                        if now != last {
+                            last = now
+                            _ = await self.reload(because: "the configuration file changed")
+                        }
+                    }
+                }
+            }
+            try? await gracefulShutdown()
+            group.cancelAll()
+        }
+    }
+
+    /// The file's modification time and size, to notice a change.
+    private static func stamp(_ path: String) -> String {
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { return "missing" }
+        let date = (attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
+        return "\(date)/\(attributes[.size] ?? 0)"
+    }
+
+    /// Reads the configuration again and applies what can change while running.
+    @discardableResult
+    public func reload(because reason: String) async -> Outcome {
+        let next: ChatBridgeConfiguration
+        do {
+            next = try await ChatBridgeConfiguration.load(file: file, environment: environment)
+        } catch {
+            logger.error("configuration reload rejected; the running configuration stays", metadata: ["why": "\(reason)", "error": "\(error)"])
+            return .rejected(problems: ["\(error)"])
+        }
+        guard next.errors.isEmpty else {
+            for problem in next.errors {
+                logger.error("configuration reload rejected: \(problem)")
+            }
+            logger.error("configuration reload rejected; the running configuration stays", metadata: [
+                "why": "\(reason)", "errors": "\(next.errors.count)",
+            ])
+            return .rejected(problems: next.errors.map(\.description))
+        }
+        let previous = running.withLock { $0 }
+        let before = Dictionary(previous.effectiveSettings().map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
+        let after = Dictionary(next.effectiveSettings().map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
+        let changed = Set(before.keys).union(after.keys).filter { before[$0] != after[$0] }.sorted()
+        let needsRestart = changed.filter { !Self.isReloadable($0) }
+        let sameControls = previous.profiles == next.profiles && Self.describe(previous.controls) == Self.describe(next.controls)
+        controls.replace(with: next.controls)
+        models.replace(profiles: next.profiles)
+        if changed.isEmpty && sameControls {
+            logger.info("configuration reloaded: nothing changed", metadata: ["why": "\(reason)"])
+            return .unchanged
+        }
+        running.withLock { state in
+            // Only what was applied counts as running; restart-only settings keep their old values here.
+            state.controls = next.controls
+            state.profiles = next.profiles
+            state.llm = next.llm
+        }
+        reloads.withLock { $0 += 1 }
+        logger.notice("configuration reloaded", metadata: [
+            "why": "\(reason)", "profiles": "\(next.profiles.map(\.name).joined(separator: ","))",
+            "personas": "\(next.controls.personas.count)", "routes": "\(next.controls.routes.count)",
+            "blocked_words": "\(next.controls.safety.blockedWords.count)",
+        ])
+        for key in needsRestart {
+            logger.warning("changed setting takes effect only after a restart", metadata: ["key": "\(key)"])
+        }
+        return .applied(needsRestart: needsRestart)
+    }
+
+    /// Settings a reload applies: model profiles, personas, routes, access, limits, safety.
+    static func isReloadable(_ key: String) -> Bool {
+        let prefixes = ["llm.", "models.", "personas.", "routes", "access.", "limits.", "safety.", "bot.timezone", "conversation.selectable_models",
+                        "conversation.allow_custom_prompt", "config.watch"]
+        if key == "llm.timeout" { return false }
+        return prefixes.contains { key.hasPrefix($0) }
+    }
+
+    /// A comparable description of the controls (the matcher has no equality of its own).
+    static func describe(_ controls: Controls) -> String {
+        "\(controls.access)|\(controls.limits)|\(controls.safety.blockedWords.count)|\(controls.safety.reply ?? "")|\(controls.personas)|\(controls.routes)"
+            + "|\(controls.profiles)|\(controls.selectableModels)|\(controls.allowCustomPrompt)|\(controls.acceptDonatedKeys)|\(controls.timeZone.identifier)"
+            + "|\(controls.systemPrompt ?? "")"
+    }
+}
+
+/// Tries disabled model keys again every minute (each one once per `llm.key_recheck`).
+struct KeyRecheckService: Service {
+    let models: ModelRouter
+    let interval: Duration
+
+    func run() async throws {
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                while !Task.isCancelled {
+                    await models.recheckDisabledKeys()
+                    try? await Task.sleep(for: interval)
+                }
+            }
+            try? await gracefulShutdown()
+            group.cancelAll()
+        }
+    }
+}
