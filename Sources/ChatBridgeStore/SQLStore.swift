@@ -44,9 +44,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         public var poolSize: Int
         /// Nil: the default of the database (``TimeSource``).
         public var timeSource: TimeSource?
-        public init(poolSize: Int = 10, timeSource: TimeSource? = nil) {
+        /// For reports beside a running server (`chatbridge usage`): no SQLite process lock and no
+        /// migrations; a schema older than this build is refused.
+        public var reader: Bool
+        public init(poolSize: Int = 10, timeSource: TimeSource? = nil, reader: Bool = false) {
             self.poolSize = poolSize
             self.timeSource = timeSource
+            self.reader = reader
         }
     }
 
@@ -112,7 +116,14 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         }
         do {
             try await store.configure()
-            try await store.migrate()
+            if options.reader {
+                let version = try await store.schemaVersion()
+                guard version >= latestVersion else {
+                    throw StoreError(description: "the database \(location) has schema version \(version), older than this build's \(latestVersion); run 'chatbridge migrate' (or start the server) first")
+                }
+            } else {
+                try await store.migrate()
+            }
         } catch {
             await store.close()
             throw error
@@ -133,7 +144,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                     throw StoreError(description: "cannot create the database directory \(directory): \(error.localizedDescription)")
                 }
             }
-            lock = try ProcessLock(path: path + ".lock")
+            if !options.reader {
+                lock = try ProcessLock(path: path + ".lock")
+            } else if !FileManager.default.fileExists(atPath: path) {
+                throw StoreError(description: "there is no SQLite database at \(path)")
+            }
             storage = .file(path: path)
         default:
             storage = .memory

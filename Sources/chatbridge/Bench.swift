@@ -95,7 +95,7 @@ struct Bench: AsyncParsableCommand {
         [
             "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
             "CHATBRIDGE_DATABASE_URL": database.url, "CHATBRIDGE_LLM_BASE_URL": model.baseURL,
-            "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)", "CHATBRIDGE_LOG_LEVEL": "notice",
+            "CHATBRIDGE_LLM_API_KEY": "sk-bench", "CHATBRIDGE_LIMITS_USER_PER_MINUTE": "off", "CHATBRIDGE_WORKER_CONCURRENCY": "\(workers)", "CHATBRIDGE_LOG_LEVEL": "notice",
         ]
     }
 

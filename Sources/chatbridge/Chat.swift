@@ -29,8 +29,14 @@ struct Chat: AsyncParsableCommand {
             throw CleanExit.failure("\(error)")
         }
         let client = OutboundHTTP.makeClient(readTimeout: .seconds(Int64(max(configuration.llm.timeout.seconds, 30))))
-        let model = OpenAIChatModel(settings: configuration.llm, client: client, logger: logger)
-        let engine = Engine(settings: configuration.engine, model: model, conversations: store, clock: SystemClock())
+        let model = ModelRouter(profiles: configuration.profiles, store: store, client: client, logger: logger)
+        // The operator at the terminal: personas, routes, models and blocked words apply; access rules and
+        // limits (for chat users) do not.
+        var controls = configuration.controls
+        controls.access = AccessRules()
+        controls.limits = Limits()
+        let engine = Engine(
+            settings: configuration.engine, model: model, conversations: store, clock: SystemClock(), controls: ControlsBox(controls), logger: logger)
         let user = ProcessInfo.processInfo.environment["USER"] ?? ProcessInfo.processInfo.userName
         let interactive = isatty(STDIN_FILENO) == 1
         var failed = false

@@ -16,7 +16,7 @@ struct ChatBridgeCommand: AsyncParsableCommand {
         abstract: "An LLM assistant for DingTalk: answers every message exactly once, with multi-turn context.",
         discussion: "Settings come from a YAML file (--config, default ./chatbridge.yaml when present) and from environment variables, which win: CHATBRIDGE_ + the key path in upper case with '.' as '_' (llm.api_key → CHATBRIDGE_LLM_API_KEY). OPENAI_API_KEY and OPENAI_BASE_URL are accepted when the ChatBridge keys are unset. See chatbridge.example.yaml for every key.",
         version: "0.1.0",
-        subcommands: [Serve.self, Chat.self, Check.self, Migrate.self, Bench.self],
+        subcommands: [Serve.self, Chat.self, Check.self, Migrate.self, Usage.self, Bench.self],
         defaultSubcommand: nil
     )
 }

@@ -138,7 +138,7 @@ func runChatbridge(_ arguments: [String], environment: [String: String], input: 
         await source.close()
         let copied = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "sqlite:new.sqlite"], environment: [:], directory: directory)
         #expect(copied.status == 0, "\(copied.stderr)")
-        #expect(copied.stdout.contains("copied 1 conversations, 2 turns, 1 inbox messages from sqlite:old.sqlite to sqlite:new.sqlite; the counts match"))
+        #expect(copied.stdout.contains("copied 1 conversations, 2 turns, 1 inbox messages, 0 usage records, 0 model keys from sqlite:old.sqlite to sqlite:new.sqlite; the counts match"))
         let again = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite", "--to", "sqlite:new.sqlite"], environment: [:], directory: directory)
         #expect(again.status == 1 && again.stderr.contains("is not empty"))
         let half = try runChatbridge(["migrate", "--from", "sqlite:old.sqlite"], environment: [:], directory: directory)

@@ -24,7 +24,7 @@ func serverEnvironment(directory: String, model: ModelSimulator, dingtalk: DingT
     [
         "CHATBRIDGE_SERVER_HOST": "127.0.0.1", "CHATBRIDGE_SERVER_PORT": "0",
         "CHATBRIDGE_DATABASE_URL": "sqlite:\(directory)/chatbridge.sqlite",
-        "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-test",
+        "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEY": "sk-test", "CHATBRIDGE_LIMITS_USER_PER_MINUTE": "off",
         "CHATBRIDGE_DINGTALK_CLIENT_ID": "dingbot", "CHATBRIDGE_DINGTALK_CLIENT_SECRET": testSecret,
         "CHATBRIDGE_DINGTALK_API_BASE_URL": dingtalk.baseURL, "CHATBRIDGE_DINGTALK_WEBHOOK_HOSTS": "127.0.0.1",
         "CHATBRIDGE_DINGTALK_MODE": "http", "CHATBRIDGE_DINGTALK_STREAM_HOSTS": "127.0.0.1",

@@ -73,7 +73,7 @@ final class Harness: @unchecked Sendable {
             "llm.base_url": model.baseURL, "llm.api_key": "sk-test-secret-key-123456", "llm.model": "sim",
             "dingtalk.client_id": "dingbot", "dingtalk.client_secret": testSecret, "dingtalk.api_base_url": dingtalk.baseURL,
             "dingtalk.webhook_hosts": "127.0.0.1", "bot.language": "en", "worker.max_attempts": "3", "dingtalk.mode": "http",
-            "dingtalk.stream.hosts": "127.0.0.1", "dingtalk.stream.max_backoff": "300ms",
+            "dingtalk.stream.hosts": "127.0.0.1", "dingtalk.stream.max_backoff": "300ms", "limits.user_per_minute": "off",
         ]
         if let lark {
             values.merge([
