@@ -119,8 +119,9 @@ public struct ChatBridgeConfiguration: Sendable {
                 throw LoadError(description: "configuration file \(path) does not exist")
             }
             do {
-                providers.append(try await FileProvider<YAMLSnapshot>(filePath: FilePath(path)))
-                yamlText = try String(contentsOfFile: path, encoding: .utf8)
+                let text = try String(contentsOfFile: path, encoding: .utf8)
+                providers.append(InMemoryProvider(name: path, values: try StructuredSections.flatten(yaml: text)))
+                yamlText = text
                 source = path
             } catch {
                 throw LoadError(description: "cannot read configuration file \(path): \(error)")

@@ -41,6 +41,37 @@ struct StructuredSections {
     }
 }
 
+extension StructuredSections {
+    /// Every scalar of the YAML file under its dotted key, and every list of scalars as a list, as written
+    /// (no number or date conversion: `0420001` stays that text). Lists of mappings (`routes`) are read by
+    /// ``init(yaml:dottedKeys:)``.
+    static func flatten(yaml text: String) throws -> [AbsoluteConfigKey: ConfigValue] {
+        var values: [AbsoluteConfigKey: ConfigValue] = [:]
+        guard let root = try Yams.compose(yaml: text) else { return values }
+        func isNull(_ node: Node) -> Bool { node.null != nil }
+        func walk(_ node: Node, _ path: [String]) {
+            switch node {
+            case .scalar(let scalar):
+                guard !path.isEmpty, !isNull(node) else { return }
+                values[AbsoluteConfigKey(path)] = ConfigValue(.string(scalar.string), isSecret: false)
+            case .mapping(let mapping):
+                for (key, value) in mapping {
+                    guard let name = key.string else { continue }
+                    walk(value, path + [name])
+                }
+            case .sequence(let sequence):
+                let items = Array(sequence)
+                guard !path.isEmpty, items.allSatisfy({ if case .scalar = $0 { true } else { false } }) else { return }
+                values[AbsoluteConfigKey(path)] = ConfigValue(.stringArray(items.compactMap { isNull($0) ? nil : $0.string }), isSecret: false)
+            case .alias:
+                return
+            }
+        }
+        walk(root, [])
+        return values
+    }
+}
+
 extension ChatBridgeConfiguration {
     /// Reads `models`, `personas`, `routes`, `access`, `limits`, `safety`, `bot.timezone` and the other
     /// operator settings into `profiles` and `controls`.
