@@ -115,10 +115,13 @@ public struct AccessRules: Sendable, Equatable {
         case ignoredGroup(String)
     }
 
-    /// The ids a sender is known by, `platform:id`.
+    /// The ids a sender is known by, `platform:id`: the organisation's user id first when the platform gives
+    /// one (DingTalk's staff id, which admins know), then the platform's sender id. The first one is what
+    /// limits and usage count under.
     public static func userIDs(of message: InboundMessage) -> [String] {
-        var ids = ["\(message.platform):\(message.sender.id)"]
-        if let staff = message.sender.staffID, !staff.isEmpty, staff != message.sender.id { ids.append("\(message.platform):\(staff)") }
+        var ids: [String] = []
+        if let staff = message.sender.staffID, !staff.isEmpty { ids.append("\(message.platform):\(staff)") }
+        if message.sender.staffID != message.sender.id { ids.append("\(message.platform):\(message.sender.id)") }
         return ids
     }
 

@@ -591,3 +591,64 @@ struct ControlledEngine {
         try await client.shutdown()
     }
 }
+
+/// The dispatcher decides before anything shows: commands and refusals never open a live reply, and a
+/// group the bot may not serve gets nothing at all.
+@Suite struct ControlsDispatchTests {
+    @Test func commandsAndRefusalsAreWholeMessagesAndIgnoredGroupsGetNothing() async throws {
+        let live = LiveTwin()
+        var controls = Controls()
+        controls.access.groupChats = false
+        controls.safety.blockedWords = BlockedWords(["forbidden"])
+        let f = DispatcherFixture(live: live, controls: controls)
+        let help = try await f.accept("m1", "/help")
+        let blocked = try await f.accept("m2", "the forbidden question", chat: "c2")
+        let group = groupMessage("m3", "hello group")
+        _ = try await f.inbox.accept(group, conversation: ConversationKey(for: group, groupScope: .user), now: f.clock.now)
+        let groupID = await f.inbox.rows.last!.id
+        f.dispatcher.wake()
+        f.start()
+        #expect(await eventually {
+            let states = [await f.state(help), await f.state(blocked), await f.state(groupID)]
+            return states.allSatisfy { $0 == "answered" }
+        })
+        #expect(live.calls.isEmpty, "no live reply for a command or a refusal")
+        #expect(f.replies.delivered.count == 2)
+        #expect(f.replies.delivered.contains { $0.contains("Sorry, your question contains words") })
+        #expect(f.model.calls == 0)
+        // A question still gets its live reply.
+        let question = try await f.accept("m4", "a fine question", chat: "c3")
+        #expect(await eventually { await f.state(question) == "answered" })
+        #expect(live.calls.first == .open(resuming: false))
+        await f.stop()
+    }
+}
+
+/// The controls in the running server: real callbacks, the SQLite store, the simulated model.
+@Suite(.serialized) struct ControlsIntegrationTests {
+    @Test func theServerRefusesIgnoresAndLimitsWithoutAskingTheModelAndCountsTokens() async throws {
+        let h = try await Harness.start([
+            "access.group_chats": "false", "safety.blocked_words": "forbidden,机密", "limits.user_daily_messages": "1",
+            "llm.price.input": "1", "llm.price.output": "2",
+        ])
+        defer { Task { await h.stop() } }
+        #expect(try await h.send("g1", "hello group", conversation: "cidGroup==", group: true).status == 200)
+        #expect(try await h.send("d1", "what is 机密?").status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 1 })
+        #expect(h.dingtalk.deliveries[0].text.contains("contains words this bot may not discuss"))
+        #expect(try await h.send("d2", "first question").status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 2 })
+        #expect(try await h.send("d3", "second question").status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 3 })
+        #expect(h.dingtalk.deliveries[2].text.contains("today's limit of 1 questions"))
+        #expect(try await eventually { try await h.store.inboxRows().allSatisfy { $0.state == "answered" } })
+        #expect(h.model.requestCount == 1)
+        #expect(h.dingtalk.deliveries.count == 3, "the group got nothing")
+        #expect(try await h.metric(#"chatbridge_tokens_total{profile="default",model="sim",kind="completion"}"#) == 3)
+        #expect(try await h.metric(#"chatbridge_tokens_total{profile="default",model="sim",kind="prompt"}"#) == 20)
+        // 20 prompt tokens at 1 and 3 completion tokens at 2 per million.
+        #expect(abs((try await h.metric(#"chatbridge_cost_total{profile="default",model="sim"}"#) ?? 0) - 26e-6) < 1e-12)
+        #expect(try await h.metric(#"chatbridge_model_key_state{profile="default",key="sk-…3456",state="ok"}"#) == 1)
+        #expect(try await h.store.usage(UsageQuery(grouping: .user)).map(\.group) == ["dingtalk:0420001"])
+    }
+}

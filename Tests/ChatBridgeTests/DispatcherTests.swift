@@ -14,14 +14,15 @@ final class DispatcherFixture: @unchecked Sendable {
     let dispatcher: Dispatcher
     private var task: Task<Void, Never>?
 
-    init(maxAttempts: Int = 3, maxRetryWait: Duration = .seconds(600), live: LiveTwin? = nil) {
+    init(maxAttempts: Int = 3, maxRetryWait: Duration = .seconds(600), live: LiveTwin? = nil, controls: Controls = Controls()) {
         replies = RecordingReplies(live: live)
         settings = DispatcherSettings(
             concurrency: 4, retry: RetryPolicy(maxAttempts: maxAttempts, maxRetryWait: maxRetryWait), lease: .seconds(30),
             pollInterval: .seconds(1), uncertainRetryDelay: .seconds(30))
         var logger = Logger(label: "dispatcher-test")
         logger.logLevel = .critical
-        let engine = Engine(settings: EngineSettings(language: .en), model: model, conversations: NoConversations(), clock: clock)
+        let engine = Engine(
+            settings: EngineSettings(language: .en), model: model, conversations: NoConversations(), clock: clock, controls: ControlsBox(controls))
         dispatcher = Dispatcher(
             inbox: inbox, engine: engine, replies: replies, settings: settings, owner: "test", clock: clock, logger: logger,
             random: { 0 })
