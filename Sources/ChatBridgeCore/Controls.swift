@@ -240,6 +240,8 @@ public struct BlockedWords: Sendable {
     public let count: Int
     /// The longest word, in lower-cased scalars.
     public let longestWord: Int
+    /// The words, lower-cased and sorted (to tell two lists apart).
+    public let words: [String]
 
     public init(_ words: [String]) {
         var nodes = [Node()]
@@ -281,6 +283,8 @@ public struct BlockedWords: Sendable {
         self.nodes = nodes
         self.count = count
         self.longestWord = longest
+        self.words = Set(words.map { String(String.UnicodeScalarView(Self.folded($0.trimmingCharacters(in: .whitespacesAndNewlines)))) })
+            .filter { !$0.isEmpty }.sorted()
     }
 
     public var isEmpty: Bool { count == 0 }

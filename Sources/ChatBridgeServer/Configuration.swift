@@ -345,7 +345,7 @@ public struct ChatBridgeConfiguration: Sendable {
     public func effectiveSettings() -> [(key: String, value: String)] {
         func mask(_ secret: String) -> String { Self.masked(secret) }
         func seconds(_ d: Duration) -> String { "\(Int(d.seconds))s" }
-        return [
+        let head: [(key: String, value: String)] = [
             ("server.host", server.host), ("server.port", "\(server.port)"), ("server.max_body_bytes", "\(server.maxBodyBytes)"),
             ("server.drain_timeout", seconds(server.drainTimeout)),
             ("server.metrics_address", server.metricsAddress.map(\.description) ?? "(on the main address)"),
@@ -381,10 +381,42 @@ public struct ChatBridgeConfiguration: Sendable {
             ("lark.reply_in_thread", "\(lark.replyInThread)"), ("lark.card.mode", lark.cardMode.rawValue),
             ("lark.card.update_interval", "\(lark.cardUpdateInterval)"), ("lark.stream.hosts", lark.stream.hosts.joined(separator: ", ")),
             ("lark.stream.keepalive_timeout", "\(lark.stream.keepaliveTimeout)"), ("lark.stream.max_backoff", seconds(lark.stream.maxBackoff)),
+            ("llm.api_keys", "\(profiles.first?.apiKeys.count ?? 0) key(s)"), ("llm.fallback", profiles.first?.fallback ?? "(none)"),
+            ("llm.accept_donated_keys", "\(controls.acceptDonatedKeys)"), ("llm.key_recheck", seconds(keyRecheck)),
+        ]
+        let models: [(key: String, value: String)] = profiles.dropFirst().map(Self.describe)
+        let rest: [(key: String, value: String)] = [
+            ("personas", controls.personas.isEmpty ? "(none)" : controls.personas.map(\.name).joined(separator: ", ")),
+            ("routes", "\(controls.routes.count) rule(s)"),
+            ("conversation.selectable_models", controls.selectableModels.isEmpty ? "(none: /model off)" : controls.selectableModels.joined(separator: ", ")),
+            ("conversation.allow_custom_prompt", "\(controls.allowCustomPrompt)"),
+            ("access.admins", controls.access.admins.sorted().joined(separator: ", ")),
+            ("access.allow_users", controls.access.allowUsers.isEmpty ? "(everyone)" : "\(controls.access.allowUsers.count) user(s)"),
+            ("access.deny_users", "\(controls.access.denyUsers.count) user(s)"),
+            ("access.allow_chats", controls.access.allowChats.isEmpty ? "(every group)" : "\(controls.access.allowChats.count) chat(s)"),
+            ("access.deny_chats", "\(controls.access.denyChats.count) chat(s)"),
+            ("access.direct_chats", "\(controls.access.directChats)"), ("access.group_chats", "\(controls.access.groupChats)"),
+            ("limits.user_per_minute", controls.limits.userPerMinute.map { "\($0)" } ?? "(unlimited)"),
+            ("limits.user_daily_messages", controls.limits.userDailyMessages.map { "\($0)" } ?? "(unlimited)"),
+            ("limits.user_daily_tokens", controls.limits.userDailyTokens.map { "\($0)" } ?? "(unlimited)"),
+            ("limits.chat_daily_tokens", controls.limits.chatDailyTokens.map { "\($0)" } ?? "(unlimited)"),
+            ("safety.blocked_words", "\(controls.safety.blockedWords.count) word(s)"),
+            ("bot.timezone", controls.timeZone.identifier), ("config.watch", "\(watchConfig)"),
             ("worker.concurrency", "\(worker.concurrency)"), ("worker.max_attempts", "\(worker.maxAttempts)"), ("worker.lease", seconds(worker.lease)),
             ("worker.max_retry_wait", seconds(worker.maxRetryWait)),
             ("log.level", log.level.rawValue), ("log.format", log.format.rawValue),
         ]
+        return head + models + rest
+    }
+
+    /// One line for a model profile: where, which model, how many keys (never any of them), fallback, price.
+    static func describe(_ profile: ModelProfile) -> (key: String, value: String) {
+        var value = "\(profile.settings.provider.rawValue) \(profile.settings.baseURL) model \(profile.settings.model), \(profile.apiKeys.count) key(s)"
+        if let fallback = profile.fallback { value += ", fallback \(fallback)" }
+        if profile.inputPrice != nil || profile.outputPrice != nil {
+            value += ", price \(profile.inputPrice ?? 0)/\(profile.outputPrice ?? 0) per 1M tokens"
+        }
+        return ("models.\(profile.name)", value)
     }
 }
 

@@ -134,7 +134,7 @@ public final class ConfigReloader: Service, Sendable {
 
     /// A comparable description of the controls (the matcher has no equality of its own).
     static func describe(_ controls: Controls) -> String {
-        "\(controls.access)|\(controls.limits)|\(controls.safety.blockedWords.count)|\(controls.safety.reply ?? "")|\(controls.personas)|\(controls.routes)"
+        "\(controls.access)|\(controls.limits)|\(controls.safety.blockedWords.words)|\(controls.safety.reply ?? "")|\(controls.personas)|\(controls.routes)"
             + "|\(controls.profiles)|\(controls.selectableModels)|\(controls.allowCustomPrompt)|\(controls.acceptDonatedKeys)|\(controls.timeZone.identifier)"
             + "|\(controls.systemPrompt ?? "")"
     }

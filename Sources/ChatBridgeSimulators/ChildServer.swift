@@ -7,11 +7,11 @@ public final class ChildServer: @unchecked Sendable {
     public let logPath: String
     public private(set) var port: Int = 0
 
-    /// Starts `executable serve` with `environment` added to this process's environment.
-    public init(executable: String, environment: [String: String], logPath: String) throws {
+    /// Starts `executable serve` (or `arguments`) with `environment` added to this process's environment.
+    public init(executable: String, environment: [String: String], logPath: String, arguments: [String] = ["serve"]) throws {
         process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = ["serve"]
+        process.arguments = arguments
         var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("CHATBRIDGE_") }
         env.merge(environment) { $1 }
         process.environment = env

@@ -652,3 +652,72 @@ struct ControlledEngine {
         #expect(try await h.store.usage(UsageQuery(grouping: .user)).map(\.group) == ["dingtalk:0420001"])
     }
 }
+
+/// Live reload of a running `chatbridge serve`: SIGHUP and a changed file apply new controls without a
+/// restart (no connection or message dropped); a file with errors is rejected and the old one kept.
+@Suite(.serialized) struct ReloadTests {
+    @Test func sighupAndAChangedFileReloadTheControlsAndABadFileIsRejected() async throws {
+        let model = try await ModelSimulator.start()
+        let dingtalk = try await DingTalkSimulator.start()
+        let directory = temporaryDirectory()
+        let path = directory + "/chatbridge.yaml"
+        try "safety:\n  reply: Not allowed.\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let server = try ChildServer(
+            executable: chatbridgeExecutable(), environment: serverEnvironment(directory: directory, model: model, dingtalk: dingtalk),
+            logPath: directory + "/serve.log", arguments: ["serve", "--config", path])
+        let port = try await server.waitUntilListening()
+        let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
+        let client = HTTPClientFactory.make()
+        func ask(_ id: String, _ text: String) async throws -> String? {
+            let before = dingtalk.deliveries.count
+            let body = sender.body(messageID: id, text: text, conversationID: "cid==", senderStaffID: "u1", webhook: dingtalk.webhookURL(session: id))
+            #expect(try await sender.post(body, client: client).status == 200)
+            guard await eventually({ dingtalk.deliveries.count > before }) else { return nil }
+            return dingtalk.deliveries.last?.text
+        }
+        func log() -> String { (try? String(contentsOfFile: directory + "/serve.log", encoding: .utf8)) ?? "" }
+        #expect(try await ask("1", "apple pie?")?.hasPrefix("Answer to") == true)
+        // SIGHUP: the new words apply to the next message.
+        try "safety:\n  reply: Not allowed.\n  blocked_words: [apple]\nconfig:\n  watch: false\n".write(toFile: path, atomically: true, encoding: .utf8)
+        server.signal(SIGHUP)
+        #expect(await eventually { log().contains("configuration reloaded") })
+        #expect(try await ask("2", "apple pie?") == "Not allowed.")
+        // A bad file is rejected with its problem named; the running controls stay.
+        try "safety:\n  blocked_words: [pear]\nlimits:\n  user_daily_messages: many\n".write(toFile: path, atomically: true, encoding: .utf8)
+        server.signal(SIGHUP)
+        #expect(await eventually { log().contains("configuration reload rejected: error: limits.user_daily_messages") })
+        #expect(try await ask("3", "pear and apple?") == "Not allowed.")
+        #expect(try await ask("4", "pear?")?.hasPrefix("Answer to") == true)
+        // A restart-only setting is named.
+        try "server:\n  max_body_bytes: 4096\nsafety:\n  reply: Not allowed.\n  blocked_words: [pear]\n".write(toFile: path, atomically: true, encoding: .utf8)
+        server.signal(SIGHUP)
+        #expect(await eventually { log().contains("takes effect only after a restart") && log().contains("server.max_body_bytes") })
+        #expect(try await ask("5", "pear?") == "Not allowed.")
+        // Nothing was dropped: every message was answered once; the process still runs.
+        #expect(dingtalk.deliveries.count == 5)
+        #expect(server.process.isRunning)
+        server.signal(SIGTERM)
+        #expect(await server.wait() == 0)
+        try await client.shutdown()
+        await model.stop()
+    }
+
+    @Test func aChangedFileIsReloadedWhenWatched() async throws {
+        let directory = temporaryDirectory()
+        let path = directory + "/c.yaml"
+        try "llm: {base_url: 'http://127.0.0.1:1/v1'}\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let initial = try await ChatBridgeConfiguration.load(file: path, environment: [:])
+        #expect(initial.watchConfig)
+        let box = ControlsBox(initial.controls)
+        let client = OutboundHTTP.makeClient()
+        let router = ModelRouter(profiles: initial.profiles, store: nil, client: client, logger: Logger(label: "t"))
+        let reloader = ConfigReloader(configuration: initial, environment: [:], controls: box, models: router, pollInterval: .milliseconds(50), logger: Logger(label: "t"))
+        let task = Task { try await reloader.run() }
+        try "llm: {base_url: 'http://127.0.0.1:1/v1'}\nsafety: {blocked_words: [kiwi, plum]}\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(await eventually { box.current.safety.blockedWords.count == 2 })
+        #expect(reloader.appliedCount == 1)
+        task.cancel()
+        _ = try? await task.value
+        try await client.shutdown()
+    }
+}
