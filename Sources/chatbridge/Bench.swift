@@ -41,9 +41,11 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "How many servers to start on the one database (PostgreSQL only); callbacks, webhook events and stream frames are spread round-robin over them.") var replicas = 1
     @Flag(help: "Print the report as JSON.") var json = false
     @Flag(help: "Measure context assembly for a 10-turn and a 10,000-turn conversation, then exit.") var context = false
+    @Flag(help: "Measure what the operator controls add per message (access, 10,000 blocked words, routes, every limit counted in --database) and the blocked-word matcher with 10 and 10,000 words, then exit.") var controls = false
 
     func run() async throws {
         if context { return try await measureContext() }
+        if controls { return try await measureControls() }
         guard replicas >= 1 else { throw ValidationError("--replicas must be at least 1") }
         if replicas > 1, database.lowercased() == "sqlite" {
             throw ValidationError("--replicas needs a PostgreSQL --database (postgres or a postgres:// URL): a SQLite database belongs to one server process")
@@ -447,6 +449,68 @@ struct Bench: AsyncParsableCommand {
         (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     }
 
+    /// The time `Engine.plan` takes per question with no controls and with every check on (limits counted
+    /// in the database), and the blocked-word matcher over a 2,000-character answer with 10 and 10,000 words.
+    private func measureControls() async throws {
+        let directory = NSTemporaryDirectory() + "chatbridge-bench-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let prepared = try await BenchDatabase.prepare(database, directory: directory)
+        var logger = Logger(label: "bench")
+        logger.logLevel = .critical
+        let store = try await SQLStore.open(try DatabaseLocation.parse(prepared.url), options: .init(poolSize: 4), logger: logger)
+        var all = Controls()
+        all.access.admins = Set((0..<10).map { "dingtalk:admin\($0)" })
+        all.access.allowUsers = Set((0..<1000).map { "dingtalk:user\($0)" })
+        all.access.denyUsers = Set((0..<100).map { "dingtalk:banned\($0)" })
+        all.access.denyChats = Set((0..<100).map { "dingtalk:cidBanned\($0)" })
+        all.limits.userPerMinute = 100_000
+        all.limits.userDailyMessages = 1_000_000
+        all.limits.userDailyTokens = 1_000_000_000
+        all.limits.chatDailyTokens = 1_000_000_000
+        all.safety.blockedWords = BlockedWords((0..<10_000).map { "blocked\($0)词" })
+        all.personas = (0..<10).map { Persona(name: "p\($0)", prompt: "persona \($0)") }
+        all.routes = (0..<20).map { Route(chats: ["cidRoute\($0)"], persona: "p\($0 % 10)") }
+        var none = Controls()
+        none.limits = Limits()
+        none.limits.userPerMinute = nil
+        let clock = SystemClock()
+        let model = RecordingBenchModel()
+        func measure(_ controls: Controls, ledger: (any UsageLedger)?, label: String) async throws -> [Double] {
+            let engine = Engine(
+                settings: EngineSettings(), model: model, conversations: store, clock: clock, controls: ControlsBox(controls), ledger: ledger)
+            var times: [Double] = []
+            for index in 0..<2000 {
+                let message = InboundMessage(
+                    platform: "dingtalk", botID: "bench", messageID: "\(label)-\(index)", chat: .init(id: "cid\(index % 100)", kind: .group),
+                    sender: .init(id: "user\(index % 100)", staffID: "user\(index % 100)", name: "u"),
+                    body: .text("a question of ordinary length about the weather and the plans for tomorrow, number \(index)"), sentAt: Date())
+                let started = ContinuousClock.now
+                guard case .ask = try await engine.plan(message) else { throw ValidationError("a measured question was refused") }
+                times.append((ContinuousClock.now - started).seconds * 1_000_000)
+            }
+            return times.sorted()
+        }
+        _ = try await measure(none, ledger: nil, label: "warm")
+        let plain = try await measure(none, ledger: nil, label: "plain")
+        let checked = try await measure(all, ledger: store, label: "checked")
+        await store.close()
+        await prepared.cleanup()
+        try? FileManager.default.removeItem(atPath: directory)
+        func at(_ values: [Double], _ q: Double) -> Double { values[min(values.count - 1, Int(Double(values.count - 1) * q))] }
+        print("plan per question, \(prepared.kind), no controls: p50 \(String(format: "%.0f", at(plain, 0.5))) µs, p99 \(String(format: "%.0f", at(plain, 0.99))) µs")
+        print("plan per question, \(prepared.kind), every check: p50 \(String(format: "%.0f", at(checked, 0.5))) µs, p99 \(String(format: "%.0f", at(checked, 0.99))) µs")
+        print("added by the controls: p50 \(String(format: "%.0f", at(checked, 0.5) - at(plain, 0.5))) µs, p99 \(String(format: "%.0f", at(checked, 0.99) - at(plain, 0.99))) µs")
+        let answer = String(repeating: "这是一段普通的回答文字，包含一些 English words and numbers 12345。", count: 40)
+        for count in [10, 1_000, 10_000] {
+            let words = BlockedWords((0..<count).map { "blocked\($0)词" })
+            _ = words.masked(answer)
+            let started = ContinuousClock.now
+            for _ in 0..<200 { _ = words.masked(answer) }
+            let micros = (ContinuousClock.now - started).seconds / 200 * 1_000_000
+            print("blocked words, \(count) words, masking a \(answer.count)-character answer: \(String(format: "%.0f", micros)) µs")
+        }
+    }
+
     private func measureContext() async throws {
         let store = try await SQLStore.open(.sqliteMemory, logger: Logger(label: "bench"))
         let settings = EngineSettings()
@@ -730,5 +794,12 @@ struct Report: Encodable {
         }
         let width = rows.map(\.0.count).max() ?? 0
         for (name, value) in rows { print(name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + value) }
+    }
+}
+
+/// Never asked: `--controls` measures only the decision before the model.
+private struct RecordingBenchModel: ChatModel {
+    func complete(_ request: ChatRequest, onDelta: @escaping @Sendable (String) async -> Void) async throws -> ChatCompletion {
+        ChatCompletion(text: "", finishReason: "stop")
     }
 }
