@@ -320,7 +320,9 @@ public final class Dispatcher: Sendable {
             let sentWhole = item.live == .none && (item.deliveredParts > 0 || item.uncertainSends > 0)
             // A live reply an earlier attempt began is continued whatever the card settings are now.
             let begun = item.live == .opening || item.live == .opened || item.live == .finalized
-            let wantsLive = begun || (plan?.asksModel ?? true)
+            // A reply stored by an earlier attempt without a live reply (a command, a refusal, or an answer on
+            // the whole-message path) stays a whole message.
+            let wantsLive = begun || (item.reply == nil && (plan?.asksModel ?? true))
             let live = item.live == .declined || sentWhole || !wantsLive
                 ? nil : replies.liveReply(to: item.message, reference: item.liveReference, begun: begun)
             let finished: StoredReply?
@@ -387,14 +389,20 @@ public final class Dispatcher: Sendable {
     }
 
     /// The engine's plan for a message; nil when deciding failed and a retry was scheduled (or, out of
-    /// attempts, the error reply was stored and sent).
+    /// attempts, the error reply was stored and sent as such).
     private func plan(for item: InboxItem, metadata: Logger.Metadata) async throws -> Plan? {
         do {
             return try await engine.plan(item.message)
         } catch let error where !(error is CancellationError) && !Task.isCancelled {
             // Deciding fails only when the database does; the model path has the same retry rules.
             guard try await handleAnswerFailure(error, item: item, metadata: metadata) else { return nil }
-            return .reply(Resolution(text: engine.settings.messages.reply(for: error), effect: .none))
+            let reply = StoredReply(text: engine.settings.messages.reply(for: error), kind: .error, effect: .none)
+            let now = clock.now
+            try await record("the reply", afterSend: false, metadata: metadata) { [inbox] in
+                try await inbox.storeReply(reply, for: item.lease, error: "\(error)", now: now)
+            }
+            if try await deliver(reply, for: item, metadata: metadata) { failed.increment() }
+            return nil
         }
     }
 

@@ -209,7 +209,7 @@ public struct Engine: Sendable {
             return .silent(reason: why)
         case .refusedDirect(let why):
             let user = AccessRules.userIDs(of: message)[0]
-            if let ledger, try await !ledger.claimNotice("access:\(user)", period: .seconds(3600), now: now) {
+            if let ledger, try await !ledger.claimNotice("access:\(user)", period: .seconds(3600), messageKey: Self.messageKey(message), now: now) {
                 return .silent(reason: why + " (told within the hour)")
             }
             return .reply(Resolution(text: texts.accessDenied, effect: .none))
@@ -231,6 +231,13 @@ public struct Engine: Sendable {
             return try await personaCommand(name, key: key, controls: controls)
         case .system(let prompt):
             guard controls.allowCustomPrompt else { return reply(texts.disabled) }
+            // A custom prompt is held to what a question is: the same length limit and blocked words.
+            if let prompt, prompt.count > settings.maxQuestionChars {
+                return reply(settings.messages.questionTooLong
+                    .replacingOccurrences(of: "{length}", with: "\(prompt.count)")
+                    .replacingOccurrences(of: "{limit}", with: "\(settings.maxQuestionChars)"))
+            }
+            if let prompt, controls.safety.blockedWords.containsMatch(in: prompt) { return reply(controls.safety.reply ?? texts.blocked) }
             var preferences = try await conversations.preferences(key)
             preferences.systemPrompt = prompt
             return reply(prompt == nil ? texts.systemCleared : texts.systemSet, .preferences(preferences))
@@ -243,7 +250,13 @@ public struct Engine: Sendable {
             guard let status else { return reply(texts.disabled) }
             return reply(statusText(await status(), controls: controls))
         case .donate(let secret):
-            return reply(await donate(secret, message: message, controls: controls))
+            // The message carries a key: its text is removed from the inbox once answered. Checking a key
+            // costs a provider request, so donations count against the question limits.
+            if message.chat.kind == .direct, controls.acceptDonatedKeys, !admin,
+               let refusal = try await checkLimits(message, controls: controls, now: now) {
+                return reply(refusal, .forgetQuestion)
+            }
+            return reply(await donate(secret, message: message, controls: controls), .forgetQuestion)
         case .question(let question) where question.count > settings.maxQuestionChars:
             let text = settings.messages.questionTooLong
                 .replacingOccurrences(of: "{length}", with: "\(question.count)")
@@ -315,35 +328,35 @@ public struct Engine: Sendable {
 
     static func messageKey(_ message: InboundMessage) -> String { "\(message.platform)/\(message.botID)/\(message.messageID)" }
 
-    /// The refusal when a limit is reached, else nil after counting the question.
+    /// The refusal when a limit is reached, else nil after counting the question (in one step with the
+    /// check, shared by every replica).
     private func checkLimits(_ message: InboundMessage, controls: Controls, now: Date) async throws -> String? {
-        guard let ledger else { return nil }
+        guard let ledger, !controls.limits.isUnlimited else { return nil }
         let limits = controls.limits
         let calendar = DayCalendar(timeZone: controls.timeZone)
-        let day = calendar.day(of: now)
-        let user = AccessRules.userIDs(of: message)[0]
-        let chat = AccessRules.chatID(of: message)
-        let messageKey = Self.messageKey(message)
+        let record = RequestRecord(
+            messageKey: Self.messageKey(message), user: AccessRules.userIDs(of: message)[0], chat: AccessRules.chatID(of: message),
+            day: calendar.day(of: now), at: now)
+        let admission = try await ledger.admit(
+            record,
+            limits: RequestLimits(
+                perMinute: limits.userPerMinute, perDay: limits.userDailyMessages, userDailyTokens: limits.userDailyTokens,
+                chatDailyTokens: limits.chatDailyTokens),
+            minuteAgo: now.addingTimeInterval(-60))
         let midnight = calendar.describe(calendar.nextMidnight(after: now))
-        func refusal(_ template: String, _ limit: Int, _ reset: String) -> String {
-            template.replacingOccurrences(of: "{limit}", with: "\(limit)").replacingOccurrences(of: "{reset}", with: reset)
+        func refusal(_ template: String, _ limit: Int?, _ reset: String) -> String {
+            template.replacingOccurrences(of: "{limit}", with: "\(limit ?? 0)").replacingOccurrences(of: "{reset}", with: reset)
         }
-        if limits.userPerMinute != nil || limits.userDailyMessages != nil {
-            let counts = try await ledger.requestCounts(user: user, since: now.addingTimeInterval(-60), day: day, excluding: messageKey)
-            if let limit = limits.userPerMinute, counts.lastMinute >= limit {
-                let free = (counts.oldestInLastMinute ?? now).addingTimeInterval(60)
-                return refusal(texts.limitPerMinute, limit, Self.timeOfDay(free, calendar: calendar) ?? calendar.describe(free))
-            }
-            if let limit = limits.userDailyMessages, counts.today >= limit { return refusal(texts.limitDailyMessages, limit, midnight) }
+        switch admission {
+        case .admitted:
+            return nil
+        case .perMinute(let oldest):
+            let free = oldest.addingTimeInterval(60)
+            return refusal(texts.limitPerMinute, limits.userPerMinute, Self.timeOfDay(free, calendar: calendar) ?? calendar.describe(free))
+        case .perDay: return refusal(texts.limitDailyMessages, limits.userDailyMessages, midnight)
+        case .userDailyTokens: return refusal(texts.limitDailyTokens, limits.userDailyTokens, midnight)
+        case .chatDailyTokens: return refusal(texts.limitChatTokens, limits.chatDailyTokens, midnight)
         }
-        if let limit = limits.userDailyTokens, try await ledger.tokensUsed(user: user, chat: nil, day: day, excluding: messageKey) >= limit {
-            return refusal(texts.limitDailyTokens, limit, midnight)
-        }
-        if let limit = limits.chatDailyTokens, try await ledger.tokensUsed(user: nil, chat: chat, day: day, excluding: messageKey) >= limit {
-            return refusal(texts.limitChatTokens, limit, midnight)
-        }
-        try await ledger.recordRequest(RequestRecord(messageKey: messageKey, user: user, chat: chat, day: day, at: now))
-        return nil
     }
 
     /// `HH:mm:ss` of `date` in the calendar's zone.
@@ -475,8 +488,11 @@ public struct Engine: Sendable {
 /// inside it (the longest word's length is held back), so a live reply never shows one.
 final class StreamMasker: Sendable {
     private struct State {
-        var raw = ""
-        var emitted = 0
+        /// The text not yet passed on, with the last `longestWord` characters before it (the context a
+        /// word ending later may start in).
+        var tail = ""
+        /// How many characters at the start of `tail` were passed on already.
+        var context = 0
     }
     private let words: BlockedWords
     private let onDelta: @Sendable (String) async -> Void
@@ -489,12 +505,18 @@ final class StreamMasker: Sendable {
 
     func append(_ delta: String) async {
         let out = state.withLock { state -> String? in
-            state.raw += delta
-            let masked = Array(words.masked(state.raw))
+            state.tail += delta
+            let text = Array(state.tail)
+            let masked = Array(words.masked(state.tail))
+            // Masking keeps one character per character; if a sequence did not, wait for the end.
+            guard masked.count == text.count else { return nil }
             let safe = masked.count - words.longestWord
-            guard safe > state.emitted else { return nil }
-            let piece = String(masked[state.emitted..<safe])
-            state.emitted = safe
+            guard safe > state.context else { return nil }
+            let piece = String(masked[state.context..<safe])
+            // Keep only what a later word could still reach back into.
+            let keep = max(0, safe - words.longestWord)
+            state.tail = String(text[keep...])
+            state.context = safe - keep
             return piece
         }
         if let out { await onDelta(out) }

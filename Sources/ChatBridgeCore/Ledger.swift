@@ -100,38 +100,47 @@ public struct UsageQuery: Sendable, Equatable {
     }
 }
 
-/// How many questions a user asked recently (for the limits).
-public struct RequestCounts: Sendable, Equatable {
-    /// In the last minute.
-    public var lastMinute: Int
-    /// The oldest of those, to say when the minute's limit frees up.
-    public var oldestInLastMinute: Date?
-    /// Today (the configured time zone's day).
-    public var today: Int
-    public init(lastMinute: Int, oldestInLastMinute: Date?, today: Int) {
-        self.lastMinute = lastMinute
-        self.oldestInLastMinute = oldestInLastMinute
-        self.today = today
+/// The limits one question is checked against; nil is unlimited.
+public struct RequestLimits: Sendable, Equatable {
+    public var perMinute: Int?
+    public var perDay: Int?
+    public var userDailyTokens: Int?
+    public var chatDailyTokens: Int?
+    public init(perMinute: Int? = nil, perDay: Int? = nil, userDailyTokens: Int? = nil, chatDailyTokens: Int? = nil) {
+        self.perMinute = perMinute
+        self.perDay = perDay
+        self.userDailyTokens = userDailyTokens
+        self.chatDailyTokens = chatDailyTokens
     }
+    public var countsQuestions: Bool { perMinute != nil || perDay != nil }
+}
+
+/// Whether a question may go to the model.
+public enum Admission: Sendable, Equatable {
+    case admitted
+    /// Over the per-minute limit; the oldest question of the last minute says when it frees up.
+    case perMinute(oldest: Date)
+    case perDay
+    case userDailyTokens
+    case chatDailyTokens
 }
 
 /// The durable counters behind limits, quotas, usage reports and one-per-hour notices. Kept in the
 /// database, so every replica counts against the same numbers.
 public protocol UsageLedger: Sendable {
-    /// Questions of `user` since `minuteAgo` and on `day`, leaving out `excluding` (the message being
-    /// checked, which an earlier attempt may have recorded already).
-    func requestCounts(user: String, since minuteAgo: Date, day: String, excluding messageKey: String) async throws -> RequestCounts
-    /// Records a question; a second record of the same message changes nothing.
-    func recordRequest(_ record: RequestRecord) async throws
-    /// Tokens used on `day` by `user` (or in `chat`), leaving out `excluding`.
-    func tokensUsed(user: String?, chat: String?, day: String, excluding messageKey: String) async throws -> Int
+    /// Checks a question against `limits` and, when it is admitted and questions are counted, records it —
+    /// in one step per user that every replica sees (a lock per user), so two questions at once cannot
+    /// both take the last one. A message recorded before (a retry) is admitted again and not counted twice.
+    /// Token limits compare the tokens already used today (an answer's tokens are known only after it).
+    func admit(_ record: RequestRecord, limits: RequestLimits, minuteAgo: Date) async throws -> Admission
     /// Adds one answer's usage (a second answer to the same message, after a retry, adds to it).
     func recordUsage(_ record: UsageRecord) async throws
     /// Usage summed as asked.
     func usage(_ query: UsageQuery) async throws -> [UsageTotal]
     /// True at most once per `period` for `subject` across every replica (and records it): a notice that
-    /// must not repeat for every message, such as "you may not use this bot".
-    func claimNotice(_ subject: String, period: Duration, now: Date) async throws -> Bool
+    /// must not repeat for every message, such as "you may not use this bot". The message that claimed it
+    /// (`messageKey`) gets true again when asked again (a retry must still deliver the notice).
+    func claimNotice(_ subject: String, period: Duration, messageKey: String, now: Date) async throws -> Bool
 }
 
 /// The health of one model API key, shared by every replica.

@@ -130,6 +130,9 @@ public enum ConversationEffect: Sendable, Equatable, Codable {
     case resetAll(at: Date)
     /// Replace the conversation's persona, model and system prompt.
     case preferences(ConversationPreferences)
+    /// Nothing changes in the conversation, and the message's text is removed from the inbox: it carried a
+    /// secret (`/donate KEY`).
+    case forgetQuestion
 }
 
 /// The engine's result for one message: the text to deliver and its effect on the conversation.

@@ -29,9 +29,11 @@ public struct ModelProfile: Sendable, Equatable {
         self.outputPrice = outputPrice
     }
 
-    /// The stable id a key's health is stored under: a hash, never the key.
-    public static func keyID(_ key: String) -> String {
-        SHA256.hash(data: Data(key.utf8)).prefix(16).map { String(format: "%02x", $0) }.joined()
+    /// The stable id a key's health in a profile is stored under: a hash, never the key. Health is per
+    /// profile, since a rate limit or a refused model can be the model's and not the whole key's (a key
+    /// shared by two profiles and revoked is disabled in each after one refusal there).
+    public static func keyID(_ key: String, profile: String) -> String {
+        SHA256.hash(data: Data((profile + "\u{0}" + key).utf8)).prefix(16).map { String(format: "%02x", $0) }.joined()
     }
 }
 
@@ -111,7 +113,14 @@ public final class ModelRouter: ChatModel, KeyDonations {
             await onDelta(delta)
         }
         while true {
-            guard let profile = state.withLock({ $0.profiles[name] }) else {
+            var found = state.withLock { $0.profiles[name] }
+            if found == nil, name != "default", !visited.contains("default") {
+                // Removed by a reload after the question was planned for it.
+                logger.warning("a model profile is no longer configured; the default profile answers", metadata: ["profile": "\(name)"])
+                name = "default"
+                found = state.withLock { $0.profiles[name] }
+            }
+            guard let profile = found else {
                 throw ModelError(.modelNotFound, detail: "no model profile \"\(name)\" is configured", shouldRetry: false)
             }
             visited.insert(name)
@@ -132,7 +141,13 @@ public final class ModelRouter: ChatModel, KeyDonations {
                 } catch let error as ModelError {
                     state.withLock { $0.inFlight[key.id, default: 1] -= 1 }
                     // Once text was shown, another key would start the answer over: not here.
-                    guard !streamed.withLock({ $0 }), !key.secret.isEmpty else { throw error }
+                    guard !streamed.withLock({ $0 }) else { throw error }
+                    if key.secret.isEmpty {
+                        // A server without keys: only its fallback can help, when it is rate limited.
+                        guard error.kind == .rateLimited, profile.fallback != nil else { throw error }
+                        lastError = error
+                        continue
+                    }
                     switch error.kind {
                     case .rateLimited:
                         let rest = min(error.retryAfter ?? Self.defaultRest, .seconds(3600))
@@ -197,7 +212,7 @@ public final class ModelRouter: ChatModel, KeyDonations {
 
     /// The profile's keys: configured ones, and for `default` the donated ones.
     private func keys(of profile: ModelProfile) -> [PoolKey] {
-        var keys = profile.apiKeys.map { PoolKey(id: ModelProfile.keyID($0), secret: $0, fingerprint: keyFingerprint($0), donated: false) }
+        var keys = profile.apiKeys.map { PoolKey(id: ModelProfile.keyID($0, profile: profile.name), secret: $0, fingerprint: keyFingerprint($0), donated: false) }
         if keys.isEmpty && profile.name != "default" || keys.isEmpty && state.withLock({ $0.donated.isEmpty }) {
             return [PoolKey(id: "none:\(profile.name)", secret: "", fingerprint: "(no key)", donated: false)]
         }
@@ -340,7 +355,7 @@ public final class ModelRouter: ChatModel, KeyDonations {
     private func locate(_ keyID: String) -> (ModelProfile, PoolKey)? {
         let (profiles, donated) = state.withLock { ($0.profiles, $0.donated) }
         for profile in profiles.values.sorted(by: { $0.name < $1.name }) {
-            if let secret = profile.apiKeys.first(where: { ModelProfile.keyID($0) == keyID }) {
+            if let secret = profile.apiKeys.first(where: { ModelProfile.keyID($0, profile: profile.name) == keyID }) {
                 return (profile, PoolKey(id: keyID, secret: secret, fingerprint: keyFingerprint(secret), donated: false))
             }
         }
@@ -374,7 +389,7 @@ public final class ModelRouter: ChatModel, KeyDonations {
         guard let profile = state.withLock({ $0.profiles["default"] }) else {
             return .refused(fingerprint: fingerprint, reason: "no default profile")
         }
-        let id = ModelProfile.keyID(key)
+        let id = ModelProfile.keyID(key, profile: "default")
         if profile.apiKeys.contains(key) || state.withLock({ $0.donated.contains { $0.keyID == id } }) {
             return .alreadyKnown(fingerprint: fingerprint)
         }

@@ -317,8 +317,10 @@ public func buildApplication(
     if reclaimed.gaveUp > 0 {
         logger.error("gave up on messages whose last allowed attempt was interrupted by the previous run", metadata: ["count": "\(reclaimed.gaveUp)"])
     }
+    // The longest answer any profile may take (a reload cannot lengthen it beyond this).
+    let longestTimeout = configuration.profiles.map(\.settings.timeout).max() ?? configuration.llm.timeout
     let httpClient = OutboundHTTP.makeClient(
-        readTimeout: .seconds(Int64(max(configuration.llm.timeout.seconds, 30))),
+        readTimeout: .seconds(Int64(max(longestTimeout.seconds, configuration.llm.timeout.seconds, 30))),
         connectionsPerHost: max(configuration.worker.concurrency, 8))
     let models = ModelRouter(
         profiles: configuration.profiles, store: store, client: httpClient, clock: clock, recheckInterval: configuration.keyRecheck,

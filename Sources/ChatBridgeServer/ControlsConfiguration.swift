@@ -17,8 +17,8 @@ struct StructuredSections {
 
     init(yaml text: String?, dottedKeys: [String]) throws {
         var root: [String: Any] = [:]
-        if let text, !text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty {
-            root = try Yams.load(yaml: text) as? [String: Any] ?? [:]
+        if let text, !text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, let node = try Yams.compose(yaml: text) {
+            root = Self.plain(node) as? [String: Any] ?? [:]
         }
         func names(_ section: String) -> [String] {
             var found = (root[section] as? [String: Any]).map { Array($0.keys) } ?? []
@@ -42,6 +42,20 @@ struct StructuredSections {
 }
 
 extension StructuredSections {
+    /// A YAML node as mappings, lists and strings exactly as written (`0420001` stays that text; YAML's own
+    /// number and date conversions would change ids).
+    static func plain(_ node: Node) -> Any? {
+        switch node {
+        case .scalar(let scalar): return node.null != nil ? nil : scalar.string
+        case .mapping(let mapping):
+            var result: [String: Any] = [:]
+            for (key, value) in mapping { if let name = key.string, let value = plain(value) { result[name] = value } }
+            return result
+        case .sequence(let sequence): return sequence.compactMap { plain($0) }
+        case .alias: return nil
+        }
+    }
+
     /// Every scalar of the YAML file under its dotted key, and every list of scalars as a list, as written
     /// (no number or date conversion: `0420001` stays that text). Lists of mappings (`routes`) are read by
     /// ``init(yaml:dottedKeys:)``.

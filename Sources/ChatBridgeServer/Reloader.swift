@@ -24,6 +24,10 @@ public final class ConfigReloader: Service, Sendable {
     private let logger: Logger
     private let pollInterval: Duration
     private let reloads = Mutex(0)
+    /// Reloads are numbered as they start; one that started earlier never replaces a later one's result.
+    private let generations = Mutex((started: 0, applied: 0))
+    /// The file as it was at start, so a change made right after is noticed.
+    private let initialStamp: String?
 
     public init(
         configuration: ChatBridgeConfiguration, environment: [String: String] = ProcessInfo.processInfo.environment,
@@ -36,6 +40,7 @@ public final class ConfigReloader: Service, Sendable {
         self.models = models
         self.pollInterval = pollInterval
         self.logger = logger
+        initialStamp = configuration.sourceFile.map(Self.stamp)
     }
 
     /// How many reloads were applied.
@@ -52,7 +57,7 @@ public final class ConfigReloader: Service, Sendable {
             }
             if watch, let file = self.file {
                 group.addTask {
-                    var last = Self.stamp(file)
+                    var last = self.initialStamp ?? Self.stamp(file)
                     while !Task.isCancelled {
                         try? await Task.sleep(for: self.pollInterval)
                         let now = Self.stamp(file)
@@ -78,6 +83,10 @@ public final class ConfigReloader: Service, Sendable {
     /// Reads the configuration again and applies what can change while running.
     @discardableResult
     public func reload(because reason: String) async -> Outcome {
+        let generation = generations.withLock { state -> Int in
+            state.started += 1
+            return state.started
+        }
         let next: ChatBridgeConfiguration
         do {
             next = try await ChatBridgeConfiguration.load(file: file, environment: environment)
@@ -100,8 +109,18 @@ public final class ConfigReloader: Service, Sendable {
         let changed = Set(before.keys).union(after.keys).filter { before[$0] != after[$0] }.sorted()
         let needsRestart = changed.filter { !Self.isReloadable($0) }
         let sameControls = previous.profiles == next.profiles && Self.describe(previous.controls) == Self.describe(next.controls)
-        controls.replace(with: next.controls)
-        models.replace(profiles: next.profiles)
+        let newest = generations.withLock { state -> Bool in
+            guard generation > state.applied else { return false }
+            state.applied = generation
+            // Applied under the same lock, so two reloads cannot interleave their halves.
+            controls.replace(with: next.controls)
+            models.replace(profiles: next.profiles)
+            return true
+        }
+        guard newest else {
+            logger.info("configuration reload superseded by a later one", metadata: ["why": "\(reason)"])
+            return .unchanged
+        }
         if changed.isEmpty && sameControls {
             logger.info("configuration reloaded: nothing changed", metadata: ["why": "\(reason)"])
             return .unchanged
@@ -126,10 +145,11 @@ public final class ConfigReloader: Service, Sendable {
 
     /// Settings a reload applies: model profiles, personas, routes, access, limits, safety.
     static func isReloadable(_ key: String) -> Bool {
-        let prefixes = ["llm.", "models.", "personas.", "routes", "access.", "limits.", "safety.", "bot.timezone", "conversation.selectable_models",
-                        "conversation.allow_custom_prompt", "config.watch"]
-        if key == "llm.timeout" { return false }
-        return prefixes.contains { key.hasPrefix($0) }
+        let sections = ["llm", "models", "personas", "routes", "access", "limits", "safety", "bot.timezone", "conversation.selectable_models",
+                        "conversation.allow_custom_prompt"]
+        // Read once at start: the HTTP client's read timeout, the re-check period, the file watch.
+        if ["llm.timeout", "llm.key_recheck"].contains(key) { return false }
+        return sections.contains { key == $0 || key.hasPrefix($0 + ".") }
     }
 
     /// A comparable description of the controls (the matcher has no equality of its own).

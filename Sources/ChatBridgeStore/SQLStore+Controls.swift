@@ -8,41 +8,56 @@ import SQLKit
 extension SQLStore: UsageLedger, KeyHealthStore {
     // MARK: Limits
 
-    public func requestCounts(user: String, since minuteAgo: Date, day: String, excluding messageKey: String) async throws -> RequestCounts {
-        try await single(priority: .background) { db in
+    public func admit(_ record: RequestRecord, limits: RequestLimits, minuteAgo: Date) async throws -> Admission {
+        let dialect = self.dialect
+        return try await transaction { db in
+            if dialect == .postgres {
+                // One user's questions are admitted one at a time across replicas (the two-key lock space).
+                try await db.raw("SELECT pg_advisory_xact_lock(\(unsafeRaw: String(Self.admissionLockKey)), hashtext(\(bind: record.user)))").run()
+            }
+            let noTokens: SQLQueryString = "CAST(0 AS BIGINT)"
+            let userTokens: SQLQueryString = limits.userDailyTokens == nil ? noTokens : """
+                (SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) FROM usage_records
+                 WHERE user_id = \(bind: record.user) AND day = \(bind: record.day) AND message_key <> \(bind: record.messageKey))
+                """
+            let chatTokens: SQLQueryString = limits.chatDailyTokens == nil ? noTokens : """
+                (SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) FROM usage_records
+                 WHERE chat_id = \(bind: record.chat) AND day = \(bind: record.day) AND message_key <> \(bind: record.messageKey))
+                """
             let row = try await db.raw("""
-                SELECT CAST(COALESCE(SUM(CASE WHEN at_ms >= \(bind: minuteAgo.millis) THEN 1 ELSE 0 END), 0) AS BIGINT) AS minute,
-                       MIN(CASE WHEN at_ms >= \(bind: minuteAgo.millis) THEN at_ms END) AS oldest,
-                       CAST(COALESCE(SUM(CASE WHEN day = \(bind: day) THEN 1 ELSE 0 END), 0) AS BIGINT) AS today
-                FROM requests
-                WHERE user_id = \(bind: user) AND (at_ms >= \(bind: minuteAgo.millis) OR day = \(bind: day)) AND message_key <> \(bind: messageKey)
+                SELECT
+                    (SELECT CAST(COUNT(*) AS BIGINT) FROM requests WHERE message_key = \(bind: record.messageKey)) AS known,
+                    (SELECT CAST(COUNT(*) AS BIGINT) FROM requests
+                     WHERE user_id = \(bind: record.user) AND at_ms >= \(bind: minuteAgo.millis) AND message_key <> \(bind: record.messageKey)) AS minute,
+                    (SELECT MIN(at_ms) FROM requests
+                     WHERE user_id = \(bind: record.user) AND at_ms >= \(bind: minuteAgo.millis) AND message_key <> \(bind: record.messageKey)) AS oldest,
+                    (SELECT CAST(COUNT(*) AS BIGINT) FROM requests
+                     WHERE user_id = \(bind: record.user) AND day = \(bind: record.day) AND message_key <> \(bind: record.messageKey)) AS today,
+                    \(userTokens) AS user_tokens,
+                    \(chatTokens) AS chat_tokens
                 """).first()
-            return RequestCounts(
-                lastMinute: try row?.decode(column: "minute", as: Int.self) ?? 0,
-                oldestInLastMinute: try row?.decode(column: "oldest", as: Int64?.self).map(Date.init(millis:)),
-                today: try row?.decode(column: "today", as: Int.self) ?? 0)
+            guard let row else { throw StoreError(description: "the limit check returned nothing") }
+            if try row.decode(column: "known", as: Int.self) > 0 { return .admitted }
+            if let limit = limits.perMinute, try row.decode(column: "minute", as: Int.self) >= limit {
+                let oldest = try row.decode(column: "oldest", as: Int64?.self).map(Date.init(millis:)) ?? record.at
+                return .perMinute(oldest: oldest)
+            }
+            if let limit = limits.perDay, try row.decode(column: "today", as: Int.self) >= limit { return .perDay }
+            if let limit = limits.userDailyTokens, try row.decode(column: "user_tokens", as: Int.self) >= limit { return .userDailyTokens }
+            if let limit = limits.chatDailyTokens, try row.decode(column: "chat_tokens", as: Int.self) >= limit { return .chatDailyTokens }
+            if limits.countsQuestions {
+                try await db.raw("""
+                    INSERT INTO requests (message_key, user_id, chat_id, day, at_ms)
+                    VALUES (\(bind: record.messageKey), \(bind: record.user), \(bind: record.chat), \(bind: record.day), \(bind: record.at.millis))
+                    ON CONFLICT (message_key) DO NOTHING
+                    """).run()
+            }
+            return .admitted
         }
     }
 
-    public func recordRequest(_ record: RequestRecord) async throws {
-        try await single { db in
-            try await db.raw("""
-                INSERT INTO requests (message_key, user_id, chat_id, day, at_ms)
-                VALUES (\(bind: record.messageKey), \(bind: record.user), \(bind: record.chat), \(bind: record.day), \(bind: record.at.millis))
-                ON CONFLICT (message_key) DO NOTHING
-                """).run()
-        }
-    }
-
-    public func tokensUsed(user: String?, chat: String?, day: String, excluding messageKey: String) async throws -> Int {
-        let who: SQLQueryString = if let user { "user_id = \(bind: user)" } else { "chat_id = \(bind: chat ?? "")" }
-        return try await single { db in
-            try await db.raw("""
-                SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS t FROM usage_records
-                WHERE \(who) AND day = \(bind: day) AND message_key <> \(bind: messageKey)
-                """).first()?.decode(column: "t", as: Int.self) ?? 0
-        }
-    }
+    /// The first key of the two-key advisory locks that admit one user's questions at a time.
+    static let admissionLockKey = 0x4342
 
     // MARK: Usage
 
@@ -100,12 +115,13 @@ extension SQLStore: UsageLedger, KeyHealthStore {
         }
     }
 
-    public func claimNotice(_ subject: String, period: Duration, now: Date) async throws -> Bool {
+    public func claimNotice(_ subject: String, period: Duration, messageKey: String, now: Date) async throws -> Bool {
         let before = now.millis - Int64(period.components.seconds * 1000)
         return try await single { db in
             try await db.raw("""
-                INSERT INTO notices (subject, last_at) VALUES (\(bind: subject), \(bind: now.millis))
-                ON CONFLICT (subject) DO UPDATE SET last_at = excluded.last_at WHERE notices.last_at <= \(bind: before)
+                INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: subject), \(bind: now.millis), \(bind: messageKey))
+                ON CONFLICT (subject) DO UPDATE SET last_at = excluded.last_at, message_key = excluded.message_key
+                WHERE notices.last_at <= \(bind: before) OR notices.message_key = excluded.message_key
                 RETURNING subject
                 """).all().count == 1
         }

@@ -539,7 +539,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             "CREATE INDEX usage_day ON usage_records (day)",
             "CREATE INDEX usage_user_day ON usage_records (user_id, day)",
             "CREATE INDEX usage_chat_day ON usage_records (chat_id, day)",
-            "CREATE TABLE notices (subject TEXT PRIMARY KEY, last_at BIGINT NOT NULL)",
+            "CREATE TABLE notices (subject TEXT PRIMARY KEY, last_at BIGINT NOT NULL, message_key TEXT)",
             """
             CREATE TABLE model_keys (
                 key_id TEXT PRIMARY KEY,
@@ -906,6 +906,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             """)
         try await transaction { db in
             guard try await db.raw(statement).all().count == 1 else { throw LeaseLost(lease) }
+            if reply.effect == .forgetQuestion { try await Self.forgetText(ofRow: lease.id, on: db) }
             if reply.kind == .answer { try await Self.apply(reply.effect, to: conversation, on: db) }
         }
     }
@@ -1045,6 +1046,15 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         try await transaction { db in try await Self.apply(effect, to: key, on: db) }
     }
 
+    /// Replaces the text of a stored message (one that carried a secret) with a placeholder.
+    private static func forgetText(ofRow id: Int64, on db: any SQLDatabase) async throws {
+        guard let payload = try await db.raw("SELECT payload FROM inbox WHERE id = \(bind: id)").first()?.decode(column: "payload", as: String.self),
+              var message = try? decoder.decode(InboundMessage.self, from: Data(payload.utf8)) else { return }
+        message.body = .text("(removed: it carried an API key)")
+        let redacted = String(decoding: try encoder.encode(message), as: UTF8.self)
+        try await db.raw("UPDATE inbox SET payload = \(bind: redacted) WHERE id = \(bind: id)").run()
+    }
+
     private static func apply(_ effect: ConversationEffect, to key: ConversationKey, on db: any SQLDatabase) async throws {
         let platform = String(key.rawValue.prefix(while: { $0 != "/" }))
         switch effect {
@@ -1063,6 +1073,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 ON CONFLICT (conversation_key) DO UPDATE SET context_start_seq = conversations.last_seq, last_activity = excluded.last_activity,
                     settings = NULL
                 """).run()
+        case .forgetQuestion:
+            return
         case .preferences(let preferences):
             let json = preferences.isEmpty ? nil : String(decoding: try JSONEncoder().encode(preferences), as: UTF8.self)
             try await db.raw("""

@@ -66,7 +66,7 @@ extension SQLStore {
             .text("profile"), .text("model"), .text("key_fingerprint"), .integer("prompt_tokens"), .integer("completion_tokens"),
             .integer("estimated"), .double("cost"),
         ]),
-        ("notices", [.text("subject")], [.text("subject"), .integer("last_at")]),
+        ("notices", [.text("subject")], [.text("subject"), .integer("last_at"), .optionalText("message_key")]),
         ("model_keys", [.text("key_id")], [
             .text("key_id"), .text("fingerprint"), .text("profile"), .text("state"), .optionalInteger("until_ms"), .optionalText("reason"),
             .optionalInteger("checked_at"), .optionalText("secret"), .optionalText("donor"), .integer("added_at"),

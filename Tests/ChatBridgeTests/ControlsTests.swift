@@ -85,20 +85,14 @@ struct ControlledEngine {
         #expect(shown.withLock { $0 }.hasPrefix("the ********"))
     }
 
-    @Test func matchingCostStaysFlatFrom10To10000Words() {
-        let text = String(repeating: "这是一段普通的回答文字，包含一些 English words and numbers 12345。", count: 40)
-        func perMatch(_ count: Int) -> Double {
-            let words = BlockedWords((0..<count).map { "blocked\($0)词" })
-            let start = ContinuousClock.now
-            for _ in 0..<50 { _ = words.containsMatch(in: text) }
-            return (ContinuousClock.now - start).seconds / 50
-        }
-        _ = perMatch(10)
-        let small = perMatch(10)
-        let large = perMatch(10_000)
-        // Reported, not asserted: timing depends on the machine.
-        print("blocked-word match of \(text.count) characters: \(Int(small * 1e6)) µs with 10 words, \(Int(large * 1e6)) µs with 10,000 words")
-        #expect(BlockedWords((0..<10_000).map { "blocked\($0)词" }).containsMatch(in: text + "blocked9999词"))
+    /// Its speed is measured by `chatbridge bench --controls` (flat from 10 to 10,000 words), not here.
+    @Test func tenThousandWordsAreAllFoundAndMasked() {
+        let words = BlockedWords((0..<10_000).map { "blocked\($0)词" })
+        #expect(words.count == 10_000)
+        let text = String(repeating: "普通的回答 ordinary text. ", count: 40)
+        #expect(!words.containsMatch(in: text))
+        #expect(words.containsMatch(in: text + "BLOCKED9999词"))
+        #expect(words.masked("x blocked42词 y blocked4 z") == "x ********** y blocked4 z")
     }
 }
 
@@ -131,10 +125,12 @@ struct ControlledEngine {
         #expect(rules { $0.denyUsers = ["lark:u1"] }.decide(direct) == .allowed)
     }
 
-    @Test func aRefusedUserIsToldOnceAnHourAndARefusedGroupGetsNothing() async throws {
-        let setup = try await ControlledEngine.make { $0.access.allowUsers = ["dingtalk:boss"] }
+    @Test(arguments: StoreKind.enabled) func aRefusedUserIsToldOnceAnHourAndARefusedGroupGetsNothing(_ kind: StoreKind) async throws {
+        let setup = try await ControlledEngine.make(kind) { $0.access.allowUsers = ["dingtalk:boss"] }
         #expect(try await setup.say(textMessage("1", "hi", user: "intern")) == setup.engine.texts.accessDenied)
         #expect(try await setup.say(textMessage("2", "hi again", user: "intern")) == "")
+        // The message that was told, planned again (its reply was lost before it was sent), is still told.
+        #expect(try await setup.say(textMessage("1", "hi", user: "intern")) == setup.engine.texts.accessDenied)
         setup.clock.advance(by: .seconds(3601))
         #expect(try await setup.say(textMessage("3", "hello?", user: "intern")) == setup.engine.texts.accessDenied)
         if case .silent = try await setup.engine.plan(groupMessage("4", "hi", user: "intern")) {} else {
@@ -151,14 +147,14 @@ struct ControlledEngine {
         let setup = try await ControlledEngine.make(kind) {
             $0.limits.userPerMinute = 2
             $0.limits.userDailyMessages = 4
-            $0.timeZone = TimeZone(identifier: "Asia/Shanghai")!
+            $0.timeZone = TimeZone(identifier: "Asia/Kolkata")!
             $0.access.admins = ["dingtalk:admin"]
         }
-        // 1_800_000_000 is 16:00 in Shanghai; its midnight is 8 hours later.
+        // 1_800_000_000 is 13:30 in Kolkata (not the default zone); its midnight is 10½ hours later.
         #expect(try await setup.say(textMessage("1", "q1")).hasPrefix("Answer"))
         #expect(try await setup.say(textMessage("2", "q2")).hasPrefix("Answer"))
         let fast = try await setup.say(textMessage("3", "q3"))
-        #expect(fast.contains("at most 2 questions a minute") && fast.contains("16:01:00"), "\(fast)")
+        #expect(fast.contains("at most 2 questions a minute") && fast.contains("13:31:00"), "\(fast)")
         // The same message asked again (a retry) is not counted twice.
         #expect(try await setup.say(textMessage("2", "q2")).hasPrefix("Answer"))
         setup.clock.advance(by: .seconds(61))
@@ -166,12 +162,12 @@ struct ControlledEngine {
         #expect(try await setup.say(textMessage("5", "q5")).hasPrefix("Answer"))
         setup.clock.advance(by: .seconds(61))
         let daily = try await setup.say(textMessage("6", "q6"))
-        #expect(daily.contains("today's limit of 4 questions") && daily.contains("00:00 (Asia/Shanghai)"), "\(daily)")
+        #expect(daily.contains("today's limit of 4 questions") && daily.contains("00:00 (Asia/Kolkata)"), "\(daily)")
         // Admins are exempt; other users have their own counts.
         #expect(try await setup.say(textMessage("7", "q7", user: "admin")).hasPrefix("Answer"))
         #expect(try await setup.say(textMessage("8", "q8", user: "u2")).hasPrefix("Answer"))
-        // 7h58m later it is still the same day in Shanghai; past midnight it is a new one.
-        setup.clock.advance(by: .seconds(7 * 3600 + 55 * 60))
+        // 23:57 is still the same day in Kolkata; past midnight it is a new one.
+        setup.clock.advance(by: .seconds(10 * 3600 + 25 * 60))
         #expect(try await setup.say(textMessage("9", "q9")).contains("today's limit"))
         setup.clock.advance(by: .seconds(5 * 60))
         #expect(try await setup.say(textMessage("10", "q10")).hasPrefix("Answer"))
@@ -199,6 +195,10 @@ struct ControlledEngine {
             settings: EngineSettings(language: .en), model: setup.model, conversations: setup.store, clock: setup.clock, controls: setup.box,
             ledger: setup.store)
         #expect(try await other.resolve(textMessage("8", "q8")).text.contains("240 tokens"))
+        // The next day (Shanghai's midnight is 8 hours after the start) both quotas start again.
+        setup.clock.advance(by: .seconds(8 * 3600 + 60))
+        #expect(try await setup.say(textMessage("9", "q9")).hasPrefix("Answer"))
+        #expect(try await setup.say(groupMessage("10", "q10", user: "d")).hasPrefix("Answer"))
         await setup.store.close()
     }
 }
@@ -238,6 +238,8 @@ struct ControlledEngine {
         _ = try await setup.say(textMessage("3", "hello"))
         #expect(setup.model.requests.last?.messages.first?.content == "Answer in verse.")
         #expect(try await setup.say(textMessage("4", "/persona nobody")).contains("no persona \"nobody\""))
+        // A custom prompt is held to the question rules: length and blocked words.
+        #expect(try await setup.say(textMessage("4a", "/system " + String(repeating: "x", count: 9000))).contains("too long"))
         // /system overrides the persona; /system alone goes back to it.
         _ = try await setup.say(textMessage("5", "/system Speak like a pirate."))
         _ = try await setup.say(textMessage("6", "hello"))
@@ -416,6 +418,27 @@ struct ControlledEngine {
         await model.stop()
     }
 
+    @Test func concurrentRequestsGoToTheKeyWithTheFewestInFlight() async throws {
+        let model = try await ModelSimulator.start()
+        let client = OutboundHTTP.makeClient()
+        let keys = ["sk-pool-key-0001", "sk-pool-key-0002", "sk-pool-key-0003"]
+        let router = ModelRouter(profiles: [profile(model, keys: keys)], store: nil, client: client, clock: ManualClock(), logger: Self.logger)
+        model.hold()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for index in 0..<6 {
+                group.addTask { _ = try await self.ask(router, "q\(index)") }
+                // Each request is in flight before the next is picked.
+                #expect(await eventually { model.requestCount == index + 1 })
+            }
+            #expect(keys.map { model.requests(withKey: $0) } == [2, 2, 2], "held requests are spread evenly")
+            // One key's requests finish: the next request goes to it.
+            model.release()
+            try await group.waitForAll()
+        }
+        try await client.shutdown()
+        await model.stop()
+    }
+
     @Test func theFallbackProfileAnswersWhenNoKeyIsLeftAndWithoutOneTheErrorIsActionable() async throws {
         let model = try await ModelSimulator.start()
         let backup = try await ModelSimulator.start()
@@ -533,6 +556,11 @@ struct ControlledEngine {
         #expect(config.controls.access.admins == ["dingtalk:0420001"] && !config.controls.access.groupChats)
         #expect(config.controls.limits.userPerMinute == 5 && config.controls.limits.userDailyTokens == 50000 && config.controls.limits.userDailyMessages == nil)
         #expect(config.controls.safety.blockedWords.count == 2 && config.controls.timeZone.identifier == "Europe/Berlin")
+        // A words file adds one word per line (comments and blank lines skipped) to the list.
+        try "# words\nkiwi\n\n  Plum  \n".write(toFile: directory + "/words.txt", atomically: true, encoding: .utf8)
+        let withFile = try await ChatBridgeConfiguration.load(
+            file: directory + "/c.yaml", environment: ["CHATBRIDGE_SAFETY_BLOCKED_WORDS_FILE": directory + "/words.txt"])
+        #expect(withFile.controls.safety.blockedWords.words == ["bar", "foo", "kiwi", "plum"])
         #expect(config.controls.selectableModels == ["default", "cheap"])
         // Only llm.* still makes the default profile alone, with the old single key.
         let plain = ChatBridgeConfiguration.from(values: ["llm.api_key": "sk-plain-key-dddd"])
@@ -576,7 +604,8 @@ struct ControlledEngine {
         let lines = LogCapture()
         let reloader = ConfigReloader(configuration: initial, environment: [:], controls: box, models: router, logger: Logger(label: "t") { _ in lines })
         try (Self.yaml + "\nserver: {port: 9090}\n").write(toFile: path, atomically: true, encoding: .utf8)
-        #expect(await reloader.reload(because: "test") == .applied(needsRestart: ["server.port"]))
+        let outcome = await reloader.reload(because: "test")
+        #expect(outcome == .applied(needsRestart: ["server.port"]), "\(outcome)")
         #expect(box.current.safety.blockedWords.count == 2 && box.current.persona(named: "lawyer") != nil)
         #expect(router.profileNames == ["cheap", "default", "legal"])
         #expect(lines.all.contains { $0.contains("takes effect only after a restart") && $0.contains("server.port") })
@@ -629,7 +658,7 @@ struct ControlledEngine {
     @Test func theServerRefusesIgnoresAndLimitsWithoutAskingTheModelAndCountsTokens() async throws {
         let h = try await Harness.start([
             "access.group_chats": "false", "safety.blocked_words": "forbidden,机密", "limits.user_daily_messages": "1",
-            "llm.price.input": "1", "llm.price.output": "2",
+            "llm.price.input": "1", "llm.price.output": "2", "access.admins": "dingtalk:0420009",
         ])
         defer { Task { await h.stop() } }
         #expect(try await h.send("g1", "hello group", conversation: "cidGroup==", group: true).status == 200)
@@ -650,6 +679,37 @@ struct ControlledEngine {
         #expect(abs((try await h.metric(#"chatbridge_cost_total{profile="default",model="sim"}"#) ?? 0) - 26e-6) < 1e-12)
         #expect(try await h.metric(#"chatbridge_model_key_state{profile="default",key="sk-…3456",state="ok"}"#) == 1)
         #expect(try await h.store.usage(UsageQuery(grouping: .user)).map(\.group) == ["dingtalk:0420001"])
+        // /status for an admin, from the running server's parts; others are refused.
+        #expect(try await h.send("s1", "/status", staff: "0420009").status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 4 })
+        let status = h.dingtalk.deliveries[3].text
+        #expect(status.contains("queue: 0 waiting") && status.contains("model latency (1 h, 1 answers)"), "\(status)")
+        #expect(status.contains("key default sk-…3456: ok"), "\(status)")
+        #expect(!status.contains("sk-test-secret-key-123456"))
+    }
+
+    @Test func aDonatedKeyLeavesNoTraceInTheInboxTheLogOrTheModelRequests() async throws {
+        let h = try await Harness.start(["llm.accept_donated_keys": "true", "limits.user_per_minute": "5"])
+        defer { Task { await h.stop() } }
+        let secret = "sk-donor-secret-abcdefgh-9876"
+        #expect(try await h.send("k1", "/donate \(secret)").status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 1 })
+        #expect(h.dingtalk.deliveries[0].text == "Thank you! Key sk-…9876 works and was added to the pool.")
+        #expect(try await h.send("k2", "/donate \(secret)", conversation: "cidGroup==", group: true).status == 200)
+        #expect(await eventually { h.dingtalk.deliveries.count == 2 })
+        #expect(h.dingtalk.deliveries[1].text.contains("Never post an API key in a group"))
+        #expect(try await eventually { try await h.store.inboxRows().allSatisfy { $0.state == "answered" } })
+        // The stored messages no longer hold the key; the conversation never did.
+        let stored = try await h.store.storedMessages()
+        #expect(stored.allSatisfy { $0.body == .text("(removed: it carried an API key)") })
+        let rows = try await h.store.inboxRows()
+        #expect(!rows.contains { ($0.answer ?? "").contains(secret) || ($0.lastError ?? "").contains(secret) })
+        // The probe was the only request with the key, and no request carried it in a message.
+        #expect(h.model.requests(withKey: secret) == 1)
+        #expect(!h.model.received.contains { $0.messages.contains { ($0["content"] ?? "").contains(secret) } })
+        #expect(try await h.store.donatedKeys().map(\.fingerprint) == ["sk-…9876"])
+        let metrics = try await h.get("/metrics").body
+        #expect(!metrics.contains(secret) && metrics.contains("sk-…9876"))
     }
 }
 
