@@ -23,7 +23,11 @@ public struct Controls: Sendable {
     /// engine's.
     public var systemPrompt: String?
     /// Days (limits, usage) are counted in this time zone.
-    public var timeZone = TimeZone(identifier: "Asia/Shanghai")!
+    public var timeZone = TimeZone(identifier: "Asia/Shanghai")! {
+        didSet { calendar = DayCalendar(timeZone: timeZone) }
+    }
+    /// The calendar of `timeZone`, made once.
+    public private(set) var calendar = DayCalendar(timeZone: TimeZone(identifier: "Asia/Shanghai")!)
 
     public init() {}
 
@@ -37,7 +41,7 @@ public struct Controls: Sendable {
     }
 
     /// The calendar day of `date` in the configured time zone, `YYYY-MM-DD`.
-    public func day(of date: Date) -> String { DayCalendar(timeZone: timeZone).day(of: date) }
+    public func day(of date: Date) -> String { calendar.day(of: date) }
 }
 
 /// Reads and writes calendar days in one time zone.
@@ -54,7 +58,8 @@ public struct DayCalendar: Sendable {
 
     public func day(of date: Date) -> String {
         let c = calendar.dateComponents([.year, .month, .day], from: date)
-        return String(format: "%04d-%02d-%02d", c.year ?? 0, c.month ?? 0, c.day ?? 0)
+        func two(_ n: Int) -> String { n < 10 ? "0\(n)" : "\(n)" }
+        return "\(c.year ?? 0)-\(two(c.month ?? 0))-\(two(c.day ?? 0))"
     }
 
     /// The first day of `date`'s month, `YYYY-MM-01`.

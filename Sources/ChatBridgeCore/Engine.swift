@@ -100,7 +100,7 @@ public struct Engine: Sendable {
     public let texts: ControlTexts
     private let logger: Logger
     private let refusalsLogged: LogOnce
-    private let metrics: any MetricsFactory
+    private let usageMetrics: UsageMetrics
 
     public init(
         settings: EngineSettings, model: any ChatModel, conversations: any ConversationStore, clock: any WallClock,
@@ -119,7 +119,7 @@ public struct Engine: Sendable {
         self.texts = .defaults(for: settings.language)
         self.logger = logger
         self.refusalsLogged = LogOnce(logger: logger)
-        self.metrics = metrics
+        self.usageMetrics = UsageMetrics(factory: metrics)
     }
 
     public func conversationKey(for message: InboundMessage) -> ConversationKey {
@@ -333,7 +333,7 @@ public struct Engine: Sendable {
     private func checkLimits(_ message: InboundMessage, controls: Controls, now: Date) async throws -> String? {
         guard let ledger, !controls.limits.isUnlimited else { return nil }
         let limits = controls.limits
-        let calendar = DayCalendar(timeZone: controls.timeZone)
+        let calendar = controls.calendar
         let record = RequestRecord(
             messageKey: Self.messageKey(message), user: AccessRules.userIDs(of: message)[0], chat: AccessRules.chatID(of: message),
             day: calendar.day(of: now), at: now)
@@ -343,7 +343,7 @@ public struct Engine: Sendable {
                 perMinute: limits.userPerMinute, perDay: limits.userDailyMessages, userDailyTokens: limits.userDailyTokens,
                 chatDailyTokens: limits.chatDailyTokens),
             minuteAgo: now.addingTimeInterval(-60))
-        let midnight = calendar.describe(calendar.nextMidnight(after: now))
+        var midnight: String { calendar.describe(calendar.nextMidnight(after: now)) }
         func refusal(_ template: String, _ limit: Int?, _ reset: String) -> String {
             template.replacingOccurrences(of: "{limit}", with: "\(limit ?? 0)").replacingOccurrences(of: "{reset}", with: reset)
         }
@@ -375,10 +375,7 @@ public struct Engine: Sendable {
         let answerTokens = completion.completionTokens ?? TokenEstimator.estimate(completion.text + (completion.refusal ?? ""))
         let use = completion.servedBy ?? ModelUse(profile: question.profile, model: "unknown", keyFingerprint: "(unknown)")
         let cost = use.cost(prompt: prompt, completion: answerTokens)
-        let dimensions = [("profile", use.profile), ("model", use.model)]
-        Counter(label: "chatbridge_tokens_total", dimensions: dimensions + [("kind", "prompt")], factory: metrics).increment(by: prompt)
-        Counter(label: "chatbridge_tokens_total", dimensions: dimensions + [("kind", "completion")], factory: metrics).increment(by: answerTokens)
-        if cost > 0 { FloatingPointCounter(label: "chatbridge_cost_total", dimensions: dimensions, factory: metrics).increment(by: cost) }
+        usageMetrics.record(profile: use.profile, model: use.model, prompt: prompt, completion: answerTokens, cost: cost)
         guard let ledger else { return }
         let message = question.message
         let now = clock.now
@@ -481,6 +478,37 @@ public struct Engine: Sendable {
         case .refused(let fingerprint, let reason):
             return texts.donateRefused.replacingOccurrences(of: "{fingerprint}", with: fingerprint).replacingOccurrences(of: "{reason}", with: reason)
         }
+    }
+}
+
+/// `chatbridge_tokens_total{profile,model,kind}` and `chatbridge_cost_total{profile,model}`, made once per
+/// profile and model.
+final class UsageMetrics: Sendable {
+    private struct Set: @unchecked Sendable {
+        let prompt: Counter
+        let completion: Counter
+        let cost: FloatingPointCounter
+    }
+    private let factory: any MetricsFactory
+    private let made = Mutex<[String: Set]>([:])
+
+    init(factory: any MetricsFactory) { self.factory = factory }
+
+    func record(profile: String, model: String, prompt: Int, completion: Int, cost: Double) {
+        let key = profile + "\u{0}" + model
+        let set = made.withLock { made -> Set in
+            if let set = made[key] { return set }
+            let dimensions = [("profile", profile), ("model", model)]
+            let set = Set(
+                prompt: Counter(label: "chatbridge_tokens_total", dimensions: dimensions + [("kind", "prompt")], factory: factory),
+                completion: Counter(label: "chatbridge_tokens_total", dimensions: dimensions + [("kind", "completion")], factory: factory),
+                cost: FloatingPointCounter(label: "chatbridge_cost_total", dimensions: dimensions, factory: factory))
+            made[key] = set
+            return set
+        }
+        set.prompt.increment(by: prompt)
+        set.completion.increment(by: completion)
+        if cost > 0 { set.cost.increment(by: cost) }
     }
 }
 

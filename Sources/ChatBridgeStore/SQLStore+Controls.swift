@@ -10,8 +10,11 @@ extension SQLStore: UsageLedger, KeyHealthStore {
 
     public func admit(_ record: RequestRecord, limits: RequestLimits, minuteAgo: Date) async throws -> Admission {
         let dialect = self.dialect
-        return try await transaction { db in
-            if dialect == .postgres {
+        // Without a question limit nothing is written: one statement outside a transaction does.
+        let run: (@escaping @Sendable (any SQLDatabase) async throws -> Admission) async throws -> Admission = limits.countsQuestions
+            ? { try await self.transaction($0) } : { try await self.single($0) }
+        return try await run { db in
+            if dialect == .postgres && limits.countsQuestions {
                 // One user's questions are admitted one at a time across replicas (the two-key lock space).
                 try await db.raw("SELECT pg_advisory_xact_lock(\(unsafeRaw: String(Self.admissionLockKey)), hashtext(\(bind: record.user)))").run()
             }
