@@ -38,18 +38,27 @@ struct Check: AsyncParsableCommand {
             let client = OutboundHTTP.makeClient()
             var logger = Logger(label: "chatbridge")
             logger.logLevel = .critical
-            var llm = configuration.llm
-            llm.maxTokens = 16
-            llm.timeout = .seconds(30)
-            let model = OpenAIChatModel(settings: llm, client: client, logger: logger)
-            let started = ContinuousClock.now
-            do {
-                let completion = try await model.complete(ChatRequest(messages: [ChatMessage(role: .user, content: "Reply with the word ok.")])) { _ in }
-                let ms = Int((ContinuousClock.now - started).seconds * 1000)
-                print("probe model: ok (\(llm.model) at \(llm.completionsURL), \(ms) ms, replied \"\(completion.text.prefix(40))\")")
-            } catch {
-                failed = true
-                print("probe model: failed: \(error)")
+            // Every key of every profile, each by its fingerprint: a pool's dead key shows here before users
+            // meet it. The default profile with one key keeps the short form.
+            for profile in configuration.profiles {
+                for key in profile.apiKeys.isEmpty ? [""] : profile.apiKeys {
+                    var llm = profile.settings
+                    llm.apiKey = key
+                    llm.maxTokens = 16
+                    llm.timeout = .seconds(30)
+                    let label = configuration.profiles.count == 1 && profile.apiKeys.count <= 1
+                        ? "probe model" : "probe model \(profile.name) key \(keyFingerprint(key))"
+                    let model = OpenAIChatModel(settings: llm, client: client, logger: logger)
+                    let started = ContinuousClock.now
+                    do {
+                        let completion = try await model.complete(ChatRequest(messages: [ChatMessage(role: .user, content: "Reply with the word ok.")])) { _ in }
+                        let ms = Int((ContinuousClock.now - started).seconds * 1000)
+                        print("\(label): ok (\(llm.model) at \(llm.completionsURL), \(ms) ms, replied \"\(completion.text.prefix(40))\")")
+                    } catch {
+                        failed = true
+                        print("\(label): failed: \(error)")
+                    }
+                }
             }
             if configuration.dingtalk.hasOpenAPICredentials {
                 let tokens = AccessTokenCache(settings: configuration.dingtalk, client: client)

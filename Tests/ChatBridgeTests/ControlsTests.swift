@@ -781,3 +781,30 @@ struct ControlledEngine {
         try await client.shutdown()
     }
 }
+
+/// `runChatbridge` on a thread of its own: waiting for the child must not hold one of the few threads the
+/// simulators it talks to need.
+func runChatbridgeOffThePool(_ arguments: [String], environment: [String: String], directory: String) async throws -> (status: Int32, stdout: String, stderr: String) {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread {
+            continuation.resume(with: Result { try runChatbridge(arguments, environment: environment, directory: directory) })
+        }.start()
+    }
+}
+
+@Suite struct CheckPoolTests {
+    @Test func checkProbeTriesEveryKeyOfEveryProfileByItsFingerprint() async throws {
+        let model = try await ModelSimulator.start()
+        model.respond(toKey: "sk-revoked-key-2222", with: .error(401, code: "invalid_api_key"))
+        let directory = temporaryDirectory()
+        let result = try await runChatbridgeOffThePool(["check", "--probe"], environment: [
+            "CHATBRIDGE_LLM_BASE_URL": model.baseURL, "CHATBRIDGE_LLM_API_KEYS": "sk-working-key-1111,sk-revoked-key-2222",
+        ], directory: directory)
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("probe model default key sk-…1111: ok"), "\(result.stdout)")
+        #expect(result.stdout.contains("probe model default key sk-…2222: failed: model error invalid_api_key (HTTP 401)"), "\(result.stdout)")
+        #expect(result.stdout.contains("llm.api_keys = 2 key(s)") || result.stdout.contains("2 key(s)"))
+        #expect(!result.stdout.contains("working-key") && !result.stdout.contains("revoked-key"))
+        await model.stop()
+    }
+}
