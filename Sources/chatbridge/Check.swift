@@ -12,7 +12,7 @@ import Logging
 struct Check: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Validate the configuration and print the effective settings with secrets masked.",
-        discussion: "Secrets are shown only as set or not set, with a length class, never any of their characters. Prints one line per problem (a bad value names its key); exits 1 if any is an error. With --probe it also sends one tiny request to the model and, when DingTalk credentials are set, requests one access token, and when Lark is configured fetches a tenant token and the bot's info, and reports each as ok or the exact failure (\"cannot reach HOST: why; check llm.base_url and the network\")."
+        discussion: "Secrets are shown only as set or not set, with a length class, never any of their characters (model keys in a pool only by fingerprint, sk-…abcd). Prints one line per problem (a bad value names its key); exits 1 if any is an error. With --probe it also sends one tiny request to the model with every key of every profile and, when DingTalk credentials are set, requests one access token, and when Lark is configured fetches a tenant token and the bot's info, and reports each as ok or the exact failure (\"cannot reach HOST: why; check llm.base_url and the network\")."
     )
 
     @OptionGroup var options: ConfigOption
