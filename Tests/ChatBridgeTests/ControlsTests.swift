@@ -762,6 +762,41 @@ struct ControlledEngine {
         await model.stop()
     }
 
+    @Test func aReloadKeepsTheStreamConnectionAndItsMessages() async throws {
+        let setup = try await StreamSetup.start()
+        let (dingtalk, directory) = (setup.dingtalk, setup.directory)
+        let gateway = dingtalk.gateway
+        let path = directory + "/chatbridge.yaml"
+        try "config:\n  watch: false\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let server = try ChildServer(
+            executable: chatbridgeExecutable(), environment: setup.environment, logPath: directory + "/serve.log",
+            arguments: ["serve", "--config", path])
+        _ = try await server.waitUntilListening()
+        #expect(await eventually { gateway.openConnections.count == 1 })
+        let connection = gateway.openConnections[0]
+        let sender = CallbackSender(url: "", secret: testSecret)
+        func push(_ id: String, _ text: String) async throws {
+            let body = sender.body(messageID: id, text: text, conversationID: "cidStream==", senderStaffID: "s1", webhook: dingtalk.webhookURL(session: id))
+            let frame = try await gateway.pushMessage(body, to: connection)
+            #expect(await gateway.waitForAck(frame).code == 200)
+        }
+        try await push("s1", "melon?")
+        #expect(await eventually { dingtalk.deliveries.count == 1 })
+        try "config:\n  watch: false\nsafety:\n  blocked_words: [melon]\n  reply: No melons.\n".write(toFile: path, atomically: true, encoding: .utf8)
+        // A message pushed while the reload runs is acknowledged and answered like any other.
+        server.signal(SIGHUP)
+        try await push("s2", "melon again?")
+        #expect(await eventually { (try? String(contentsOfFile: directory + "/serve.log", encoding: .utf8))?.contains("configuration reloaded") == true })
+        try await push("s3", "melon now?")
+        #expect(await eventually { dingtalk.deliveries.count == 3 })
+        #expect(dingtalk.deliveries[2].text == "No melons.")
+        // The same connection throughout: the reload opened no new one.
+        #expect(gateway.connectionsAccepted == 1 && gateway.openConnections == [connection])
+        server.signal(SIGTERM)
+        #expect(await server.wait() == 0)
+        await setup.model.stop()
+    }
+
     @Test func aChangedFileIsReloadedWhenWatched() async throws {
         let directory = temporaryDirectory()
         let path = directory + "/c.yaml"

@@ -94,15 +94,17 @@ struct StreamSetup {
         #expect(await second.wait() == 0)
         let perMessage = Dictionary(grouping: dingtalk.deliveries, by: \.target).mapValues(\.count)
         #expect(perMessage.count == 12)
-        // The one duplicate a kill can cause: it lands between a webhook send and its record (a webhook reply
-        // has no idempotency key), and the restarted server sends that part once more and logs it so.
+        // The one duplicate a kill can cause per answer in flight: it lands between a webhook send and its
+        // record (a webhook reply has no idempotency key), and the restarted server sends that part once more
+        // and logs it so.
         let log = (try? String(contentsOfFile: directory + "/second.log", encoding: .utf8)) ?? ""
         let duplicated = perMessage.filter { $0.value > 1 }
         for (id, count) in duplicated {
             let warned = log.split(separator: "\n").contains { $0.contains("message_id=\(id) ") && $0.contains("sending a reply part again") }
             #expect(count == 2 && warned, "\(id) answered \(count) times")
         }
-        #expect(duplicated.count <= 1, "duplicates: \(duplicated)")
+        // Each of the 4 conversations has at most one answer in flight, so at most 4 can be in that window.
+        #expect(duplicated.count <= 4, "duplicates: \(duplicated)")
         for id in accepted {
             let index = id.split(separator: "-").last!
             #expect(dingtalk.deliveries.first { $0.target == id }?.text == ModelSimulator.answer(to: "q\(index)"))
