@@ -117,9 +117,7 @@ public final class PostgresCluster: Sendable {
         let command = Self.asServerUser([executable] + arguments)
         // Output to a file, not a pipe: the server started by pg_ctl would hold a pipe open for its whole life.
         let outputPath = directory + "/command.out"
-        let pid = try Self.spawn(command, output: outputPath)
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) == -1, errno == EINTR {}
+        let status = Spawn.wait(try Self.spawn(command, output: outputPath))
         guard status == 0 else {
             let printed = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
             let log = (try? String(contentsOfFile: directory + "/server.log", encoding: .utf8)) ?? ""
@@ -135,21 +133,12 @@ public final class PostgresCluster: Sendable {
         _ = try? Self.spawn(["/usr/bin/setsid", "/bin/sh", "-c", script], output: "/dev/null")
     }
 
-    /// Starts `command` (absolute path first) with stdin from /dev/null and stdout and stderr to `output`.
-    /// posix_spawn and waitpid, not Foundation's Process: its waiting is unreliable outside the main thread.
     private static func spawn(_ command: [String], output: String) throws -> pid_t {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let argv: [UnsafeMutablePointer<CChar>?] = command.map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        var pid: pid_t = 0
-        let result = posix_spawn(&pid, command[0], &actions, nil, argv, environ)
-        guard result == 0 else { throw Failure(description: "cannot start \(command[0]): \(String(cString: strerror(result)))") }
-        return pid
+        do {
+            return try Spawn.start(command, output: output)
+        } catch let failure as Spawn.Failure {
+            throw Failure(description: failure.description)
+        }
     }
 
     /// A loopback TCP port nothing listens on now.

@@ -39,6 +39,9 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "With --card: dingtalk.card.max_qps.") var cardQps = 20
     @Option(help: "The database: sqlite (a new file, the default), postgres (a throwaway cluster of the installed PostgreSQL server binaries, /usr/lib/postgresql/N/bin), or a postgres://USER:PASSWORD@HOST:PORT/DB URL of a server on which the bench creates a new database and drops it afterwards (the role needs CREATEDB).") var database = "sqlite"
     @Option(help: "How many servers to start on the one database (PostgreSQL only); callbacks, webhook events and stream frames are spread round-robin over them.") var replicas = 1
+    @Option(help: ArgumentHelp("Pin the started servers to these CPUs (a taskset list: 1, 0-1, 0,2), so \"one core to itself\" is a real condition.", valueName: "list")) var serverCpus: String?
+    @Option(help: ArgumentHelp("Pin this process (the load generator and every simulator) to these CPUs.", valueName: "list")) var loadCpus: String?
+    @Option(help: ArgumentHelp("Profile the (first) server with perf (cpu-clock samples) while the load is sent; the report, by library and symbol, demangled, goes to FILE and its top entries to standard error.", valueName: "file")) var profile: String?
     @Flag(help: "Print the report as JSON.") var json = false
     @Flag(help: "Measure context assembly for a 10-turn and a 10,000-turn conversation, then exit.") var context = false
     @Flag(help: "Measure what the operator controls add per message (access, 10,000 blocked words, routes, every limit counted in --database) and the blocked-word matcher with 10 and 10,000 words, then exit.") var controls = false
@@ -53,6 +56,22 @@ struct Bench: AsyncParsableCommand {
         if target != nil, replicas != 1 || database != "sqlite" {
             throw ValidationError("--target drives a server that is already running; --replicas and --database apply to the servers the bench starts")
         }
+        for (name, list) in [("--server-cpus", serverCpus), ("--load-cpus", loadCpus)] {
+            guard let list else { continue }
+            guard list.range(of: "^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$", options: .regularExpression) != nil else {
+                throw ValidationError("\(name) takes a CPU list such as 1, 0-1 or 0,2; got '\(list.prefix(40))'")
+            }
+            guard FileManager.default.isExecutableFile(atPath: BenchInstruments.taskset) else {
+                throw ValidationError("\(name) needs \(BenchInstruments.taskset) (util-linux)")
+            }
+        }
+        if target != nil, serverCpus != nil || profile != nil {
+            throw ValidationError("--server-cpus and --profile apply to the servers the bench starts, not to --target")
+        }
+        if profile != nil, !FileManager.default.isExecutableFile(atPath: BenchInstruments.perf) {
+            throw ValidationError("--profile needs \(BenchInstruments.perf) (Debian's linux-perf); or see the perf recipe in the README")
+        }
+        if let loadCpus { try BenchInstruments.pinThisProcess(to: loadCpus) }
         var behaviour = ModelSimulator.Behaviour()
         behaviour.firstTokenLatency = .milliseconds(modelLatency)
         behaviour.tokensPerSecond = tokensPerSecond
@@ -175,7 +194,7 @@ struct Bench: AsyncParsableCommand {
                 "CHATBRIDGE_DINGTALK_CARD_TEMPLATE_ID": card ? "bench-template.schema" : "",
                 "CHATBRIDGE_DINGTALK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms", "CHATBRIDGE_DINGTALK_CARD_MAX_QPS": "\(cardQps)",
             ]) { $1 }
-            let started = try await BenchServers.start(count: replicas, environment: environment, directory: directory)
+            let started = try await BenchServers.start(count: replicas, environment: environment, directory: directory, cpus: serverCpus)
             urls = started.ports.map { "http://127.0.0.1:\($0)/callbacks/dingtalk" }
             servers = started
         }
@@ -189,6 +208,8 @@ struct Bench: AsyncParsableCommand {
         let idleRSS = servers?.memory()?.current
         let startupCPU = servers?.cpuSeconds() ?? 0
         let databaseStartCPU = database.cpuSeconds()
+        let instruments = try BenchInstruments.start(
+            server: servers?.children.first, profile: profile, serverCPUs: serverCpus, seconds: duration, directory: directory)
 
         let client = Self.httpClient()
         let senders = urls.map { CallbackSender(url: $0, secret: secret, robotCode: "dingbench") }
@@ -243,6 +264,7 @@ struct Bench: AsyncParsableCommand {
         let memory = servers?.memory()
         let cpu = servers?.cpuSeconds().map { $0 - startupCPU }
         let databaseCPU = zip2(database.cpuSeconds(), databaseStartCPU).map { $0 - $1 }
+        let loadCPU = instruments.finish()
         await servers?.stop()
         try? await client.shutdown()
         await dingtalk.stop()
@@ -290,6 +312,7 @@ struct Bench: AsyncParsableCommand {
             platform: "dingtalk", transport: stream ? "stream" : "http", forcedDisconnects: stream ? forcedDisconnects : nil, card: cardReport)
         report.setWakeUps(snapshot: snapshot, answers: deliveries, requests: model.received, users: users) { "bench-\(run)-\($0)" }
         report.databaseCPUSeconds = databaseCPU
+        report.loadCPUSeconds = loadCPU
         return report
     }
 
@@ -306,7 +329,7 @@ struct Bench: AsyncParsableCommand {
             "CHATBRIDGE_LARK_VERIFICATION_TOKEN": verificationToken, "CHATBRIDGE_LARK_ENCRYPT_KEY": encryptKey,
             "CHATBRIDGE_LARK_CARD_MODE": card ? "cardkit" : "off", "CHATBRIDGE_LARK_CARD_UPDATE_INTERVAL": "\(cardInterval)ms",
         ]) { $1 }
-        let servers = try await BenchServers.start(count: replicas, environment: environment, directory: directory)
+        let servers = try await BenchServers.start(count: replicas, environment: environment, directory: directory, cpus: serverCpus)
         try await Task.sleep(for: .seconds(1))
         let gateway = lark.gateway
         let connections = replicas
@@ -320,6 +343,8 @@ struct Bench: AsyncParsableCommand {
         let idleRSS = servers.memory()?.current
         let startupCPU = servers.cpuSeconds() ?? 0
         let databaseStartCPU = database.cpuSeconds()
+        let instruments = try BenchInstruments.start(
+            server: servers.children.first, profile: profile, serverCPUs: serverCpus, seconds: duration, directory: directory)
 
         let client = Self.httpClient()
         let senders = servers.ports.map {
@@ -391,6 +416,7 @@ struct Bench: AsyncParsableCommand {
         let memory = servers.memory()
         let cpu = servers.cpuSeconds().map { $0 - startupCPU }
         let databaseCPU = zip2(database.cpuSeconds(), databaseStartCPU).map { $0 - $1 }
+        let loadCPU = instruments.finish()
         await servers.stop()
         try? await client.shutdown()
         await lark.stop()
@@ -431,6 +457,7 @@ struct Bench: AsyncParsableCommand {
         report.replaysRefusedByUUID = replays
         report.setWakeUps(snapshot: snapshot, answers: answers, requests: model.received, users: users) { "om_bench_\(run)_\($0)" }
         report.databaseCPUSeconds = databaseCPU
+        report.loadCPUSeconds = loadCPU
         return report
     }
 
@@ -585,12 +612,19 @@ struct BenchServers: Sendable {
     var children: [ChildServer]
     var ports: [Int]
 
-    /// Starts `count` servers at once (so they also race for the migrations) and waits until each listens.
-    static func start(count: Int, environment: [String: String], directory: String) async throws -> BenchServers {
+    /// Starts `count` servers at once (so they also race for the migrations) and waits until each listens;
+    /// with `cpus`, pinned to those CPUs (taskset execs the server, so the pid is the server's).
+    static func start(count: Int, environment: [String: String], directory: String, cpus: String? = nil) async throws -> BenchServers {
         var children: [ChildServer] = []
         for index in 0..<count {
             let log = count == 1 ? "server.log" : "server\(index).log"
-            children.append(try ChildServer(executable: Bench.ownExecutable(), environment: environment, logPath: "\(directory)/\(log)"))
+            if let cpus {
+                children.append(try ChildServer(
+                    executable: BenchInstruments.taskset, environment: environment, logPath: "\(directory)/\(log)",
+                    arguments: ["-c", cpus, Bench.ownExecutable(), "serve"]))
+            } else {
+                children.append(try ChildServer(executable: Bench.ownExecutable(), environment: environment, logPath: "\(directory)/\(log)"))
+            }
         }
         var ports: [Int] = []
         do {
@@ -689,6 +723,9 @@ struct Report: Encodable {
     var cpuPerAnswerMicros: Double?
     /// CPU time of the PostgreSQL server during the run (when the bench started it: `--database postgres`).
     var databaseCPUSeconds: Double?
+    /// This process's CPU time during the run: the load generator and every simulator. When it nears the
+    /// CPUs it may use, the load side was the limit, not the server.
+    var loadCPUSeconds: Double?
     /// From sending a message to the model request for it, for messages with nothing ahead of them in their
     /// conversation, in milliseconds: an upper bound of accept → wake-up → claim.
     var wakeUpP50: Double?
@@ -777,6 +814,7 @@ struct Report: Encodable {
             ((servers ?? 1) > 1 ? "idle RSS (largest server)" : "server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ((servers ?? 1) > 1 ? "peak RSS (largest server)" : "server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
             ("server CPU time (after start-up)", cpuSeconds.map { "\(f($0)) s" + ((servers ?? 1) > 1 ? " (all servers)" : "") } ?? "n/a"),
             ("server CPU per answer", cpuPerAnswerMicros.map { "\(Int($0.rounded())) µs" } ?? "n/a"),
+            ("load generator CPU time (with the simulators)", loadCPUSeconds.map { "\(f($0)) s" + (answered > 0 ? " (\(Int(($0 / Double(answered) * 1_000_000).rounded())) µs per answer)" : "") } ?? "n/a"),
             ("database server CPU time", databaseCPUSeconds.map { "\(f($0)) s" + (answered > 0 ? " (\(Int(($0 / Double(answered) * 1_000_000).rounded())) µs per answer)" : "") } ?? "n/a"),
             ("wake-up (sent → model request) p50 / p99", wakeUpP50.map { "\(f($0)) / \(f(wakeUpP99 ?? 0)) ms" } ?? "n/a"),
         ]
@@ -794,6 +832,75 @@ struct Report: Encodable {
         }
         let width = rows.map(\.0.count).max() ?? 0
         for (name, value) in rows { print(name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + value) }
+    }
+}
+
+/// What a run measures besides the servers: the load generator's own CPU time (this process: the senders
+/// and every simulator), and, with `--profile`, a perf profile of the first server.
+final class BenchInstruments: @unchecked Sendable {
+    static let taskset = "/usr/bin/taskset"
+    static let perf = "/usr/bin/perf"
+
+    private let startCPU: Double
+    private let perfPID: pid_t?
+    private let serverPID: pid_t?
+    private let profile: String?
+    private let directory: String
+
+    private init(startCPU: Double, perfPID: pid_t?, serverPID: pid_t?, profile: String?, directory: String) {
+        self.startCPU = startCPU
+        self.perfPID = perfPID
+        self.serverPID = serverPID
+        self.profile = profile
+        self.directory = directory
+    }
+
+    /// This process's CPU time (user + system, every thread), in seconds.
+    static func ownCPUSeconds() -> Double {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1_000_000 }
+        return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    }
+
+    /// Pins every thread of this process (and so the threads it starts later) to `cpus`.
+    static func pinThisProcess(to cpus: String) throws {
+        let status = try Spawn.run([taskset, "-a", "-p", "-c", cpus, "\(getpid())"], output: "/dev/null")
+        guard status == 0 else { throw ValidationError("taskset could not pin the load generator to CPUs \(cpus)") }
+    }
+
+    /// With `profile`, samples the CPUs (the server's, when pinned) for `seconds` (the sending time) and keeps
+    /// the server's samples. perf attached to the server's threads (`-p`) spins without end in some
+    /// containers; sampling whole CPUs while a `sleep` runs does not.
+    static func start(server: ChildServer?, profile: String?, serverCPUs: String?, seconds: Double, directory: String) throws -> BenchInstruments {
+        var perfPID: pid_t?
+        if profile != nil, server != nil {
+            perfPID = try Spawn.start(
+                [perf, "record", "-e", "cpu-clock", "-F", "999", "-a"] + (serverCPUs.map { ["-C", $0] } ?? [])
+                    + ["-o", directory + "/perf.data", "--", "/bin/sleep", String(format: "%.1f", seconds)],
+                output: directory + "/perf.out")
+        }
+        return BenchInstruments(
+            startCPU: ownCPUSeconds(), perfPID: perfPID, serverPID: server?.process.processIdentifier, profile: profile, directory: directory)
+    }
+
+    /// Stops the profile (writing its report) and returns the load generator's CPU time since the start.
+    func finish() -> Double {
+        let cpu = Self.ownCPUSeconds() - startCPU
+        guard let perfPID, let profile else { return cpu }
+        Spawn.wait(perfPID)
+        let demangle = "/opt/swift/usr/bin/swift-demangle"
+        let filter = FileManager.default.isExecutableFile(atPath: demangle) ? " | \(demangle) --simplified" : ""
+        let only = serverPID.map { " --pid \($0)" } ?? ""
+        let report = "\(Self.perf) report -i '\(directory)/perf.data'\(only) --stdio --no-children"
+        let script = "{ echo '# by library'; \(report) --sort dso 2>/dev/null; echo '# by symbol'; "
+            + "\(report) --sort dso,symbol --percent-limit 0.2 2>/dev/null; }\(filter) > '\(profile)'"
+        _ = try? Spawn.run(["/bin/sh", "-c", script], output: "/dev/null")
+        let lines = ((try? String(contentsOfFile: profile, encoding: .utf8)) ?? "").split(separator: "\n")
+            .filter { !$0.hasPrefix("#") && !$0.trimmingCharacters(in: .whitespaces).isEmpty }
+        FileHandle.standardError.write(Data("bench: profile of the server written to \(profile); the top entries:\n".utf8))
+        for line in lines.prefix(25) { FileHandle.standardError.write(Data("  \(line.prefix(160))\n".utf8)) }
+        return cpu
     }
 }
 
