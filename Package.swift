@@ -13,6 +13,9 @@ let package = Package(
         .executable(name: "chatbridge", targets: ["chatbridge"]),
         .library(name: "ChatBridgeCore", targets: ["ChatBridgeCore"]),
         .library(name: "ChatBridgeServer", targets: ["ChatBridgeServer"]),
+        .library(name: "ChatBridgeDingTalk", targets: ["ChatBridgeDingTalk"]),
+        .library(name: "ChatBridgeLLM", targets: ["ChatBridgeLLM"]),
+        .library(name: "ChatBridgeStore", targets: ["ChatBridgeStore"]),
         .library(name: "ChatBridgeSimulators", targets: ["ChatBridgeSimulators"]),
     ],
     dependencies: [
