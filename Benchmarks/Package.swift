@@ -13,6 +13,7 @@ let package = Package(
     dependencies: [
         .package(path: ".."),
         .package(url: "https://github.com/ordo-one/package-benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
     ],
     targets: [
         .executableTarget(
@@ -23,6 +24,7 @@ let package = Package(
                 .product(name: "ChatBridgeDingTalk", package: root),
                 .product(name: "ChatBridgeLLM", package: root),
                 .product(name: "ChatBridgeStore", package: root),
+                .product(name: "Logging", package: "swift-log"),
             ],
             path: "Benchmarks/ChatBridgeBenchmarks",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "package-benchmark")]

@@ -37,12 +37,15 @@ public enum Spawn {
         return pid
     }
 
-    /// Waits for a started program; its exit status (0 is success; a signal counts as failure).
+    /// Waits for a started program; its wait status (0 is a normal exit with 0; anything else, a signal
+    /// included, is a failure; -1 when it could not be waited for).
     @discardableResult
     public static func wait(_ pid: pid_t) -> Int32 {
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) == -1, errno == EINTR {}
-        return status
+        while true {
+            if waitpid(pid, &status, 0) != -1 { return status }
+            if errno != EINTR { return -1 }
+        }
     }
 
     /// Runs `command` to its end, its output in `output`; its exit status.

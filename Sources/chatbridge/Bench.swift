@@ -47,6 +47,9 @@ struct Bench: AsyncParsableCommand {
     @Flag(help: "Measure what the operator controls add per message (access, 10,000 blocked words, routes, every limit counted in --database) and the blocked-word matcher with 10 and 10,000 words, then exit.") var controls = false
 
     func run() async throws {
+        if context || controls, loadCpus != nil || serverCpus != nil || profile != nil {
+            throw ValidationError("--load-cpus, --server-cpus and --profile apply to a load run, not to --context or --controls")
+        }
         if context { return try await measureContext() }
         if controls { return try await measureControls() }
         guard replicas >= 1 else { throw ValidationError("--replicas must be at least 1") }
@@ -71,7 +74,6 @@ struct Bench: AsyncParsableCommand {
         if profile != nil, !FileManager.default.isExecutableFile(atPath: BenchInstruments.perf) {
             throw ValidationError("--profile needs \(BenchInstruments.perf) (Debian's linux-perf); or see the perf recipe in the README")
         }
-        if let loadCpus { try BenchInstruments.pinThisProcess(to: loadCpus) }
         var behaviour = ModelSimulator.Behaviour()
         behaviour.firstTokenLatency = .milliseconds(modelLatency)
         behaviour.tokensPerSecond = tokensPerSecond
@@ -209,7 +211,7 @@ struct Bench: AsyncParsableCommand {
         let startupCPU = servers?.cpuSeconds() ?? 0
         let databaseStartCPU = database.cpuSeconds()
         let instruments = try BenchInstruments.start(
-            server: servers?.children.first, profile: profile, serverCPUs: serverCpus, seconds: duration, directory: directory)
+            server: servers?.children.first, profile: profile, serverCPUs: serverCpus, loadCPUs: loadCpus, seconds: duration, directory: directory)
 
         let client = Self.httpClient()
         let senders = urls.map { CallbackSender(url: $0, secret: secret, robotCode: "dingbench") }
@@ -344,7 +346,7 @@ struct Bench: AsyncParsableCommand {
         let startupCPU = servers.cpuSeconds() ?? 0
         let databaseStartCPU = database.cpuSeconds()
         let instruments = try BenchInstruments.start(
-            server: servers.children.first, profile: profile, serverCPUs: serverCpus, seconds: duration, directory: directory)
+            server: servers.children.first, profile: profile, serverCPUs: serverCpus, loadCPUs: loadCpus, seconds: duration, directory: directory)
 
         let client = Self.httpClient()
         let senders = servers.ports.map {
@@ -843,6 +845,8 @@ final class BenchInstruments: @unchecked Sendable {
 
     private let startCPU: Double
     private let perfPID: pid_t?
+    /// Whether `finish` waited for perf; if not (the run failed), perf is stopped at deinit.
+    private var waited = false
     private let serverPID: pid_t?
     private let profile: String?
     private let directory: String
@@ -853,6 +857,13 @@ final class BenchInstruments: @unchecked Sendable {
         self.serverPID = serverPID
         self.profile = profile
         self.directory = directory
+    }
+
+    deinit {
+        if let perfPID, !waited {
+            kill(perfPID, SIGKILL)
+            Spawn.wait(perfPID)
+        }
     }
 
     /// This process's CPU time (user + system, every thread), in seconds.
@@ -869,10 +880,15 @@ final class BenchInstruments: @unchecked Sendable {
         guard status == 0 else { throw ValidationError("taskset could not pin the load generator to CPUs \(cpus)") }
     }
 
-    /// With `profile`, samples the CPUs (the server's, when pinned) for `seconds` (the sending time) and keeps
-    /// the server's samples. perf attached to the server's threads (`-p`) spins without end in some
-    /// containers; sampling whole CPUs while a `sleep` runs does not.
-    static func start(server: ChildServer?, profile: String?, serverCPUs: String?, seconds: Double, directory: String) throws -> BenchInstruments {
+    /// Pins this process to `loadCPUs` (only now, so the servers and the database started before keep their
+    /// own CPUs) and, with `profile`, samples the CPUs (the server's, when pinned; else all) for `seconds`
+    /// (the sending time, not the drain after it) and keeps the server's samples. perf attached to the
+    /// server's threads (`-p`) spins without end in some containers; sampling whole CPUs while a `sleep`
+    /// runs does not.
+    static func start(
+        server: ChildServer?, profile: String?, serverCPUs: String?, loadCPUs: String?, seconds: Double, directory: String
+    ) throws -> BenchInstruments {
+        if let loadCPUs { try pinThisProcess(to: loadCPUs) }
         var perfPID: pid_t?
         if profile != nil, server != nil {
             perfPID = try Spawn.start(
@@ -888,14 +904,21 @@ final class BenchInstruments: @unchecked Sendable {
     func finish() -> Double {
         let cpu = Self.ownCPUSeconds() - startCPU
         guard let perfPID, let profile else { return cpu }
-        Spawn.wait(perfPID)
-        let demangle = "/opt/swift/usr/bin/swift-demangle"
-        let filter = FileManager.default.isExecutableFile(atPath: demangle) ? " | \(demangle) --simplified" : ""
-        let only = serverPID.map { " --pid \($0)" } ?? ""
-        let report = "\(Self.perf) report -i '\(directory)/perf.data'\(only) --stdio --no-children"
-        let script = "{ echo '# by library'; \(report) --sort dso 2>/dev/null; echo '# by symbol'; "
-            + "\(report) --sort dso,symbol --percent-limit 0.2 2>/dev/null; }\(filter) > '\(profile)'"
-        _ = try? Spawn.run(["/bin/sh", "-c", script], output: "/dev/null")
+        waited = true
+        guard Spawn.wait(perfPID) == 0 else {
+            let said = (try? String(contentsOfFile: directory + "/perf.out", encoding: .utf8)) ?? ""
+            FileHandle.standardError.write(Data("bench: perf record failed, no profile: \(said.suffix(600))\n".utf8))
+            return cpu
+        }
+        // Paths and the pid go in as arguments, never into the script's text.
+        let script = """
+            demangle=cat; command -v swift-demangle >/dev/null 2>&1 && demangle="swift-demangle --simplified"
+            { echo '# by library'; "$0" report -i "$1" --pid "$2" --stdio --no-children --sort dso 2>/dev/null
+              echo '# by symbol'; "$0" report -i "$1" --pid "$2" --stdio --no-children --sort dso,symbol --percent-limit 0.2 2>/dev/null
+            } | $demangle > "$3"
+            """
+        _ = try? Spawn.run(
+            ["/bin/sh", "-c", script, Self.perf, directory + "/perf.data", serverPID.map { "\($0)" } ?? "-1", profile], output: "/dev/null")
         let lines = ((try? String(contentsOfFile: profile, encoding: .utf8)) ?? "").split(separator: "\n")
             .filter { !$0.hasPrefix("#") && !$0.trimmingCharacters(in: .whitespaces).isEmpty }
         FileHandle.standardError.write(Data("bench: profile of the server written to \(profile); the top entries:\n".utf8))

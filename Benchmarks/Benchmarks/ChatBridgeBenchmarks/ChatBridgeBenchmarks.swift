@@ -68,19 +68,18 @@ let benchmarks: @Sendable () -> Void = {
         "inbox accept, claim, store reply, finish (SQLite file)",
         configuration: .init(metrics: [.wallClock, .cpuTotal, .mallocCountTotal, .throughput], maxDuration: .seconds(5), maxIterations: 20_000)
     ) { benchmark in
-        let directory = NSTemporaryDirectory() + "chatbridge-benchmark-\(UUID().uuidString)"
-        let store = try await SQLStore.open(.sqliteFile(path: directory + "/inbox.sqlite"), logger: Logger(label: "benchmark"))
-        var index = 0
+        // One store for every sample: the steady state, not a fresh database's first operations.
+        let store = try await InboxFixture.shared.store()
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations {
-            index += 1
+            let index = await InboxFixture.shared.next()
             let message = InboundMessage(
                 platform: "dingtalk", botID: "bench", messageID: "m\(index)", chat: .init(id: "c\(index % 64)", kind: .direct),
                 sender: .init(id: "u\(index % 64)", name: "u"), body: .text("question \(index)"), sentAt: now)
             let key = ConversationKey(for: message, groupScope: .user)
             _ = try await store.accept(message, conversation: key, now: now)
             let claimed = try await store.claim(limit: 1, owner: "bench", leaseUntil: now.addingTimeInterval(30), maxAttempts: 5, now: now)
-            guard case .ready(let item)? = claimed.first else { continue }
+            guard case .ready(let item)? = claimed.first else { fatalError("message \(index) was not claimed") }
             let reply = StoredReply(
                 text: "Answer to: question \(index)", kind: .answer,
                 effect: .appendExchange(
@@ -90,7 +89,25 @@ let benchmarks: @Sendable () -> Void = {
             try await store.finish(item.lease, reply: reply, conversation: item.conversation, now: now)
         }
         benchmark.stopMeasurement()
-        await store.close()
-        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+/// The inbox benchmark's store, opened once (in a new directory) and kept for every sample.
+actor InboxFixture {
+    static let shared = InboxFixture()
+    private var opened: SQLStore?
+    private var counter = 0
+
+    func store() async throws -> SQLStore {
+        if let opened { return opened }
+        let directory = NSTemporaryDirectory() + "chatbridge-benchmark-\(UUID().uuidString)"
+        let store = try await SQLStore.open(.sqliteFile(path: directory + "/inbox.sqlite"), logger: Logger(label: "benchmark"))
+        opened = store
+        return store
+    }
+
+    func next() -> Int {
+        counter += 1
+        return counter
     }
 }
