@@ -4,7 +4,7 @@ import Synchronization
 /// The operator's levers, as one snapshot: who may use the bot, how much, which words are refused, the
 /// personas, the routes that pick a model profile and a persona, and what users may switch. A reload
 /// replaces the whole snapshot (``ControlsBox``); a message is handled under the snapshot it started with.
-public struct Controls: Sendable {
+public struct Controls: Sendable, Equatable {
     public var access = AccessRules()
     public var limits = Limits()
     public var safety = Safety()
@@ -45,7 +45,7 @@ public struct Controls: Sendable {
 }
 
 /// Reads and writes calendar days in one time zone.
-public struct DayCalendar: Sendable {
+public struct DayCalendar: Sendable, Equatable {
     public let timeZone: TimeZone
     private let calendar: Calendar
 
@@ -72,6 +72,13 @@ public struct DayCalendar: Sendable {
     public func nextMidnight(after date: Date) -> Date {
         let start = calendar.startOfDay(for: date)
         return calendar.date(byAdding: .day, value: 1, to: start) ?? date.addingTimeInterval(86_400)
+    }
+
+    /// `HH:mm:ss` of `date` in this time zone.
+    public func timeOfDay(_ date: Date) -> String {
+        let c = calendar.dateComponents([.hour, .minute, .second], from: date)
+        func two(_ n: Int?) -> String { let n = n ?? 0; return n < 10 ? "0\(n)" : "\(n)" }
+        return "\(two(c.hour)):\(two(c.minute)):\(two(c.second))"
     }
 
     /// `2026-11-22 00:00 (Asia/Shanghai)`.
@@ -170,7 +177,7 @@ public struct Limits: Sendable, Equatable {
 }
 
 /// Words a question may not contain and an answer shows masked.
-public struct Safety: Sendable {
+public struct Safety: Sendable, Equatable {
     public var blockedWords = BlockedWords([])
     /// The reply to a question with a blocked word; nil: the language's default.
     public var reply: String?
@@ -234,7 +241,10 @@ public struct ConversationPreferences: Sendable, Equatable, Codable {
 
 /// Finds any of thousands of words in one pass over the text (Aho–Corasick over lower-cased Unicode
 /// scalars), so its cost depends on the text, not on how many words are listed. Case-insensitive.
-public struct BlockedWords: Sendable {
+public struct BlockedWords: Sendable, Equatable {
+    /// Two matchers are equal when they block the same words.
+    public static func == (a: BlockedWords, b: BlockedWords) -> Bool { a.words == b.words }
+
     private struct Node: Sendable {
         var next: [Unicode.Scalar: Int32] = [:]
         var fail: Int32 = 0

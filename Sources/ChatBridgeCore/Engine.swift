@@ -352,20 +352,11 @@ public struct Engine: Sendable {
             return nil
         case .perMinute(let oldest):
             let free = oldest.addingTimeInterval(60)
-            return refusal(texts.limitPerMinute, limits.userPerMinute, Self.timeOfDay(free, calendar: calendar) ?? calendar.describe(free))
+            return refusal(texts.limitPerMinute, limits.userPerMinute, calendar.timeOfDay(free))
         case .perDay: return refusal(texts.limitDailyMessages, limits.userDailyMessages, midnight)
         case .userDailyTokens: return refusal(texts.limitDailyTokens, limits.userDailyTokens, midnight)
         case .chatDailyTokens: return refusal(texts.limitChatTokens, limits.chatDailyTokens, midnight)
         }
-    }
-
-    /// `HH:mm:ss` of `date` in the calendar's zone.
-    private static func timeOfDay(_ date: Date, calendar: DayCalendar) -> String? {
-        var gregorian = Calendar(identifier: .gregorian)
-        gregorian.timeZone = calendar.timeZone
-        let c = gregorian.dateComponents([.hour, .minute, .second], from: date)
-        guard let h = c.hour, let m = c.minute, let s = c.second else { return nil }
-        return String(format: "%02d:%02d:%02d", h, m, s)
     }
 
     private func recordUsage(_ completion: ChatCompletion, messages: [ChatMessage], question: PreparedQuestion) async {
@@ -393,7 +384,7 @@ public struct Engine: Sendable {
 
     private func usageReport(for message: InboundMessage, admin: Bool, controls: Controls, now: Date) async throws -> String {
         guard let ledger else { return texts.disabled }
-        let calendar = DayCalendar(timeZone: controls.timeZone)
+        let calendar = controls.calendar
         let today = calendar.day(of: now)
         let user = AccessRules.userIDs(of: message)[0]
         let day = try await ledger.usage(UsageQuery(since: today, until: today, user: user, grouping: .total)).first
@@ -416,7 +407,7 @@ public struct Engine: Sendable {
     static func costText(_ cost: Double) -> String { cost > 0 ? String(format: ", %.4f", cost) : "" }
 
     private func statusText(_ report: StatusReport, controls: Controls) -> String {
-        let calendar = DayCalendar(timeZone: controls.timeZone)
+        let calendar = controls.calendar
         func ms(_ d: Duration?) -> String { d.map { "\(Int(($0.seconds * 1000).rounded())) ms" } ?? "-" }
         var lines = [texts.statusTitle]
         lines.append("- queue: \(report.pending) waiting, \(report.running) being answered (\(report.inFlightHere) in this process)")

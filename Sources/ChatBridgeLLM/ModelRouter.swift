@@ -33,7 +33,7 @@ public struct ModelProfile: Sendable, Equatable {
     /// profile, since a rate limit or a refused model can be the model's and not the whole key's (a key
     /// shared by two profiles and revoked is disabled in each after one refusal there).
     public static func keyID(_ key: String, profile: String) -> String {
-        SHA256.hash(data: Data((profile + "\u{0}" + key).utf8)).prefix(16).map { String(format: "%02x", $0) }.joined()
+        SHA256.hash(data: Data((profile + "\u{0}" + key).utf8)).prefix(16).lowercaseHex
     }
 }
 
@@ -140,14 +140,13 @@ public final class ModelRouter: ChatModel, KeyDonations {
                     return completion
                 } catch let error as ModelError {
                     state.withLock { $0.inFlight[key.id, default: 1] -= 1 }
-                    // Once text was shown, another key would start the answer over: not here.
-                    guard !streamed.withLock({ $0 }) else { throw error }
                     if key.secret.isEmpty {
                         // A server without keys: only its fallback can help, when it is rate limited.
-                        guard error.kind == .rateLimited, profile.fallback != nil else { throw error }
+                        guard error.kind == .rateLimited, profile.fallback != nil, !streamed.withLock({ $0 }) else { throw error }
                         lastError = error
                         continue
                     }
+                    // The key's health is recorded even when text was shown already (mid-stream)…
                     switch error.kind {
                     case .rateLimited:
                         let rest = min(error.retryAfter ?? Self.defaultRest, .seconds(3600))
@@ -155,13 +154,14 @@ public final class ModelRouter: ChatModel, KeyDonations {
                         logger.info("a model key is rate limited; resting it", metadata: [
                             "profile": "\(profile.name)", "key": "\(key.fingerprint)", "rest_s": "\(Int(rest.seconds))",
                         ])
-                        lastError = error
                     case .invalidAPIKey, .permissionDenied, .quotaExceeded:
                         await record(key, profile: profile.name, condition: .disabled, until: nil, reason: error.kind.rawValue)
-                        lastError = error
                     default:
                         throw error
                     }
+                    // …but another key would start a shown answer over: then the attempt ends here.
+                    guard !streamed.withLock({ $0 }) else { throw error }
+                    lastError = error
                 } catch {
                     state.withLock { $0.inFlight[key.id, default: 1] -= 1 }
                     throw error
@@ -249,12 +249,17 @@ public final class ModelRouter: ChatModel, KeyDonations {
         do {
             let rows = try await store.keyHealth()
             let donated = try await store.donatedKeys()
-            state.withLock { state in
-                state.health = Dictionary(rows.map { ($0.keyID, $0) }, uniquingKeysWith: { $1 })
-                state.donated = donated
-                state.healthReadAt = now
+            let health = Dictionary(rows.map { ($0.keyID, $0) }, uniquingKeysWith: { $1 })
+            let changed = state.withLock { state -> Bool in
+                defer {
+                    state.health = health
+                    state.donated = donated
+                    state.healthReadAt = now
+                }
+                return state.health != health || state.donated != donated
             }
-            publishGauges()
+            // Read every second on the answering path: the gauges change only when the health did.
+            if changed { publishGauges() }
         } catch {
             // The last known health stays in use; the database's trouble is reported where it matters.
             logger.debug("could not read model key health", metadata: ["error": "\(error)"])
@@ -435,12 +440,4 @@ public final class ModelRouter: ChatModel, KeyDonations {
         func at(_ q: Double) -> Duration { .milliseconds(Int64(values[min(values.count - 1, Int(Double(values.count - 1) * q + 0.5))] * 1000)) }
         return (at(0.5), at(0.99), values.count)
     }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
-}
-
-extension Date {
-    func adding(_ duration: Duration) -> Date { addingTimeInterval(duration.seconds) }
 }

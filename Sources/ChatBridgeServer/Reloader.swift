@@ -108,7 +108,7 @@ public final class ConfigReloader: Service, Sendable {
         let after = Dictionary(next.effectiveSettings().map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
         let changed = Set(before.keys).union(after.keys).filter { before[$0] != after[$0] }.sorted()
         let needsRestart = changed.filter { !Self.isReloadable($0) }
-        let sameControls = previous.profiles == next.profiles && Self.describe(previous.controls) == Self.describe(next.controls)
+        let sameControls = previous.profiles == next.profiles && previous.controls == next.controls
         let newest = generations.withLock { state -> Bool in
             guard generation > state.applied else { return false }
             state.applied = generation
@@ -150,13 +150,6 @@ public final class ConfigReloader: Service, Sendable {
         // Read once at start: the HTTP client's read timeout, the re-check period, the file watch.
         if ["llm.timeout", "llm.key_recheck"].contains(key) { return false }
         return sections.contains { key == $0 || key.hasPrefix($0 + ".") }
-    }
-
-    /// A comparable description of the controls (the matcher has no equality of its own).
-    static func describe(_ controls: Controls) -> String {
-        "\(controls.access)|\(controls.limits)|\(controls.safety.blockedWords.words)|\(controls.safety.reply ?? "")|\(controls.personas)|\(controls.routes)"
-            + "|\(controls.profiles)|\(controls.selectableModels)|\(controls.allowCustomPrompt)|\(controls.acceptDonatedKeys)|\(controls.timeZone.identifier)"
-            + "|\(controls.systemPrompt ?? "")"
     }
 }
 

@@ -15,6 +15,9 @@ extension SQLStore: UsageLedger, KeyHealthStore {
             ? { try await self.transaction($0) } : { try await self.single($0) }
         return try await run { db in
             if dialect == .postgres && limits.countsQuestions {
+                // The count must see every admission committed before the lock was granted, whatever the
+                // server's default isolation.
+                try await db.raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").run()
                 // One user's questions are admitted one at a time across replicas (the two-key lock space).
                 try await db.raw("SELECT pg_advisory_xact_lock(\(unsafeRaw: String(Self.admissionLockKey)), hashtext(\(bind: record.user)))").run()
             }
@@ -150,7 +153,8 @@ extension SQLStore: UsageLedger, KeyHealthStore {
     @discardableResult
     public func setKeyHealth(_ health: KeyHealth, onlyIfCheckedAt: Date??, now: Date) async throws -> Bool {
         let condition: SQLQueryString = switch onlyIfCheckedAt {
-        case .none: ""
+        // A rest never overwrites a key another replica disabled (its copy of the health may be a second old).
+        case .none: health.condition == .resting ? "WHERE model_keys.state <> 'disabled'" : ""
         case .some(.none): "WHERE model_keys.checked_at IS NULL"
         case .some(.some(let date)): "WHERE model_keys.checked_at = \(bind: date.millis)"
         }

@@ -40,7 +40,7 @@ struct Usage: AsyncParsableCommand {
             if let value, !DayCalendar.isDay(value) { throw CleanExit.failure("\(name) must be a date written YYYY-MM-DD, got '\(value.prefix(40))'") }
         }
         let configuration = try await options.load()
-        let calendar = DayCalendar(timeZone: configuration.controls.timeZone)
+        let calendar = configuration.controls.calendar
         let now = Date()
         let first = since ?? calendar.firstDayOfMonth(of: now)
         let last = until ?? calendar.day(of: now)
