@@ -62,8 +62,9 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     /// How statements reach the database.
     private enum Backend: Sendable {
-        /// One connection, taken in turns; the lock file keeps other processes away.
-        case sqlite(SQLiteConnection, any SQLDatabase, AsyncMutex, ProcessLock?)
+        /// One connection, driven by one batch at a time (group commit); the lock file keeps other processes
+        /// away.
+        case sqlite(SQLiteCommitQueue, ProcessLock?)
         /// Two pools, run by one task: `client` for answering work, `urgent` for acknowledgements and lease
         /// renewals, so they never queue behind a burst of claims and finishes. The listener task (on
         /// `client`) turns notifications into wake-ups.
@@ -115,7 +116,6 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             store = try await openPostgres(postgres, location: location, options: options, logger: logger)
         }
         do {
-            try await store.configure()
             if options.reader {
                 let version = try await store.schemaVersion()
                 guard version >= latestVersion else {
@@ -132,10 +132,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     private static func openSQLite(_ location: DatabaseLocation, options: Options, logger: Logger) async throws -> SQLStore {
-        let storage: SQLiteConnection.Storage
+        var path = ":memory:"
         var lock: ProcessLock?
         switch location {
-        case .sqliteFile(let path):
+        case .sqliteFile(let file):
+            path = file
             let directory = (path as NSString).deletingLastPathComponent
             if !directory.isEmpty {
                 do {
@@ -149,19 +150,24 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             } else if !FileManager.default.fileExists(atPath: path) {
                 throw StoreError(description: "there is no SQLite database at \(path)")
             }
-            storage = .file(path: path)
         default:
-            storage = .memory
+            break
         }
-        let connection: SQLiteConnection
+        let driver: SQLiteDriver
         do {
-            connection = try await SQLiteConnection.open(storage: storage, logger: logger)
+            driver = try SQLiteDriver(path: path)
+            if case .sqliteFile = location {
+                try driver.execute("PRAGMA journal_mode = WAL", []) { _ in }
+            }
+            try driver.execute("PRAGMA synchronous = NORMAL", []) { _ in }
+            try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
         } catch {
             lock?.release()
             throw StoreError(description: "cannot open the SQLite database \(location): \(error)")
         }
-        // No query logging: SQLKit would log bound values, which carry message text and webhook tokens.
-        let backend = Backend.sqlite(connection, connection.sql(queryLogLevel: nil), AsyncMutex(), lock)
+        // No query logging: bound values carry message text and webhook tokens.
+        let queue = SQLiteCommitQueue(driver: driver, database: SQLiteDriverDatabase(driver: driver, logger: logger))
+        let backend = Backend.sqlite(queue, lock)
         return SQLStore(backend: backend, dialect: .sqlite, timeSource: options.timeSource ?? .caller, location: location, logger: logger)
     }
 
@@ -199,6 +205,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         return store
     }
 
+    /// The SQLite commit queue (nil with PostgreSQL), for tests and diagnostics.
+    var commitQueue: SQLiteCommitQueue? {
+        if case .sqlite(let queue, _) = backend { queue } else { nil }
+    }
+
     /// Connections of the PostgreSQL pool kept for acknowledgements and lease renewals, besides
     /// `database.pool_size`.
     public static func urgentConnections(poolSize: Int) -> Int { max(2, poolSize / 5) }
@@ -208,11 +219,16 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     public func close() async {
         guard closed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
         switch backend {
-        case .sqlite(let connection, _, let mutex, let lock):
+        case .sqlite(let queue, let lock):
             // A task of its own, so a cancelled caller still closes the connection.
+            let logger = self.logger
             await Task {
-                _ = try? await mutex.withLock(priority: .urgent) { try? await connection.close() }
+                await queue.close()
                 lock?.release()
+                let statistics = queue.statistics
+                logger.notice("closed the SQLite database", metadata: [
+                    "commits": "\(statistics.batches)", "calls": "\(statistics.operations)", "largest_batch": "\(statistics.largestBatch)",
+                ])
             }.value
         case .postgres(_, _, let run, let listener):
             let listening = listener.take()
@@ -221,15 +237,6 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             run.cancel()
             await run.value
         }
-    }
-
-    private func configure() async throws {
-        guard dialect == .sqlite else { return }
-        if case .sqliteFile = location {
-            try await single { db in try await db.raw("PRAGMA journal_mode = WAL").run() }
-        }
-        try await single { db in try await db.raw("PRAGMA synchronous = NORMAL").run() }
-        try await single { db in try await db.raw("PRAGMA busy_timeout = 5000").run() }
     }
 
     // MARK: Wake-ups
@@ -272,18 +279,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         timeout: Duration = callTimeout, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R
     ) async throws -> R {
         switch backend {
-        case .sqlite(_, let database, let mutex, _):
-            return try await mutex.withLock {
-                try await database.raw("BEGIN IMMEDIATE").run()
-                do {
-                    let result = try await body(database)
-                    try await database.raw("COMMIT").run()
-                    return result
-                } catch {
-                    try? await database.raw("ROLLBACK").run()
-                    throw error
-                }
-            }
+        case .sqlite(let queue, _):
+            return try await queue.perform(.background, body)
         case .postgres(let client, _, _, _):
             do {
                 let logger = self.logger
@@ -305,10 +302,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     /// Runs one statement on its own (committed by itself); with SQLite nothing else touches the connection
     /// meanwhile, urgent work first; with PostgreSQL urgent work has connections of its own.
-    func single<R: Sendable>(priority: AsyncMutex.Priority = .background, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
+    func single<R: Sendable>(priority: SQLiteCommitQueue.Priority = .background, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
         switch backend {
-        case .sqlite(_, let database, let mutex, _):
-            return try await mutex.withLock(priority: priority) { try await body(database) }
+        case .sqlite(let queue, _):
+            return try await queue.perform(priority, body)
         case .postgres(let main, let urgent, _, _):
             let client = priority == .urgent ? urgent : main
             do {

@@ -315,6 +315,7 @@ struct Bench: AsyncParsableCommand {
         report.setWakeUps(snapshot: snapshot, answers: deliveries, requests: model.received, users: users) { "bench-\(run)-\($0)" }
         report.databaseCPUSeconds = databaseCPU
         report.loadCPUSeconds = loadCPU
+        report.databaseCommits = servers?.databaseCommits()
         return report
     }
 
@@ -460,6 +461,7 @@ struct Bench: AsyncParsableCommand {
         report.setWakeUps(snapshot: snapshot, answers: answers, requests: model.received, users: users) { "om_bench_\(run)_\($0)" }
         report.databaseCPUSeconds = databaseCPU
         report.loadCPUSeconds = loadCPU
+        report.databaseCommits = servers.databaseCommits()
         return report
     }
 
@@ -655,6 +657,30 @@ struct BenchServers: Sendable {
         for child in children { child.signal(SIGTERM) }
         for child in children { _ = await child.wait() }
     }
+
+    /// The SQLite commits and store calls the (stopped) servers logged when they closed their database;
+    /// nil with PostgreSQL.
+    func databaseCommits() -> DatabaseCommits? {
+        var total: DatabaseCommits?
+        for child in children {
+            guard let log = try? String(contentsOfFile: child.logPath, encoding: .utf8),
+                  let line = log.split(separator: "\n").last(where: { $0.contains("closed the SQLite database") }),
+                  let commits = Self.number("commits", in: line), let calls = Self.number("calls", in: line) else { continue }
+            total = DatabaseCommits(commits: (total?.commits ?? 0) + commits, calls: (total?.calls ?? 0) + calls)
+        }
+        return total
+    }
+
+    private static func number(_ key: String, in line: Substring) -> Int? {
+        guard let range = line.range(of: key + "=") else { return nil }
+        return Int(line[range.upperBound...].prefix(while: \.isNumber))
+    }
+}
+
+/// How many transactions the store committed for how many calls (group commit shares one among several).
+struct DatabaseCommits: Encodable {
+    var commits: Int
+    var calls: Int
 }
 
 /// One answer the simulated platform showed: for which message, and when (seconds since 1970).
@@ -728,6 +754,7 @@ struct Report: Encodable {
     /// This process's CPU time during the run: the load generator and every simulator. When it nears the
     /// CPUs it may use, the load side was the limit, not the server.
     var loadCPUSeconds: Double?
+    var databaseCommits: DatabaseCommits?
     /// From sending a message to the model request for it, for messages with nothing ahead of them in their
     /// conversation, in milliseconds: an upper bound of accept → wake-up → claim.
     var wakeUpP50: Double?
@@ -816,6 +843,9 @@ struct Report: Encodable {
             ((servers ?? 1) > 1 ? "idle RSS (largest server)" : "server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ((servers ?? 1) > 1 ? "peak RSS (largest server)" : "server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
             ("server CPU time (after start-up)", cpuSeconds.map { "\(f($0)) s" + ((servers ?? 1) > 1 ? " (all servers)" : "") } ?? "n/a"),
             ("server CPU per answer", cpuPerAnswerMicros.map { "\(Int($0.rounded())) µs" } ?? "n/a"),
+            ("SQLite commits (store calls) per answer", databaseCommits.map {
+                answered > 0 ? String(format: "%.2f (%.2f)", Double($0.commits) / Double(answered), Double($0.calls) / Double(answered)) : "n/a"
+            } ?? "n/a"),
             ("load generator CPU time (with the simulators)", loadCPUSeconds.map { "\(f($0)) s" + (answered > 0 ? " (\(Int(($0 / Double(answered) * 1_000_000).rounded())) µs per answer)" : "") } ?? "n/a"),
             ("database server CPU time", databaseCPUSeconds.map { "\(f($0)) s" + (answered > 0 ? " (\(Int(($0 / Double(answered) * 1_000_000).rounded())) µs per answer)" : "") } ?? "n/a"),
             ("wake-up (sent → model request) p50 / p99", wakeUpP50.map { "\(f($0)) / \(f(wakeUpP99 ?? 0)) ms" } ?? "n/a"),

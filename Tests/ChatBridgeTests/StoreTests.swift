@@ -253,13 +253,14 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
     }
 
     @Test func renewalGoesAheadOfQueuedBackgroundWork() async throws {
-        let mutex = AsyncMutex()
+        let store = try await StoreKind.sqlite.open()
+        let queue = try #require(store.commitQueue)
         let order = OrderLog()
         let holding = OneTimeEvent()
         let release = OneTimeEvent()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
-                try await mutex.withLock {
+                try await store.single { _ in
                     holding.signal()
                     await release.wait()
                 }
@@ -267,15 +268,16 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
             await holding.wait()
             // A burst of background work queues up first, then a renewal arrives.
             for index in 0..<20 {
-                group.addTask { try await mutex.withLock { order.append("background \(index)") } }
+                group.addTask { try await store.single { _ in order.append("background \(index)") } }
             }
-            #expect(await eventually { mutex.waiting == 20 })
-            group.addTask { try await mutex.withLock(priority: .urgent) { order.append("renewal") } }
-            #expect(await eventually { mutex.waiting == 21 })
+            #expect(await eventually { queue.waiting == 20 })
+            group.addTask { try await store.single(priority: .urgent) { _ in order.append("renewal") } }
+            #expect(await eventually { queue.waiting == 21 })
             release.signal()
             try await group.waitForAll()
         }
         #expect(order.entries.first == "renewal")
+        await store.close()
     }
 
     @Test(arguments: StoreKind.enabled) func duplicatesAreRecognisedUnderConcurrency(_ kind: StoreKind) async throws {

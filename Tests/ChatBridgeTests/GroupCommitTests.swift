@@ -1,0 +1,165 @@
+import ChatBridgeCore
+@testable import ChatBridgeStore
+import Foundation
+import Logging
+import SQLKit
+import Synchronization
+import Testing
+
+/// The SQLite store commits the work that queued up behind a running batch together (group commit).
+private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
+
+@Suite struct GroupCommitTests {
+    func openFile(_ path: String) async throws -> SQLStore {
+        try await SQLStore.open(.sqliteFile(path: path), logger: .init(label: "t"))
+    }
+
+    /// Holds the connection with a call of its own until `release`, so other calls queue up behind it.
+    func hold(_ store: SQLStore, until release: OneTimeEvent, group: inout ThrowingTaskGroup<Void, any Error>) async {
+        let holding = OneTimeEvent()
+        group.addTask {
+            try await store.single { _ in
+                holding.signal()
+                await release.wait()
+            }
+        }
+        await holding.wait()
+    }
+
+    func messageIDs(_ store: SQLStore) async throws -> [String] {
+        try await store.inboxRows().map(\.messageID)
+    }
+
+    @Test func aLoneCallRunsAtOnceInACommitOfItsOwn() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        let queue = try #require(store.commitQueue)
+        let before = queue.statistics
+        #expect(try await store.accept(inboxMessage("m1"), conversation: conversation, now: Date()) == .accepted)
+        let after = queue.statistics
+        // Nothing waited for company: one batch holding just this call, and no batch ever held more.
+        #expect(after.batches == before.batches + 1)
+        #expect(after.operations == before.operations + 1)
+        #expect(after.largestBatch == 1)
+        await store.close()
+    }
+
+    @Test func callsQueuedBehindABatchShareOneCommit() async throws {
+        let path = temporaryDirectory() + "/db.sqlite"
+        let store = try await openFile(path)
+        let queue = try #require(store.commitQueue)
+        let outcomes = OrderLog()
+        let release = OneTimeEvent()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            await hold(store, until: release, group: &group)
+            for index in 0..<30 {
+                group.addTask {
+                    let outcome = try await store.accept(inboxMessage("m\(index)"), conversation: conversation, now: Date())
+                    outcomes.append("\(outcome)")
+                }
+            }
+            #expect(await eventually { queue.waiting == 30 })
+            release.signal()
+            try await group.waitForAll()
+        }
+        #expect(outcomes.entries == Array(repeating: "\(AcceptOutcome.accepted)", count: 30))
+        #expect(queue.statistics.largestBatch == 30)
+        await store.close()
+        // Committed: another process opening the file sees every one.
+        let reopened = try await openFile(path)
+        #expect(try await messageIDs(reopened).count == 30)
+        await reopened.close()
+    }
+
+    @Test func aFailingCallInABatchRollsBackOnlyItsOwnWork() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        let queue = try #require(store.commitQueue)
+        let release = OneTimeEvent()
+        let failed = OrderLog()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            await hold(store, until: release, group: &group)
+            group.addTask { _ = try await store.accept(inboxMessage("a"), conversation: conversation, now: Date()) }
+            #expect(await eventually { queue.waiting == 1 })
+            group.addTask {
+                do {
+                    try await store.transaction { db in
+                        try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('half-done', 0)").run()
+                        throw GroupCommitRefusal()
+                    }
+                } catch is GroupCommitRefusal {
+                    failed.append("refused")
+                }
+            }
+            #expect(await eventually { queue.waiting == 2 })
+            group.addTask { _ = try await store.accept(inboxMessage("b"), conversation: conversation, now: Date()) }
+            #expect(await eventually { queue.waiting == 3 })
+            release.signal()
+            try await group.waitForAll()
+        }
+        #expect(failed.entries == ["refused"])
+        #expect(queue.statistics.largestBatch == 3)
+        #expect(try await messageIDs(store) == ["a", "b"])
+        let notices = try await store.single { db in try await db.raw("SELECT COUNT(*) AS n FROM notices").first()?.decode(column: "n", as: Int.self) }
+        #expect(notices == 0)
+        await store.close()
+    }
+
+    @Test func aCrashInsideABatchLosesNothingThatWasAcknowledged() async throws {
+        let path = temporaryDirectory() + "/db.sqlite"
+        let store = try await openFile(path)
+        let queue = try #require(store.commitQueue)
+        // Acknowledged before the crash: its accept returned.
+        #expect(try await store.accept(inboxMessage("before"), conversation: conversation, now: Date()) == .accepted)
+        let returned = OrderLog()
+        let failures = OrderLog()
+        let first = OneTimeEvent()
+        let inBatch = OneTimeEvent()
+        let crashed = OneTimeEvent()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            await hold(store, until: first, group: &group)
+            for id in ["b", "c"] {
+                group.addTask {
+                    do {
+                        _ = try await store.accept(inboxMessage(id), conversation: conversation, now: Date())
+                        returned.append(id)
+                    } catch {
+                        failures.append(id)
+                    }
+                }
+            }
+            #expect(await eventually { queue.waiting == 2 })
+            // Last in the same batch: stops it after b and c ran, before the commit.
+            group.addTask {
+                _ = try? await store.single { _ in
+                    inBatch.signal()
+                    await crashed.wait()
+                }
+            }
+            #expect(await eventually { queue.waiting == 3 })
+            first.signal()
+            await inBatch.wait()
+            // b and c are written but not committed, and their callers have not been answered.
+            #expect(returned.entries.isEmpty)
+            queue.dropConnectionForTesting()
+            crashed.signal()
+            try await group.waitForAll()
+        }
+        #expect(returned.entries.isEmpty)
+        #expect(failures.entries.sorted() == ["b", "c"])
+        await store.close()
+        let reopened = try await openFile(path)
+        #expect(try await messageIDs(reopened) == ["before"])
+        // Never acknowledged, so the platform delivers them again, and they are accepted then.
+        #expect(try await reopened.accept(inboxMessage("b"), conversation: conversation, now: Date()) == .accepted)
+        await reopened.close()
+    }
+
+    @Test func callsAfterCloseFailClearly() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        await store.close()
+        await #expect(throws: SQLiteCommitQueue.Closed.self) {
+            _ = try await store.accept(inboxMessage("late"), conversation: conversation, now: Date())
+        }
+    }
+}
+
+private struct GroupCommitRefusal: Error {}
