@@ -82,6 +82,8 @@ public struct PreparedQuestion: Sendable {
     public var systemPrompt: String
     public var startedAt: Date
     public var controls: Controls
+    /// The conversation's recent turns, read with its preferences while planning (nil: read when answering).
+    public var history: [Turn]?
 }
 
 /// Decides what a message means and produces its answer. Pure logic over the `ChatModel`,
@@ -133,14 +135,14 @@ public struct Engine: Sendable {
         case .unsupported(let kind):
             return .unsupported(kind: kind)
         case .text(let raw):
-            let text = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+            let text = raw.trimmed
             if text.isEmpty { return .empty }
             let folded = text.lowercased()
             if settings.resetCommands.contains(where: { $0.lowercased() == folded }) { return .reset }
             if settings.helpCommands.contains(where: { $0.lowercased() == folded }) { return .help }
             guard text.hasPrefix("/") else { return .question(text) }
             let head = String(folded.prefix(while: { !$0.isWhitespace }))
-            let rest = text.dropFirst(head.count).trimmingCharacters(in: .whitespacesAndNewlines)
+            let rest = text.dropFirst(head.count).trimmed
             let argument = rest.isEmpty ? nil : rest
             if settings.resetCommands.contains(where: { $0.lowercased() == head }), argument?.lowercased() == "all" { return .resetAll }
             switch head {
@@ -269,7 +271,8 @@ public struct Engine: Sendable {
             if !admin, let refusal = try await checkLimits(message, controls: controls, now: now) {
                 return reply(refusal)
             }
-            let preferences = try await conversations.preferences(key)
+            let context = try await conversations.context(key, turns: settings.maxTurns * 2)
+            let preferences = context.preferences
             let route = controls.route(for: message)
             let chosenModel: String? = preferences.model.flatMap { controls.selectableModels.contains($0) ? $0 : nil }
             let candidates: [String] = [chosenModel, route?.profile].compactMap { $0 }
@@ -279,7 +282,7 @@ public struct Engine: Sendable {
             let systemPrompt = preferences.systemPrompt ?? persona?.prompt ?? controls.systemPrompt ?? settings.systemPrompt
             return .ask(PreparedQuestion(
                 message: message, conversation: key, text: question, profile: profile, systemPrompt: systemPrompt, startedAt: now,
-                controls: controls))
+                controls: controls, history: context.turns))
         }
     }
 
@@ -288,7 +291,12 @@ public struct Engine: Sendable {
     public func answer(_ question: PreparedQuestion, onDelta: @escaping @Sendable (String) async -> Void = { _ in }) async throws -> Resolution {
         let now = question.startedAt
         let key = question.conversation
-        let history = try await conversations.recentTurns(key, limit: settings.maxTurns * 2)
+        let history: [Turn]
+        if let read = question.history {
+            history = read
+        } else {
+            history = try await conversations.recentTurns(key, limit: settings.maxTurns * 2)
+        }
         let messages = ContextBuilder(settings: settings).messages(history: history, question: question.text, now: now, systemPrompt: question.systemPrompt)
         let words = question.controls.safety.blockedWords
         let deltas: @Sendable (String) async -> Void
@@ -301,8 +309,8 @@ public struct Engine: Sendable {
         let completion = try await model.complete(
             ChatRequest(messages: messages, user: key.rawValue, profile: question.profile), onDelta: deltas)
         await recordUsage(completion, messages: messages, question: question)
-        var answer = completion.text.trimmingCharacters(in: .whitespacesAndNewlines)
-        if answer.isEmpty, let refusal = completion.refusal?.trimmingCharacters(in: .whitespacesAndNewlines), !refusal.isEmpty {
+        var answer = completion.text.trimmed
+        if answer.isEmpty, let refusal = completion.refusal?.trimmed, !refusal.isEmpty {
             // The model declined; its own words are the answer, not a failure to retry.
             answer = refusal
         }

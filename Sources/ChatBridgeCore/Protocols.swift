@@ -92,10 +92,27 @@ public protocol ConversationStore: Sendable {
     func apply(_ effect: ConversationEffect, to key: ConversationKey) async throws
     /// The conversation's own persona, model and system prompt.
     func preferences(_ key: ConversationKey) async throws -> ConversationPreferences
+    /// The preferences and the most recent turns (at most `limit`, oldest first) in one call: what a
+    /// question needs (a store answers both with one round trip).
+    func context(_ key: ConversationKey, turns limit: Int) async throws -> ConversationContext
+}
+
+/// What a question needs from its conversation.
+public struct ConversationContext: Sendable, Equatable {
+    public var preferences: ConversationPreferences
+    public var turns: [Turn]
+    public init(preferences: ConversationPreferences = ConversationPreferences(), turns: [Turn] = []) {
+        self.preferences = preferences
+        self.turns = turns
+    }
 }
 
 extension ConversationStore {
     public func preferences(_ key: ConversationKey) async throws -> ConversationPreferences { ConversationPreferences() }
+
+    public func context(_ key: ConversationKey, turns limit: Int) async throws -> ConversationContext {
+        ConversationContext(preferences: try await preferences(key), turns: try await recentTurns(key, limit: limit))
+    }
 }
 
 /// The platform's way out for an answer: whole messages (one-shot), and optionally a live reply that

@@ -111,15 +111,14 @@ public struct DingTalkMessage: Decodable, Sendable {
     var body: MessageBody {
         switch msgtype ?? "" {
         case "text":
-            return .text((text?.content ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
+            return .text((text?.content ?? "").trimmed)
         case "audio":
-            if let recognition = content?.recognition?.trimmingCharacters(in: .whitespacesAndNewlines), !recognition.isEmpty {
+            if let recognition = content?.recognition?.trimmed, !recognition.isEmpty {
                 return .text(recognition)
             }
             return .unsupported(kind: "audio")
         case "richText":
-            let joined = (content?.richText ?? []).compactMap(\.text).joined(separator: "\n")
-                .trimmingCharacters(in: .whitespacesAndNewlines)
+            let joined = (content?.richText ?? []).compactMap(\.text).joined(separator: "\n").trimmed
             return joined.isEmpty ? .unsupported(kind: "picture") : .text(joined)
         case let other:
             return .unsupported(kind: other)

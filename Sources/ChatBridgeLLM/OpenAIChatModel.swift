@@ -257,8 +257,11 @@ struct StreamAccumulator {
         var error: APIErrorBody.Detail?
     }
 
+    /// One decoder for every chunk (a stream has one per token).
+    private static let decoder = JSONDecoder()
+
     mutating func consume(_ event: SSEParser.Event, apiKey: String) throws -> Step {
-        let data = event.data.trimmingCharacters(in: .whitespaces)
+        let data = event.data.trimmedOfSpaces
         if data.hasPrefix("[DONE]") {
             isDone = true
             return .done
@@ -266,7 +269,7 @@ struct StreamAccumulator {
         if data.isEmpty { return .more }
         let chunk: Chunk
         do {
-            chunk = try JSONDecoder().decode(Chunk.self, from: Data(data.utf8))
+            chunk = try Self.decoder.decode(Chunk.self, from: Data(data.utf8))
         } catch {
             throw ModelError(.invalidResponse, detail: "unreadable stream chunk: \(ErrorClassifier.redact(String(data.prefix(200)), apiKey: apiKey))")
         }

@@ -67,31 +67,46 @@ public struct SSEParser: Sendable {
         defer { line.removeAll(keepingCapacity: true) }
         if line.isEmpty { return dispatch() }
         if line.first == UInt8(ascii: ":") { return nil }
-        let field: String
-        var value: String
-        if let colon = line.firstIndex(of: UInt8(ascii: ":")) {
-            field = String(decoding: line[..<colon], as: UTF8.self)
+        // The field name is compared as bytes: only three names matter, and a String per line is not needed.
+        let colon = line.firstIndex(of: UInt8(ascii: ":")) ?? line.count
+        let field = Field(line[..<colon])
+        guard field != .other else { return nil }
+        var value = ""
+        if colon < line.count {
             var start = colon + 1
             if start < line.count, line[start] == UInt8(ascii: " ") { start += 1 }
             value = String(decoding: line[start...], as: UTF8.self)
-        } else {
-            field = String(decoding: line, as: UTF8.self)
-            value = ""
         }
         switch field {
-        case "data":
+        case .data:
             eventBytes += value.utf8.count + 1
             guard eventBytes <= maxLineBytes else { throw TooLarge(limit: maxLineBytes) }
             dataLines.append(value)
             hasData = true
-        case "event":
+        case .event:
             eventName = value
-        case "id":
+        case .id:
             if !value.contains("\0") { eventID = value }
-        default:
-            value = ""
+        case .other:
+            break
         }
         return nil
+    }
+
+    private enum Field {
+        case data, event, id, other
+
+        init(_ name: ArraySlice<UInt8>) {
+            if name.elementsEqual("data".utf8) {
+                self = .data
+            } else if name.elementsEqual("event".utf8) {
+                self = .event
+            } else if name.elementsEqual("id".utf8) {
+                self = .id
+            } else {
+                self = .other
+            }
+        }
     }
 
     private mutating func dispatch() -> Event? {
@@ -102,6 +117,6 @@ public struct SSEParser: Sendable {
             eventName = nil
         }
         guard hasData else { return nil }
-        return Event(event: eventName, data: dataLines.joined(separator: "\n"), id: eventID)
+        return Event(event: eventName, data: dataLines.count == 1 ? dataLines[0] : dataLines.joined(separator: "\n"), id: eventID)
     }
 }

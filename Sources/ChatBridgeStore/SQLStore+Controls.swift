@@ -197,10 +197,19 @@ extension SQLStore: UsageLedger, KeyHealthStore {
     // MARK: Conversation preferences
 
     public func preferences(_ key: ConversationKey) async throws -> ConversationPreferences {
-        let json = try await single { db in
-            try await db.raw("SELECT settings FROM conversations WHERE conversation_key = \(bind: key.rawValue)").first()?
-                .decode(column: "settings", as: String?.self)
+        try await single { db in try await Self.preferences(key, on: db) }
+    }
+
+    /// Both in one call: one trip through the commit queue (SQLite) or one pooled connection (PostgreSQL).
+    public func context(_ key: ConversationKey, turns limit: Int) async throws -> ConversationContext {
+        try await single { db in
+            ConversationContext(preferences: try await Self.preferences(key, on: db), turns: try await Self.turns(key, limit: limit, on: db))
         }
+    }
+
+    static func preferences(_ key: ConversationKey, on db: any SQLDatabase) async throws -> ConversationPreferences {
+        let json = try await db.raw("SELECT settings FROM conversations WHERE conversation_key = \(bind: key.rawValue)").first()?
+            .decode(column: "settings", as: String?.self)
         guard let json, let preferences = try? JSONDecoder().decode(ConversationPreferences.self, from: Data(json.utf8)) else {
             return ConversationPreferences()
         }

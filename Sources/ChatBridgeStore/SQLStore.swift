@@ -1020,22 +1020,25 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     public func recentTurns(_ key: ConversationKey, limit: Int) async throws -> [Turn] {
         guard limit > 0 else { return [] }
-        return try await single { db in
-            let rows = try await db.raw("""
-                SELECT role, content, tokens, created_at FROM turns
-                WHERE conversation_key = \(bind: key.rawValue)
-                  AND seq > COALESCE((SELECT context_start_seq FROM conversations WHERE conversation_key = \(bind: key.rawValue)), 0)
-                ORDER BY seq DESC
-                LIMIT \(bind: limit)
-                """).all()
-            return try rows.reversed().map { row in
-                Turn(
-                    role: Turn.Role(rawValue: try row.decode(column: "role", as: String.self)) ?? .user,
-                    content: try row.decode(column: "content", as: String.self),
-                    tokens: try row.decode(column: "tokens", as: Int.self),
-                    createdAt: Date(millis: try row.decode(column: "created_at", as: Int64.self))
-                )
-            }
+        return try await single { db in try await Self.turns(key, limit: limit, on: db) }
+    }
+
+    static func turns(_ key: ConversationKey, limit: Int, on db: any SQLDatabase) async throws -> [Turn] {
+        guard limit > 0 else { return [] }
+        let rows = try await db.raw("""
+            SELECT role, content, tokens, created_at FROM turns
+            WHERE conversation_key = \(bind: key.rawValue)
+              AND seq > COALESCE((SELECT context_start_seq FROM conversations WHERE conversation_key = \(bind: key.rawValue)), 0)
+            ORDER BY seq DESC
+            LIMIT \(bind: limit)
+            """).all()
+        return try rows.reversed().map { row in
+            Turn(
+                role: Turn.Role(rawValue: try row.decode(column: "role", as: String.self)) ?? .user,
+                content: try row.decode(column: "content", as: String.self),
+                tokens: try row.decode(column: "tokens", as: Int.self),
+                createdAt: Date(millis: try row.decode(column: "created_at", as: Int64.self))
+            )
         }
     }
 

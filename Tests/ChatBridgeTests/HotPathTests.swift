@@ -1,0 +1,40 @@
+import ChatBridgeCore
+@testable import ChatBridgeStore
+import Foundation
+import Testing
+
+/// Replacements made for speed behave exactly like what they replaced.
+@Suite struct HotPathTests {
+    static let samples = [
+        "", " ", "\n\t ", "plain", "  both sides \n", "\u{3000}全角空格\u{3000}", "\u{00A0}nbsp\u{00A0}", "\u{2028}line\u{2029}",
+        "\u{85}next line\u{85}", "tab\tinside", " \u{301}combining after a space", "emoji 👨‍👩‍👧 ", "\r\n/reset all\r\n", "\u{200B}zero width\u{200B}",
+    ]
+
+    @Test(arguments: samples) func trimmingMatchesFoundation(_ text: String) {
+        #expect(text.trimmed == text.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(text.trimmedOfSpaces == text.trimmingCharacters(in: .whitespaces))
+        #expect(text.dropFirst(0).trimmed == text.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    @Test(arguments: StoreKind.enabled) func aQuestionsContextIsReadInOneCall(_ kind: StoreKind) async throws {
+        let store = try await kind.open()
+        let key = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
+        var preferences = ConversationPreferences()
+        preferences.persona = "poet"
+        try await store.apply(.preferences(preferences), to: key)
+        for index in 0..<3 {
+            try await store.apply(.appendExchange(question: Turn(role: .user, content: "q\(index)", createdAt: Date()),
+                                                  answer: Turn(role: .assistant, content: "a\(index)", createdAt: Date())), to: key)
+        }
+        let calls = store.commitQueue?.statistics.operations
+        let context = try await store.context(key, turns: 4)
+        #expect(context.preferences == preferences)
+        #expect(context.turns.map(\.content) == ["q1", "a1", "q2", "a2"])
+        #expect(context.turns == (try await store.recentTurns(key, limit: 4)))
+        if let calls {
+            // One trip through the commit queue for both (the check above made the second).
+            #expect(store.commitQueue?.statistics.operations == calls + 2)
+        }
+        await store.close()
+    }
+}
