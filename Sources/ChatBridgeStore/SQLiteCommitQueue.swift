@@ -98,6 +98,12 @@ final class SQLiteCommitQueue: Sendable {
     /// Callers waiting for their batch (not counting the batch running).
     var waiting: Int { state.withLock { $0.waiting } }
 
+    /// Statements SQLite parsed again (``SQLiteDriver/reprepares``), read on the connection's thread.
+    func reprepares() async throws -> Int {
+        let driver = self.driver
+        return try await perform(.background) { _ in driver.reprepares }
+    }
+
     /// For tests: drops the connection as a crash would, without committing what the running batch did.
     /// Only while that batch is suspended in a caller's work, so nothing else is using the connection.
     func dropConnectionForTesting() { driver.close() }

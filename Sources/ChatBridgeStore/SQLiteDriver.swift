@@ -59,6 +59,12 @@ final class SQLiteDriver: @unchecked Sendable {
 
     var isOpen: Bool { handle != nil }
 
+    /// How often SQLite had to parse a kept statement again (a schema change, or a bound value its plan
+    /// depends on), summed over the statements kept now: should stay 0.
+    var reprepares: Int {
+        statements.values.reduce(0) { $0 + Int(sqlite_nio_sqlite3_stmt_status($1, SQLITE_STMTSTATUS_REPREPARE, 0)) }
+    }
+
     /// Whether a transaction is open (SQLite rolls one back by itself after some errors, e.g. a full disk).
     var inTransaction: Bool {
         guard let handle else { return false }

@@ -38,3 +38,43 @@ import Testing
         await store.close()
     }
 }
+
+@Suite struct PreparedStatementTests {
+    @Test func keptStatementsAreNotParsedAgainOnEveryCall() async throws {
+        let store = try await StoreKind.sqlite.open()
+        let key = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
+        // The migrations changed the schema, which re-prepares the statements they ran; from here on, none.
+        let before = try await store.commitQueue?.reprepares()
+        for index in 0..<10 {
+            _ = try await store.accept(inboxMessage("m\(index)", user: "u\(index)"), conversation: ConversationKey(rawValue: "k\(index)"), now: Date())
+        }
+        let accepts = try await store.commitQueue?.reprepares()
+        for index in 0..<10 {
+            _ = try await store.claim(limit: index + 1, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        }
+        let claims = try await store.commitQueue?.reprepares()
+        for index in 0..<10 {
+            _ = try await store.context(key, turns: 2 * index + 2)
+        }
+        #expect(accepts == before)
+        #expect(claims == before)
+        let after = try await store.commitQueue?.reprepares()
+        #expect(after == before, "parsed again: \(String(describing: before)) -> \(String(describing: after))")
+        await store.close()
+    }
+}
+
+extension PreparedStatementTests {
+    @Test(arguments: StoreKind.enabled) func aClaimTakesExactlyItsLimitWhenEnoughIsWaiting(_ kind: StoreKind) async throws {
+        let store = try await kind.open()
+        for index in 0..<12 {
+            _ = try await store.accept(inboxMessage("m\(index)", user: "u\(index)"), conversation: ConversationKey(rawValue: "k\(index)"), now: Date())
+        }
+        // 7 runs as 4 + 2 + 1 on SQLite; then only 5 are left for a limit of 6.
+        let first = try await store.claim(limit: 7, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        #expect(first.map(\.lease.id) == Array(1...7))
+        let second = try await store.claim(limit: 6, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        #expect(second.map(\.lease.id) == Array(8...12))
+        await store.close()
+    }
+}
