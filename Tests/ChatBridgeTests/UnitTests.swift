@@ -97,6 +97,27 @@ import Testing
         #expect(events.last?.event == "e")
     }
 
+    @Test func everySplitAndEveryKindOfSequenceGivesTheSameEvents() throws {
+        let stream = ": hi\r\nid: 7\nretry: 10\nevent: delta\ndata: {\"a\":1}\r\rdata: 一\ndata:二\r\n\r\nbogus\ndata: [DONE]\n\n"
+        let bytes = Array(stream.utf8)
+        var whole = SSEParser()
+        let expected = try whole.feed(bytes)
+        #expect(expected.map(\.data) == ["{\"a\":1}", "一\n二", "[DONE]"])
+        #expect(expected.first?.event == "delta")
+        #expect(expected.first?.id == "7")
+        for size in 1...7 {
+            var parser = SSEParser()
+            var events: [SSEParser.Event] = []
+            for start in stride(from: 0, to: bytes.count, by: size) {
+                events += try parser.feed(bytes[start..<min(start + size, bytes.count)])
+            }
+            #expect(events == expected, "pieces of \(size) bytes")
+        }
+        // A sequence without contiguous storage takes the other path.
+        var lazy = SSEParser()
+        #expect(try lazy.feed(bytes.lazy.map { $0 }) == expected)
+    }
+
     @Test func lastEventWithoutBlankLineIsDelivered() throws {
         var parser = SSEParser()
         #expect(try parser.feed(Array("data: [DONE]".utf8)).isEmpty)
