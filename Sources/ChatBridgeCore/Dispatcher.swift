@@ -332,8 +332,8 @@ public final class Dispatcher: Sendable {
                 finished = stored
             } else if let live {
                 finished = try await answerLive(item, live: live, plan: plan, metadata: metadata)
-            } else if let reply = try await reply(for: item, plan: plan, metadata: metadata) {
-                finished = try await deliver(reply, for: item, metadata: metadata) ? reply : nil
+            } else if let made = try await reply(for: item, plan: plan, metadata: metadata, store: false) {
+                finished = try await deliver(made.reply, for: item, metadata: metadata, unstored: made.stored ? nil : .some(made.reason)) ? made.reply : nil
             } else {
                 finished = nil
             }
@@ -362,7 +362,23 @@ public final class Dispatcher: Sendable {
     private func reply(
         for item: InboxItem, plan: Plan?, metadata: Logger.Metadata, onDelta: @escaping @Sendable (String) async -> Void = { _ in }
     ) async throws -> StoredReply? {
-        if let stored = item.reply { return stored }
+        try await reply(for: item, plan: plan, metadata: metadata, store: true, onDelta: onDelta)?.reply
+    }
+
+    /// A reply made (or found stored), and whether it is stored yet.
+    private struct MadeReply {
+        var reply: StoredReply
+        var reason: String?
+        var stored: Bool
+    }
+
+    /// As above; with `store` false a new reply is returned unstored, for `deliver` to store with its first
+    /// send.
+    private func reply(
+        for item: InboxItem, plan: Plan?, metadata: Logger.Metadata, store: Bool,
+        onDelta: @escaping @Sendable (String) async -> Void = { _ in }
+    ) async throws -> MadeReply? {
+        if let stored = item.reply { return MadeReply(reply: stored, reason: nil, stored: true) }
         let reply: StoredReply
         var reason: String?
         do {
@@ -381,11 +397,12 @@ public final class Dispatcher: Sendable {
             reply = StoredReply(text: engine.settings.messages.reply(for: error), kind: .error, effect: .none)
             reason = "\(error)"
         }
+        guard store else { return MadeReply(reply: reply, reason: reason, stored: false) }
         let now = clock.now
         try await record("the reply", afterSend: false, metadata: metadata) { [inbox, reason] in
             try await inbox.storeReply(reply, for: item.lease, error: reason, now: now)
         }
-        return reply
+        return MadeReply(reply: reply, reason: reason, stored: true)
     }
 
     /// The engine's plan for a message; nil when deciding failed and a retry was scheduled (or, out of
@@ -420,10 +437,21 @@ public final class Dispatcher: Sendable {
     }
 
     /// Sends the parts not yet delivered. Returns true when the whole reply was delivered and recorded.
-    private func deliver(_ reply: StoredReply, for item: InboxItem, metadata: Logger.Metadata) async throws -> Bool {
+    /// `unstored` (with the error reason to record) says the reply is new and not stored yet: it is stored
+    /// in the same write that records the start of the first send.
+    private func deliver(_ reply: StoredReply, for item: InboxItem, metadata: Logger.Metadata, unstored: String?? = nil) async throws -> Bool {
         let parts = replies.parts(of: reply.text, replyingTo: item.message)
         var uncertain = item.uncertainSends
         var index = min(item.deliveredParts, parts.count)
+        var toStore = unstored
+        if let reason = toStore, index >= parts.count || uncertain >= 2 {
+            // No send follows at once: the reply is stored on its own.
+            let now = clock.now
+            try await record("the reply", afterSend: false, metadata: metadata) { [inbox] in
+                try await inbox.storeReply(reply, for: item.lease, error: reason, now: now)
+            }
+            toStore = nil
+        }
         while index < parts.count {
             var partMetadata = metadata
             partMetadata["part"] = "\(index + 1)/\(parts.count)"
@@ -440,8 +468,15 @@ public final class Dispatcher: Sendable {
                 logger.warning("sending a reply part again that may already have been delivered; it may appear twice", metadata: partMetadata)
             }
             let now = clock.now
-            try await record("the start of a send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease] in
-                try await inbox.beginSend(item.lease, leaseUntil: now.adding(lease), now: now)
+            if let reason = toStore {
+                try await record("the reply and the start of its send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease] in
+                    try await inbox.storeReply(reply, for: item.lease, error: reason, beginningSendUntil: now.adding(lease), now: now)
+                }
+                toStore = nil
+            } else {
+                try await record("the start of a send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease] in
+                    try await inbox.beginSend(item.lease, leaseUntil: now.adding(lease), now: now)
+                }
             }
             do {
                 try await replies.deliver(part: parts[index], replyingTo: item.message)

@@ -392,6 +392,9 @@ public protocol Inbox: Sendable {
     /// `declined` also counts the current attempt as the first (`attempts = 1`): the whole-message route
     /// gets tries of its own, however many the live reply used up (it is recorded once per message).
     func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws
+    /// `storeReply` and then `beginSend` in one write: a new reply stored as its first part is about to be
+    /// sent (one store call fewer per answer; a store writes both or neither).
+    func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws
     /// Records that the first `parts` parts of the reply were delivered.
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws
     /// The whole reply was delivered: marks the row answered (or failed, for an error reply) and applies
@@ -407,4 +410,11 @@ public protocol Inbox: Sendable {
     func nextWakeup(now: Date) async throws -> Date?
     /// Counts of open (pending and running) messages; cheap however long the history is.
     func counts() async throws -> InboxCounts
+}
+
+extension Inbox {
+    public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws {
+        try await storeReply(reply, for: lease, error: error, now: now)
+        try await beginSend(lease, leaseUntil: leaseUntil, now: now)
+    }
 }

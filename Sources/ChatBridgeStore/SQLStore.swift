@@ -897,6 +897,15 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             """)
     }
 
+    public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws {
+        let effect = String(decoding: try Self.encoder.encode(reply.effect), as: UTF8.self)
+        try await update(lease, set: """
+            answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
+            last_error = COALESCE(\(bind: error), last_error), uncertain_sends = uncertain_sends + 1,
+            lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))
+            """)
+    }
+
     public func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
         try await update(lease, set: """
             uncertain_sends = uncertain_sends + 1, lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))

@@ -167,6 +167,17 @@ final class DispatcherFixture: @unchecked Sendable {
         await f.stop()
     }
 
+    @Test func aNewReplyIsStoredInTheSameWriteThatBeginsItsSend() async throws {
+        let f = DispatcherFixture(maxAttempts: 3)
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .milliseconds(500)) { await f.state(id) == "answered" })
+        // Two writes for a one-part answer: the reply with the start of its send, then the finish.
+        #expect(await f.inbox.written == [.storeReplyAndBeginSend, .finish])
+        #expect(f.replies.attempts == ["Answer to: question"])
+        await f.stop()
+    }
+
     @Test func aFailedRecordBeforeTheSendIsRetriedInPlaceAndTheAnswerKept() async throws {
         let f = DispatcherFixture(maxAttempts: 1)
         let id = try await f.accept("m1", "question")

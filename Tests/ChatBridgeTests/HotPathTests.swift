@@ -78,3 +78,28 @@ extension PreparedStatementTests {
         await store.close()
     }
 }
+
+extension PreparedStatementTests {
+    @Test(arguments: StoreKind.enabled) func aNewReplyIsStoredInTheWriteThatBeginsItsFirstSend(_ kind: StoreKind) async throws {
+        let store = try await kind.open()
+        _ = try await store.accept(inboxMessage("m1"), conversation: ConversationKey(rawValue: "k1"), now: Date())
+        let now = Date()
+        let claimed = try await store.claim(limit: 1, owner: "w", leaseUntil: now.addingTimeInterval(30), maxAttempts: 5, now: now)
+        guard case .ready(let item) = try #require(claimed.first) else { Issue.record("unreadable"); return }
+        let reply = StoredReply(text: "the answer", kind: .answer, effect: .none)
+        // A stale token changes nothing.
+        await #expect(throws: LeaseLost.self) {
+            try await store.storeReply(reply, for: Lease(id: item.lease.id, token: "stale"), error: nil,
+                                       beginningSendUntil: now.addingTimeInterval(60), now: now)
+        }
+        #expect(try await store.inboxRows().first?.answer == nil)
+        try await store.storeReply(reply, for: item.lease, error: nil, beginningSendUntil: now.addingTimeInterval(60), now: now)
+        let row = try #require(try await store.inboxRows().first)
+        #expect(row.answer == "the answer")
+        #expect(row.uncertainSends == 1)
+        // The lease was extended with it: still held after the first lease ran out.
+        let later = now.addingTimeInterval(45)
+        #expect(try await store.releaseExpiredLeases(now: later, maxAttempts: 5, keeping: []) == ReleasedClaims())
+        await store.close()
+    }
+}

@@ -107,11 +107,13 @@ actor InMemoryInbox: Inbox {
         var lastError: String?
     }
 
-    enum Operation: Hashable, Sendable { case accept, recordLive, storeReply, beginSend, recordDelivered, finish, scheduleRetry, markFailed, renew }
+    enum Operation: Hashable, Sendable { case accept, recordLive, storeReply, beginSend, storeReplyAndBeginSend, recordDelivered, finish, scheduleRetry, markFailed, renew }
     struct Injected: Error, CustomStringConvertible { var description: String { "injected database failure" } }
 
     private(set) var rows: [Row] = []
     private(set) var effects: [(ConversationKey, ConversationEffect)] = []
+    /// The writes on claimed rows that succeeded, in order.
+    private(set) var written: [Operation] = []
     /// Writes refused because their lease token was stale.
     private(set) var refusedWrites: [Operation] = []
     private(set) var claims: [Int64: Int] = [:]
@@ -310,12 +312,25 @@ actor InMemoryInbox: Inbox {
         let index = try index(lease, .storeReply)
         rows[index].reply = reply
         if let error { rows[index].lastError = error }
+        written.append(.storeReply)
     }
 
     func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
         let index = try index(lease, .beginSend)
         rows[index].uncertainSends += 1
         rows[index].leaseExpires = leaseUntil
+        written.append(.beginSend)
+    }
+
+    /// Both or neither, as the store does; failures injected for either write fail it.
+    func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws {
+        try maybeFail(.beginSend)
+        let index = try index(lease, .storeReply)
+        rows[index].reply = reply
+        if let error { rows[index].lastError = error }
+        rows[index].uncertainSends += 1
+        rows[index].leaseExpires = leaseUntil
+        written.append(.storeReplyAndBeginSend)
     }
 
     func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws {
@@ -328,6 +343,7 @@ actor InMemoryInbox: Inbox {
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws {
         let index = try index(lease, .recordDelivered)
         rows[index].deliveredParts = parts
+        written.append(.recordDelivered)
         rows[index].uncertainSends = 0
     }
 
@@ -339,6 +355,7 @@ actor InMemoryInbox: Inbox {
         rows[index].leaseToken = nil
         rows[index].leaseOwner = nil
         if reply.kind == .answer, reply.effect != .none { effects.append((conversation, reply.effect)) }
+        written.append(.finish)
     }
 
     func scheduleRetry(_ lease: Lease, notBefore: Date, error: String, lastSendFailed: Bool, now: Date) async throws {
