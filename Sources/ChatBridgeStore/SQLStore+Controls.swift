@@ -207,10 +207,12 @@ extension SQLStore: UsageLedger, KeyHealthStore {
         }
     }
 
+    private static let preferencesDecoder = JSONDecoder()
+
     static func preferences(_ key: ConversationKey, on db: any SQLDatabase) async throws -> ConversationPreferences {
         let json = try await db.raw("SELECT settings FROM conversations WHERE conversation_key = \(bind: key.rawValue)").first()?
             .decode(column: "settings", as: String?.self)
-        guard let json, let preferences = try? JSONDecoder().decode(ConversationPreferences.self, from: Data(json.utf8)) else {
+        guard let json, let preferences = try? preferencesDecoder.decode(ConversationPreferences.self, from: Data(json.utf8)) else {
             return ConversationPreferences()
         }
         return preferences

@@ -161,12 +161,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             }
             try driver.execute("PRAGMA synchronous = NORMAL", []) { _ in }
             try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
+            if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
         } catch {
             lock?.release()
             throw StoreError(description: "cannot open the SQLite database \(location): \(error)")
         }
         // No query logging: bound values carry message text and webhook tokens.
-        let queue = SQLiteCommitQueue(driver: driver, database: SQLiteDriverDatabase(driver: driver, logger: logger))
+        let queue = SQLiteCommitQueue(driver: driver, database: SQLiteDriverDatabase(driver: driver, logger: logger), reader: options.reader)
         let backend = Backend.sqlite(queue, lock)
         return SQLStore(backend: backend, dialect: .sqlite, timeSource: options.timeSource ?? .caller, location: location, logger: logger)
     }
@@ -274,7 +275,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
 
     // MARK: Transactions
 
-    /// Runs `body` in one transaction; with SQLite nothing else touches the connection meanwhile.
+    /// Runs `body` in one transaction (with SQLite, a savepoint of a batch's transaction that other calls may
+    /// share; it returns once that committed).
     func transaction<R: Sendable>(
         timeout: Duration = callTimeout, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R
     ) async throws -> R {
@@ -300,8 +302,9 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         }
     }
 
-    /// Runs one statement on its own (committed by itself); with SQLite nothing else touches the connection
-    /// meanwhile, urgent work first; with PostgreSQL urgent work has connections of its own.
+    /// Runs `body` without a transaction of its own on PostgreSQL (each statement commits by itself; urgent
+    /// work has connections of its own); with SQLite like ``transaction(timeout:_:)``, urgent work in
+    /// batches of its own ahead of background work.
     func single<R: Sendable>(priority: SQLiteCommitQueue.Priority = .background, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
         switch backend {
         case .sqlite(let queue, _):

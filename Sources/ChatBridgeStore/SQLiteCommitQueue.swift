@@ -1,3 +1,4 @@
+import DequeModule
 import Foundation
 import SQLKit
 import Synchronization
@@ -11,7 +12,12 @@ import Synchronization
 ///   one caller's failure (a lost lease) rolls back only its own statements.
 /// - A caller hears its outcome only after its batch committed. A crash in the middle of a batch loses
 ///   work that nobody was told about: no callback was acknowledged, no lease was reported taken.
-/// - Urgent work (acknowledgements, lease renewals) goes into the next batch before background work.
+/// - Urgent work (acknowledgements, lease renewals) is committed in batches of its own, ahead of the
+///   background work queued before it, so an acknowledgement waits at most for the batch running.
+/// - A reader (`chatbridge usage` beside a running server) reads in deferred transactions, which never
+///   take the write lock a running server needs.
+/// - A store call made from inside one of the store's own transactions fails at once (``Reentered``)
+///   instead of waiting for itself.
 ///
 /// Measured with `chatbridge bench` (README): with a commit per store call (7 per answer) the commit path
 /// (WAL frames, checkpoints, file locks) was the largest part of the store's CPU. Running batches on their
@@ -32,6 +38,10 @@ final class SQLiteCommitQueue: Sendable {
 
     struct Closed: Error, CustomStringConvertible {
         var description: String { "the store is closed" }
+    }
+
+    struct Reentered: Error, CustomStringConvertible {
+        var description: String { "a store call was made from inside one of the store's own transactions" }
     }
 
     struct RolledBack: Error, CustomStringConvertible {
@@ -65,8 +75,8 @@ final class SQLiteCommitQueue: Sendable {
 
     private struct State {
         var closed = false
-        var urgent: [Entry] = []
-        var background: [Entry] = []
+        var urgent = Deque<Entry>()
+        var background = Deque<Entry>()
         /// The committer, parked while there is nothing to do.
         var idle: CheckedContinuation<Void, Never>?
         var statistics = Statistics()
@@ -78,13 +88,19 @@ final class SQLiteCommitQueue: Sendable {
     private let driver: SQLiteDriver
     private let database: any SQLDatabase
     private let thread: SQLiteThread
-    /// Work committed together at most, so an acknowledgement queued behind a batch waits for a short one.
+    /// Work committed together at most.
     let batchLimit: Int
+    /// Deferred transactions (reads only, never the write lock) instead of immediate ones.
+    let reader: Bool
 
-    init(driver: SQLiteDriver, database: any SQLDatabase, batchLimit: Int = 64) {
+    /// The queue whose committer is running the current task's work (to refuse calls back into it).
+    @TaskLocal static var running: ObjectIdentifier?
+
+    init(driver: SQLiteDriver, database: any SQLDatabase, batchLimit: Int = 64, reader: Bool = false) {
         self.driver = driver
         self.database = database
         self.batchLimit = max(1, batchLimit)
+        self.reader = reader
         self.thread = SQLiteThread()
         let thread = self.thread
         Task(executorPreference: thread) { [self] in
@@ -111,6 +127,7 @@ final class SQLiteCommitQueue: Sendable {
     /// Runs `body` in a transaction (its own, or a savepoint of a shared one) and returns its result once
     /// that transaction committed.
     func perform<R: Sendable>(_ priority: Priority, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
+        guard Self.running != ObjectIdentifier(self) else { throw Reentered() }
         let outcome = Outcome<R>()
         let entry = Entry(kind: .work, run: { outcome.result = .success(try await body($0)) }, fail: { outcome.result = .failure($0) })
         try await enter(entry, priority)
@@ -159,11 +176,11 @@ final class SQLiteCommitQueue: Sendable {
             if let closing = batch.last, closing.kind == .close {
                 let before = Array(batch.dropLast())
                 if !before.isEmpty {
-                    await run(before)
+                    await Self.$running.withValue(ObjectIdentifier(self)) { await run(before) }
                     for entry in before { entry.waker?.resume(returning: true) }
                 }
                 let abandoned = state.withLock { state -> [Entry] in
-                    let rest = state.urgent + state.background
+                    let rest = Array(state.urgent) + Array(state.background)
                     state.urgent.removeAll()
                     state.background.removeAll()
                     return rest
@@ -176,12 +193,12 @@ final class SQLiteCommitQueue: Sendable {
                 closing.waker?.resume(returning: true)
                 return
             }
-            await run(batch)
+            await Self.$running.withValue(ObjectIdentifier(self)) { await run(batch) }
             for entry in batch { entry.waker?.resume(returning: true) }
         }
     }
 
-    /// The next batch: urgent work first (a close request ends a batch), then background work.
+    /// The next batch: the urgent work waiting, alone (a close request ends it); else background work.
     private func nextBatch() async -> [Entry] {
         while true {
             let batch = state.withLock { state -> [Entry] in
@@ -190,8 +207,12 @@ final class SQLiteCommitQueue: Sendable {
                     batch.append(state.urgent.removeFirst())
                     if next.kind == .close { return batch }
                 }
-                while batch.count < batchLimit, !state.background.isEmpty {
-                    batch.append(state.background.removeFirst())
+                // Background work only when no urgent work waits: an acknowledgement never commits together
+                // with (and so never waits for) a batch of answering work.
+                if batch.isEmpty {
+                    while batch.count < batchLimit, !state.background.isEmpty {
+                        batch.append(state.background.removeFirst())
+                    }
                 }
                 if !batch.isEmpty {
                     state.statistics.batches += 1
@@ -212,69 +233,69 @@ final class SQLiteCommitQueue: Sendable {
         }
     }
 
-    /// Runs the batch in one transaction; a lone entry without savepoints.
+    /// Runs the batch in one transaction; a lone entry without savepoints. Whatever goes wrong with the
+    /// transaction itself (a savepoint that cannot be released or rolled back, SQLite ending the transaction
+    /// after a full disk, a failed commit) rolls the whole batch back and fails every caller in it: no
+    /// caller is told it failed while its work commits.
     private func run(_ batch: [Entry]) async {
         guard driver.isOpen else {
             for entry in batch { entry.fail(Closed()) }
             return
         }
         do {
-            try statement("BEGIN IMMEDIATE")
+            // A reader's deferred transaction never takes the write lock a running server needs.
+            try statement(reader ? "BEGIN" : "BEGIN IMMEDIATE")
         } catch {
             for entry in batch { entry.fail(error) }
             return
         }
-        if batch.count == 1, let entry = batch.first {
-            do {
-                try await entry.run(database)
-                try statement("COMMIT")
-            } catch {
-                entry.fail(error)
-                if driver.inTransaction { try? statement("ROLLBACK") }
-            }
-            return
-        }
+        driver.transactionExpected = true
+        defer { driver.transactionExpected = false }
         var done: [Entry] = []
-        for (index, entry) in batch.enumerated() {
-            var succeeded = false
+        for entry in batch {
+            let shared = batch.count > 1
             do {
-                try statement("SAVEPOINT entry")
+                if shared { try statement("SAVEPOINT entry") }
                 do {
                     try await entry.run(database)
-                    succeeded = true
                 } catch {
                     entry.fail(error)
+                    // The caller's own failure (a lost lease): only its statements are undone.
+                    guard shared, driver.inTransaction else { throw Abandon(reason: "\(error)", failed: entry) }
+                    try statement("ROLLBACK TO entry")
+                    try statement("RELEASE entry")
+                    continue
                 }
-                if driver.inTransaction {
-                    if succeeded {
-                        try statement("RELEASE entry")
-                        done.append(entry)
-                    } else {
-                        try statement("ROLLBACK TO entry")
-                        try statement("RELEASE entry")
-                    }
-                }
+                guard driver.inTransaction else { throw Abandon(reason: "SQLite ended the transaction", failed: nil) }
+                if shared { try statement("RELEASE entry") }
+                done.append(entry)
+            } catch let abandon as Abandon {
+                rollBack(batch, done: done, reason: abandon.reason, except: abandon.failed)
+                return
             } catch {
-                entry.fail(error)
-                succeeded = false
-                if driver.inTransaction { try? statement("ROLLBACK TO entry") }
-            }
-            // SQLite rolls a whole transaction back by itself after some errors (a full disk): whatever
-            // the batch did so far is gone, and its callers are told so.
-            if !driver.inTransaction {
-                let failure = RolledBack(reason: "a statement failed or the connection was lost before the commit")
-                if succeeded { entry.fail(failure) }
-                for entry in done { entry.fail(failure) }
-                for entry in batch[(index + 1)...] { entry.fail(failure) }
+                rollBack(batch, done: done, reason: "\(error)", except: nil)
                 return
             }
         }
         do {
             try statement("COMMIT")
         } catch {
-            if driver.inTransaction { try? statement("ROLLBACK") }
-            for entry in done { entry.fail(error) }
+            rollBack(batch, done: done, reason: "the commit failed: \(error)", except: nil)
         }
+    }
+
+    /// Why a batch is rolled back whole; `failed` already has its own error.
+    private struct Abandon: Error {
+        var reason: String
+        var failed: Entry?
+    }
+
+    /// Rolls the whole transaction back and fails every caller of the batch (but `except`, which already has
+    /// its own error; a lone entry's failure is such a case).
+    private func rollBack(_ batch: [Entry], done: [Entry], reason: String, except: Entry?) {
+        if driver.inTransaction { try? statement("ROLLBACK") }
+        let failure = RolledBack(reason: reason)
+        for entry in batch where entry !== except { entry.fail(failure) }
     }
 
     private func statement(_ sql: String) throws {

@@ -8,12 +8,12 @@ import Synchronization
 import VaporCSQLite
 
 /// One SQLite connection driven through SQLite's C API (the library sqlite-nio builds) on the calling
-/// thread, keeping its prepared statements.
+/// thread (the commit queue's), keeping its prepared statements.
 ///
 /// Measured with `chatbridge bench --profile` (README, "Measuring on a 2-core machine"): through sqlite-nio
-/// every statement was prepared anew and hopped to a thread pool and back, about 15 times per message; a
-/// third of the server's CPU was the kernel switching threads. Here a statement runs where it is called
-/// and is parsed once per connection. Statements take microseconds (WAL, `synchronous = NORMAL`: a commit
+/// every statement was prepared anew and hopped to a thread pool and back, seven times per message; the
+/// kernel was 31% of the server's CPU (thread switches and wake-ups, WAL writes). Here a statement runs
+/// where it is called and is parsed once per connection. Statements take microseconds (WAL, `synchronous = NORMAL`: a commit
 /// writes to the log without waiting for the disk).
 ///
 /// Not thread-safe by itself: the ``SQLiteCommitQueue`` is its only user and runs one batch at a time.
@@ -59,6 +59,11 @@ final class SQLiteDriver: @unchecked Sendable {
 
     var isOpen: Bool { handle != nil }
 
+    /// Set by the commit queue while its batch's transaction must be open: a statement then refuses to run
+    /// in autocommit (SQLite ended the transaction after an error a caller swallowed), where it would commit
+    /// on its own although the batch is rolled back.
+    var transactionExpected = false
+
     /// How often SQLite had to parse a kept statement again (a schema change, or a bound value its plan
     /// depends on), summed over the statements kept now: should stay 0.
     var reprepares: Int {
@@ -72,12 +77,24 @@ final class SQLiteDriver: @unchecked Sendable {
     }
 
     /// Runs one statement, calling `onRow` for every row it returns.
+    /// Statements with more parameters than this (lists of ids, whose text varies with their length) are
+    /// prepared for the one call and not kept, so they never push the hot statements out.
+    private static let keptParameterLimit = 32
+
     func execute(_ sql: String, _ binds: [SQLiteData], _ onRow: (SQLiteResultRow) throws -> Void) throws {
         guard let handle else { throw Failure(code: SQLITE_MISUSE, message: "the connection is closed") }
-        let statement = try prepared(sql, on: handle)
+        if transactionExpected && sqlite_nio_sqlite3_get_autocommit(handle) != 0 {
+            throw Failure(code: SQLITE_ABORT, message: "the transaction was ended by an earlier error; not running outside it")
+        }
+        let kept = binds.count <= Self.keptParameterLimit
+        let statement = try kept ? prepared(sql, on: handle) : prepare(sql, on: handle, persistent: false)
         defer {
-            sqlite_nio_sqlite3_reset(statement)
-            sqlite_nio_sqlite3_clear_bindings(statement)
+            if kept {
+                sqlite_nio_sqlite3_reset(statement)
+                sqlite_nio_sqlite3_clear_bindings(statement)
+            } else {
+                sqlite_nio_sqlite3_finalize(statement)
+            }
         }
         for (index, bind) in binds.enumerated() {
             try check(bindValue(bind, at: Int32(index + 1), of: statement), on: handle)
@@ -91,7 +108,7 @@ final class SQLiteDriver: @unchecked Sendable {
             let count = Int(sqlite_nio_sqlite3_column_count(statement))
             var values: [SQLiteData] = []
             values.reserveCapacity(count)
-            for index in 0..<Int32(count) { values.append(Self.value(at: index, of: statement)) }
+            for index in 0..<Int32(count) { values.append(try Self.value(at: index, of: statement)) }
             try onRow(SQLiteResultRow(columns: columns!, values: values))
         }
     }
@@ -102,10 +119,15 @@ final class SQLiteDriver: @unchecked Sendable {
             for statement in statements.values { sqlite_nio_sqlite3_finalize(statement) }
             statements.removeAll(keepingCapacity: true)
         }
-        var statement: OpaquePointer?
-        let result = sqlite_nio_sqlite3_prepare_v3(handle, sql, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &statement, nil)
-        guard result == SQLITE_OK, let statement else { throw failure(result, on: handle) }
+        let statement = try prepare(sql, on: handle, persistent: true)
         statements[sql] = statement
+        return statement
+    }
+
+    private func prepare(_ sql: String, on handle: OpaquePointer, persistent: Bool) throws -> OpaquePointer {
+        var statement: OpaquePointer?
+        let result = sqlite_nio_sqlite3_prepare_v3(handle, sql, -1, persistent ? UInt32(SQLITE_PREPARE_PERSISTENT) : 0, &statement, nil)
+        guard result == SQLITE_OK, let statement else { throw failure(result, on: handle) }
         return statement
     }
 
@@ -145,22 +167,24 @@ final class SQLiteDriver: @unchecked Sendable {
         return SQLiteResultRow.Columns(names: names)
     }
 
-    private static func value(at index: Int32, of statement: OpaquePointer) -> SQLiteData {
+    /// A column's value; the pointer is read before the length, as SQLite asks.
+    private static func value(at index: Int32, of statement: OpaquePointer) throws -> SQLiteData {
         switch sqlite_nio_sqlite3_column_type(statement, index) {
         case SQLITE_INTEGER:
             return .integer(Int(sqlite_nio_sqlite3_column_int64(statement, index)))
         case SQLITE_FLOAT:
             return .float(sqlite_nio_sqlite3_column_double(statement, index))
         case SQLITE_TEXT:
+            guard let text = sqlite_nio_sqlite3_column_text(statement, index) else {
+                throw Failure(code: SQLITE_NOMEM, message: "could not read a text column")
+            }
             let count = Int(sqlite_nio_sqlite3_column_bytes(statement, index))
-            guard let text = sqlite_nio_sqlite3_column_text(statement, index) else { return .text("") }
             return .text(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self))
         case SQLITE_BLOB:
+            let bytes = sqlite_nio_sqlite3_column_blob(statement, index)
             let count = Int(sqlite_nio_sqlite3_column_bytes(statement, index))
             var buffer = ByteBufferAllocator().buffer(capacity: count)
-            if let bytes = sqlite_nio_sqlite3_column_blob(statement, index) {
-                buffer.writeBytes(UnsafeRawBufferPointer(start: bytes, count: count))
-            }
+            if let bytes { buffer.writeBytes(UnsafeRawBufferPointer(start: bytes, count: count)) }
             return .blob(buffer)
         default:
             return .null

@@ -117,6 +117,53 @@ struct StreamSetup {
         await dingtalk.stop()
     }
 
+    /// Group commit under a real crash: callbacks arrive all at once, so their accepts share commits, and
+    /// the server is killed while they still arrive. Every callback that got its 200 is answered after the
+    /// restart; those that did not are the platform's to deliver again.
+    @Test func killedWhileCallbacksArriveTogetherNothingAcknowledgedIsLost() async throws {
+        var behaviour = ModelSimulator.Behaviour()
+        behaviour.firstTokenLatency = .milliseconds(200)
+        let model = try await ModelSimulator.start(behaviour: behaviour)
+        let dingtalk = try await DingTalkSimulator.start()
+        let directory = temporaryDirectory()
+        let environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
+        let executable = chatbridgeExecutable()
+        let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
+        let port = try await first.waitUntilListening()
+        let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
+        let client = HTTPClientFactory.make()
+        let acknowledged = OrderLog()
+        await withTaskGroup(of: Void.self) { group in
+            for i in 0..<120 {
+                group.addTask {
+                    let id = "burst-\(i)"
+                    let body = sender.body(messageID: id, text: "q\(i)", conversationID: "cid\(i % 40)==", senderStaffID: "u\(i % 40)",
+                                           webhook: dingtalk.webhookURL(session: id))
+                    if (try? await sender.post(body, client: client).status) == 200 { acknowledged.append(id) }
+                }
+            }
+            // Killed while the burst is still being acknowledged.
+            _ = await eventually { acknowledged.entries.count >= 30 }
+            first.signal(SIGKILL)
+            _ = await first.wait()
+            await group.waitForAll()
+        }
+        let acked = Set(acknowledged.entries)
+        #expect(acked.count >= 30)
+        let second = try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
+        _ = try await second.waitUntilListening()
+        #expect(await eventually(seconds: 60) { acked.isSubset(of: Set(dingtalk.deliveries.map(\.target))) })
+        second.signal(SIGTERM)
+        #expect(await second.wait() == 0)
+        let store = try await SQLStore.open(.sqliteFile(path: "\(directory)/chatbridge.sqlite"), logger: Logger(label: "t"))
+        let stored = Set(try await store.inboxRows().map(\.messageID))
+        #expect(acked.isSubset(of: stored), "acknowledged but not stored: \(acked.subtracting(stored).sorted())")
+        await store.close()
+        try? await client.shutdown()
+        await model.stop()
+        await dingtalk.stop()
+    }
+
     /// The window that remains: DingTalk has accepted a reply, but the process dies before the statement
     /// recording it commits. The sessionWebhook has no idempotency key, so the next attempt cannot know;
     /// it sends the reply once more, logged as a possible duplicate, and never a third time.

@@ -70,14 +70,24 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         await reopened.close()
     }
 
-    @Test func aFailingCallInABatchRollsBackOnlyItsOwnWork() async throws {
+    func notices(_ store: SQLStore) async throws -> [String] {
+        try await store.single { db in
+            try await db.raw("SELECT subject FROM notices ORDER BY subject").all().map { try $0.decode(column: "subject", as: String.self) }
+        }
+    }
+
+    func notice(_ store: SQLStore, _ subject: String) async throws {
+        try await store.transaction { db in try await db.raw("INSERT INTO notices (subject, last_at) VALUES (\(bind: subject), 0)").run() }
+    }
+
+    @Test func aFailingCallInTheMiddleOfABatchRollsBackOnlyItsOwnWork() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         let queue = try #require(store.commitQueue)
         let release = OneTimeEvent()
-        let failed = OrderLog()
+        let outcomes = OrderLog()
         try await withThrowingTaskGroup(of: Void.self) { group in
             await hold(store, until: release, group: &group)
-            group.addTask { _ = try await store.accept(inboxMessage("a"), conversation: conversation, now: Date()) }
+            group.addTask { try await notice(store, "a"); outcomes.append("a") }
             #expect(await eventually { queue.waiting == 1 })
             group.addTask {
                 do {
@@ -86,21 +96,98 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
                         throw GroupCommitRefusal()
                     }
                 } catch is GroupCommitRefusal {
-                    failed.append("refused")
+                    outcomes.append("refused")
                 }
             }
             #expect(await eventually { queue.waiting == 2 })
-            group.addTask { _ = try await store.accept(inboxMessage("b"), conversation: conversation, now: Date()) }
+            group.addTask { try await notice(store, "b"); outcomes.append("b") }
             #expect(await eventually { queue.waiting == 3 })
             release.signal()
             try await group.waitForAll()
         }
-        #expect(failed.entries == ["refused"])
+        #expect(outcomes.entries.sorted() == ["a", "b", "refused"])
         #expect(queue.statistics.largestBatch == 3)
-        #expect(try await messageIDs(store) == ["a", "b"])
-        let notices = try await store.single { db in try await db.raw("SELECT COUNT(*) AS n FROM notices").first()?.decode(column: "n", as: Int.self) }
-        #expect(notices == 0)
+        #expect(try await notices(store) == ["a", "b"])
         await store.close()
+    }
+
+    @Test func whenTheTransactionEndsUnderABatchEveryCallerInItIsToldAndNothingCommits() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        let queue = try #require(store.commitQueue)
+        let release = OneTimeEvent()
+        let failed = OrderLog()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            await hold(store, until: release, group: &group)
+            group.addTask {
+                do { try await notice(store, "a") } catch is SQLiteCommitQueue.RolledBack { failed.append("a") }
+            }
+            #expect(await eventually { queue.waiting == 1 })
+            // Stands in for SQLite ending the transaction after an error (a full disk) that the caller
+            // swallows and goes on: its next statement must not run in autocommit.
+            group.addTask {
+                do {
+                    try await store.transaction { db in
+                        try await db.raw("ROLLBACK").run()
+                        try? await db.raw("INSERT INTO notices (subject, last_at) VALUES ('autocommitted', 0)").run()
+                    }
+                } catch is SQLiteCommitQueue.RolledBack {
+                    failed.append("ended")
+                }
+            }
+            #expect(await eventually { queue.waiting == 2 })
+            group.addTask {
+                do { try await notice(store, "b") } catch is SQLiteCommitQueue.RolledBack { failed.append("b") }
+            }
+            #expect(await eventually { queue.waiting == 3 })
+            release.signal()
+            try await group.waitForAll()
+        }
+        #expect(failed.entries.sorted() == ["a", "b", "ended"])
+        #expect(try await notices(store).isEmpty)
+        // The store goes on.
+        try await notice(store, "after")
+        #expect(try await notices(store) == ["after"])
+        await store.close()
+    }
+
+    @Test func aStoreCallFromInsideTheStoresOwnTransactionFailsInsteadOfWaitingForItself() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        await #expect(throws: SQLiteCommitQueue.Reentered.self) {
+            try await store.transaction { _ in _ = try await store.counts() }
+        }
+        #expect(try await store.counts() == InboxCounts())
+        await store.close()
+    }
+
+    @Test func aReaderBesideTheServerNeverHoldsUpItsWrites() async throws {
+        let path = temporaryDirectory() + "/db.sqlite"
+        let server = try await openFile(path)
+        _ = try await server.accept(inboxMessage("m1"), conversation: conversation, now: Date())
+        let reader = try await SQLStore.open(.sqliteFile(path: path), options: .init(reader: true), logger: .init(label: "t"))
+        let reading = OneTimeEvent()
+        let release = OneTimeEvent()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                _ = try await reader.single { db in
+                    let count = try await db.raw("SELECT COUNT(*) AS n FROM inbox").first()?.decode(column: "n", as: Int.self)
+                    reading.signal()
+                    await release.wait()
+                    return count
+                }
+            }
+            await reading.wait()
+            // The reader is inside its transaction; the server still accepts (an immediate transaction
+            // on the reader's side would keep it waiting for the busy timeout and then fail it).
+            #expect(try await server.accept(inboxMessage("m2"), conversation: conversation, now: Date()) == .accepted)
+            release.signal()
+            try await group.waitForAll()
+        }
+        await #expect(throws: (any Error).self) {
+            try await reader.single { db in try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('x', 0)").run() }
+        }
+        await reader.close()
+        #expect(try await messageIDs(server) == ["m1", "m2"])
+        await server.close()
     }
 
     @Test func aCrashInsideABatchLosesNothingThatWasAcknowledged() async throws {
@@ -127,9 +214,9 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
                 }
             }
             #expect(await eventually { queue.waiting == 2 })
-            // Last in the same batch: stops it after b and c ran, before the commit.
+            // Last in the same (urgent) batch: stops it after b and c ran, before the commit.
             group.addTask {
-                _ = try? await store.single { _ in
+                _ = try? await store.single(priority: .urgent) { _ in
                     inBatch.signal()
                     await crashed.wait()
                 }
