@@ -393,7 +393,8 @@ public protocol Inbox: Sendable {
     /// gets tries of its own, however many the live reply used up (it is recorded once per message).
     func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws
     /// `storeReply` and then `beginSend` in one write: a new reply stored as its first part is about to be
-    /// sent (one store call fewer per answer; a store writes both or neither).
+    /// sent (one store call fewer per answer; `SQLStore` writes both or neither in one statement, the default
+    /// makes the two writes one after the other, each of which may be repeated).
     func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws
     /// Records that the first `parts` parts of the reply were delivered.
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws

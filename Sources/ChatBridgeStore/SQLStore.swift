@@ -156,12 +156,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         let driver: SQLiteDriver
         do {
             driver = try SQLiteDriver(path: path)
-            if case .sqliteFile = location {
+            // A reader changes nothing, not even the journal mode (which would write to the file).
+            if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
+            if case .sqliteFile = location, !options.reader {
                 try driver.execute("PRAGMA journal_mode = WAL", []) { _ in }
             }
             try driver.execute("PRAGMA synchronous = NORMAL", []) { _ in }
             try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
-            if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
         } catch {
             lock?.release()
             throw StoreError(description: "cannot open the SQLite database \(location): \(error)")

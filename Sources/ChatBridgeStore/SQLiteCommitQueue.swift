@@ -80,6 +80,9 @@ final class SQLiteCommitQueue: Sendable {
         /// The committer, parked while there is nothing to do.
         var idle: CheckedContinuation<Void, Never>?
         var statistics = Statistics()
+        /// The last batch was urgent work: background work waiting goes next, so a steady stream of
+        /// acknowledgements never starves the answering work (and its lease-bound writes).
+        var lastWasUrgent = false
 
         var waiting: Int { urgent.count + background.count }
     }
@@ -203,12 +206,16 @@ final class SQLiteCommitQueue: Sendable {
         while true {
             let batch = state.withLock { state -> [Entry] in
                 var batch: [Entry] = []
-                while batch.count < batchLimit, let next = state.urgent.first {
-                    batch.append(state.urgent.removeFirst())
-                    if next.kind == .close { return batch }
+                // Urgent work and background work never share a batch: an acknowledgement never waits for a
+                // batch of answering work committed with it. They alternate while both wait.
+                let backgroundsTurn = state.lastWasUrgent && !state.background.isEmpty && state.urgent.first?.kind != .close
+                if !backgroundsTurn {
+                    while batch.count < batchLimit, let next = state.urgent.first {
+                        batch.append(state.urgent.removeFirst())
+                        if next.kind == .close { return batch }
+                    }
                 }
-                // Background work only when no urgent work waits: an acknowledgement never commits together
-                // with (and so never waits for) a batch of answering work.
+                state.lastWasUrgent = !batch.isEmpty
                 if batch.isEmpty {
                     while batch.count < batchLimit, !state.background.isEmpty {
                         batch.append(state.background.removeFirst())
@@ -260,10 +267,17 @@ final class SQLiteCommitQueue: Sendable {
                     try await entry.run(database)
                 } catch {
                     entry.fail(error)
-                    // The caller's own failure (a lost lease): only its statements are undone.
-                    guard shared, driver.inTransaction else { throw Abandon(reason: "\(error)", failed: entry) }
-                    try statement("ROLLBACK TO entry")
-                    try statement("RELEASE entry")
+                    // The caller's own failure (a lost lease): only its statements are undone, and it keeps its
+                    // own error whatever happens to the rest of the batch.
+                    guard shared, driver.inTransaction else {
+                        throw Abandon(reason: "SQLite ended the transaction after: \(error)", failed: entry)
+                    }
+                    do {
+                        try statement("ROLLBACK TO entry")
+                        try statement("RELEASE entry")
+                    } catch let savepoint {
+                        throw Abandon(reason: "a savepoint could not be rolled back: \(savepoint)", failed: entry)
+                    }
                     continue
                 }
                 guard driver.inTransaction else { throw Abandon(reason: "SQLite ended the transaction", failed: nil) }

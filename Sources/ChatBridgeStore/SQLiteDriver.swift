@@ -246,6 +246,16 @@ struct SQLiteDriverDatabase: SQLDatabase {
 
     private static let encoder = SQLiteDataEncoder()
 
+    static func controlsTransaction(_ sql: String) -> Bool {
+        let words = sql.prefix(40).uppercased().split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" || $0 == ";" })
+        guard let first = words.first else { return false }
+        switch first {
+        case "BEGIN", "COMMIT", "END", "SAVEPOINT", "RELEASE": return true
+        case "ROLLBACK": return !(words.dropFirst().first == "TO" || words.dropFirst(2).first == "TO")
+        default: return false
+        }
+    }
+
     func execute(sql query: any SQLExpression, _ onRow: @escaping @Sendable (any SQLRow) -> Void) -> EventLoopFuture<Void> {
         eventLoop.makeCompletedFuture { try run(query, onRow) }
     }
@@ -256,6 +266,11 @@ struct SQLiteDriverDatabase: SQLDatabase {
 
     private func run(_ query: any SQLExpression, _ onRow: (any SQLRow) -> Void) throws {
         let (sql, values) = serialize(query)
+        // Inside a batch, only the commit queue begins, ends or marks transactions: a caller's COMMIT would
+        // commit the other callers' work while they are told it was rolled back.
+        if driver.transactionExpected, Self.controlsTransaction(sql) {
+            throw SQLiteDriver.Failure(code: SQLITE_MISUSE, message: "transaction control is the store's own inside a batch")
+        }
         let binds = try values.map { try Self.encoder.encode($0) }
         try driver.execute(sql, binds) { onRow($0) }
     }

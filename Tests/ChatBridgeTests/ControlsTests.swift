@@ -810,7 +810,8 @@ struct ControlledEngine {
         let task = Task { try await reloader.run() }
         try "llm: {base_url: 'http://127.0.0.1:1/v1'}\nsafety: {blocked_words: [kiwi, plum]}\n".write(toFile: path, atomically: true, encoding: .utf8)
         #expect(await eventually { box.current.safety.blockedWords.count == 2 })
-        #expect(reloader.appliedCount == 1)
+        // Counted just after the swap: read it once it is.
+        #expect(await eventually { reloader.appliedCount == 1 })
         task.cancel()
         _ = try? await task.value
         try await client.shutdown()

@@ -178,6 +178,28 @@ final class DispatcherFixture: @unchecked Sendable {
         await f.stop()
     }
 
+    @Test func anErrorReplyIsStoredWithItsReasonInTheWriteThatBeginsItsSend() async throws {
+        let f = DispatcherFixture(maxAttempts: 1)
+        f.model.script(.fail(ModelError(.invalidAPIKey, detail: "refused")))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .milliseconds(500)) { await f.state(id) == "failed" })
+        #expect(await f.inbox.written == [.storeReplyAndBeginSend, .finish])
+        #expect(await f.inbox.row(id)?.lastError?.contains("refused") == true)
+        await f.stop()
+    }
+
+    @Test func aRetryAfterAKnownFailedSendBeginsTheSendAgainWithoutStoringTheReplyAgain() async throws {
+        let f = DispatcherFixture(maxAttempts: 3)
+        f.replies.script(.failed(retryable: true))
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(5)) { await f.state(id) == "answered" })
+        #expect(await f.inbox.written == [.storeReplyAndBeginSend, .beginSend, .finish])
+        #expect(f.model.calls == 1)
+        await f.stop()
+    }
+
     @Test func aFailedRecordBeforeTheSendIsRetriedInPlaceAndTheAnswerKept() async throws {
         let f = DispatcherFixture(maxAttempts: 1)
         let id = try await f.accept("m1", "question")

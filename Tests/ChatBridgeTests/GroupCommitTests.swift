@@ -127,7 +127,8 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             group.addTask {
                 do {
                     try await store.transaction { db in
-                        try await db.raw("ROLLBACK").run()
+                        // Straight to the connection: callers' own transaction control is refused.
+                        try (db as! SQLiteDriverDatabase).driver.execute("ROLLBACK", []) { _ in }
                         try? await db.raw("INSERT INTO notices (subject, last_at) VALUES ('autocommitted', 0)").run()
                     }
                 } catch is SQLiteCommitQueue.RolledBack {
@@ -150,7 +151,63 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         await store.close()
     }
 
-    @Test func aStoreCallFromInsideTheStoresOwnTransactionFailsInsteadOfWaitingForItself() async throws {
+    @Test func aCallersOwnCommitInsideABatchIsRefusedAndCommitsNothingEarly() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        let queue = try #require(store.commitQueue)
+        let release = OneTimeEvent()
+        let refused = OrderLog()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            await hold(store, until: release, group: &group)
+            group.addTask { try await notice(store, "a") }
+            #expect(await eventually { queue.waiting == 1 })
+            group.addTask {
+                do {
+                    try await store.transaction { db in
+                        try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('mine', 0)").run()
+                        try await db.raw("COMMIT").run()
+                    }
+                } catch {
+                    refused.append("\(error)")
+                }
+            }
+            #expect(await eventually { queue.waiting == 2 })
+            group.addTask { try await notice(store, "b") }
+            #expect(await eventually { queue.waiting == 3 })
+            release.signal()
+            try await group.waitForAll()
+        }
+        #expect(refused.entries.count == 1)
+        #expect(try await notices(store) == ["a", "b"])
+        await store.close()
+    }
+
+    @Test func backgroundWorkWaitingGoesNextAfterAnUrgentBatch() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        let queue = try #require(store.commitQueue)
+        let order = OrderLog()
+        let holding = OneTimeEvent()
+        let release = OneTimeEvent()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try await store.single(priority: .urgent) { _ in
+                    holding.signal()
+                    await release.wait()
+                }
+            }
+            await holding.wait()
+            group.addTask { try await store.single { _ in order.append("background") } }
+            #expect(await eventually { queue.waiting == 1 })
+            group.addTask { try await store.single(priority: .urgent) { _ in order.append("urgent") } }
+            #expect(await eventually { queue.waiting == 2 })
+            release.signal()
+            try await group.waitForAll()
+        }
+        // Urgent work alone would starve answering work under a steady stream of acknowledgements.
+        #expect(order.entries == ["background", "urgent"])
+        await store.close()
+    }
+
+    @Test(.timeLimit(.minutes(1))) func aStoreCallFromInsideTheStoresOwnTransactionFailsInsteadOfWaitingForItself() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         await #expect(throws: SQLiteCommitQueue.Reentered.self) {
             try await store.transaction { _ in _ = try await store.counts() }

@@ -93,13 +93,32 @@ extension PreparedStatementTests {
                                        beginningSendUntil: now.addingTimeInterval(60), now: now)
         }
         #expect(try await store.inboxRows().first?.answer == nil)
-        try await store.storeReply(reply, for: item.lease, error: nil, beginningSendUntil: now.addingTimeInterval(60), now: now)
+        try await store.storeReply(reply, for: item.lease, error: "the model refused", beginningSendUntil: now.addingTimeInterval(60), now: now)
         let row = try #require(try await store.inboxRows().first)
         #expect(row.answer == "the answer")
+        #expect(row.lastError == "the model refused")
         #expect(row.uncertainSends == 1)
         // The lease was extended with it: still held after the first lease ran out.
         let later = now.addingTimeInterval(45)
         #expect(try await store.releaseExpiredLeases(now: later, maxAttempts: 5, keeping: []) == ReleasedClaims())
+        await store.close()
+    }
+}
+
+extension PreparedStatementTests {
+    /// Renewing many leases binds a list of ids (a statement text per length): prepared for the call, not
+    /// kept, and the kept statements are not disturbed.
+    @Test func statementsWithManyParametersAreRunButNotKept() async throws {
+        let store = try await StoreKind.sqlite.open()
+        for index in 0..<20 {
+            _ = try await store.accept(inboxMessage("m\(index)", user: "u\(index)"), conversation: ConversationKey(rawValue: "k\(index)"), now: Date())
+        }
+        let leases = try await store.claim(limit: 20, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date()).map(\.lease)
+        let before = try await store.commitQueue?.reprepares()
+        #expect(try await store.renewLeases(leases, until: Date().addingTimeInterval(60), now: Date()) == 20)
+        #expect(try await store.renewLeases(leases, until: Date().addingTimeInterval(90), now: Date()) == 20)
+        #expect(try await store.renewLeases(Array(leases.prefix(3)), until: Date().addingTimeInterval(90), now: Date()) == 3)
+        #expect(try await store.commitQueue?.reprepares() == before)
         await store.close()
     }
 }
