@@ -80,9 +80,10 @@ final class SQLiteCommitQueue: Sendable {
         /// The committer, parked while there is nothing to do.
         var idle: CheckedContinuation<Void, Never>?
         var statistics = Statistics()
-        /// The last batch was urgent work: background work waiting goes next, so a steady stream of
-        /// acknowledgements never starves the answering work (and its lease-bound writes).
-        var lastWasUrgent = false
+        /// Urgent batches run in a row while background work waited: after ``urgentStreakLimit`` of them
+        /// background work goes next, so a steady stream of acknowledgements never starves the answering
+        /// work (and its lease-bound writes), and an acknowledgement rarely waits for answering work.
+        var urgentStreak = 0
 
         var waiting: Int { urgent.count + background.count }
     }
@@ -95,6 +96,9 @@ final class SQLiteCommitQueue: Sendable {
     let batchLimit: Int
     /// Deferred transactions (reads only, never the write lock) instead of immediate ones.
     let reader: Bool
+
+    /// Urgent batches in a row, with background work waiting, before a background batch goes next.
+    static let urgentStreakLimit = 4
 
     /// The queue whose committer is running the current task's work (to refuse calls back into it).
     @TaskLocal static var running: ObjectIdentifier?
@@ -208,14 +212,15 @@ final class SQLiteCommitQueue: Sendable {
                 var batch: [Entry] = []
                 // Urgent work and background work never share a batch: an acknowledgement never waits for a
                 // batch of answering work committed with it. They alternate while both wait.
-                let backgroundsTurn = state.lastWasUrgent && !state.background.isEmpty && state.urgent.first?.kind != .close
+                let backgroundsTurn = state.urgentStreak >= Self.urgentStreakLimit && !state.background.isEmpty
+                    && state.urgent.first?.kind != .close
                 if !backgroundsTurn {
                     while batch.count < batchLimit, let next = state.urgent.first {
                         batch.append(state.urgent.removeFirst())
                         if next.kind == .close { return batch }
                     }
                 }
-                state.lastWasUrgent = !batch.isEmpty
+                state.urgentStreak = batch.isEmpty || state.background.isEmpty ? 0 : state.urgentStreak + 1
                 if batch.isEmpty {
                     while batch.count < batchLimit, !state.background.isEmpty {
                         batch.append(state.background.removeFirst())

@@ -181,29 +181,43 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         await store.close()
     }
 
-    @Test func backgroundWorkWaitingGoesNextAfterAnUrgentBatch() async throws {
+    @Test func aSteadyStreamOfUrgentWorkDoesNotStarveBackgroundWork() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         let queue = try #require(store.commitQueue)
         let order = OrderLog()
+        let gates = (0...SQLiteCommitQueue.urgentStreakLimit + 1).map { _ in OneTimeEvent() }
         let holding = OneTimeEvent()
-        let release = OneTimeEvent()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 try await store.single(priority: .urgent) { _ in
                     holding.signal()
-                    await release.wait()
+                    await gates[0].wait()
                 }
             }
             await holding.wait()
             group.addTask { try await store.single { _ in order.append("background") } }
             #expect(await eventually { queue.waiting == 1 })
-            group.addTask { try await store.single(priority: .urgent) { _ in order.append("urgent") } }
-            #expect(await eventually { queue.waiting == 2 })
-            release.signal()
+            // Each urgent call arrives while the one before it runs, as acknowledgements do under load.
+            let limit = SQLiteCommitQueue.urgentStreakLimit
+            for index in 1...limit + 1 {
+                group.addTask {
+                    try await store.single(priority: .urgent) { _ in
+                        order.append("urgent \(index)")
+                        await gates[index].wait()
+                    }
+                }
+                let backgroundDone = order.entries.contains("background")
+                #expect(await eventually { queue.waiting == (backgroundDone ? 1 : 2) })
+                gates[index - 1].signal()
+                #expect(await eventually { order.entries.contains("urgent \(index)") })
+            }
+            gates[limit + 1].signal()
             try await group.waitForAll()
         }
-        // Urgent work alone would starve answering work under a steady stream of acknowledgements.
-        #expect(order.entries == ["background", "urgent"])
+        // Urgent work goes first (the acknowledgements) until `limit` urgent batches ran in a row while
+        // background work waited; then the background work goes.
+        let limit = SQLiteCommitQueue.urgentStreakLimit
+        #expect(order.entries == (1...limit).map { "urgent \($0)" } + ["background", "urgent \(limit + 1)"])
         await store.close()
     }
 
