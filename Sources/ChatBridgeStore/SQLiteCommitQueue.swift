@@ -13,7 +13,8 @@ import Synchronization
 /// - A caller hears its outcome only after its batch committed. A crash in the middle of a batch loses
 ///   work that nobody was told about: no callback was acknowledged, no lease was reported taken.
 /// - Urgent work (acknowledgements, lease renewals) is committed in batches of its own, ahead of the
-///   background work queued before it, so an acknowledgement waits at most for the batch running.
+///   background work queued before it, so an acknowledgement waits for the batch running (and, after four
+///   urgent batches in a row while background work waited, for one background batch).
 /// - A reader (`chatbridge usage` beside a running server) reads in deferred transactions, which never
 ///   take the write lock a running server needs.
 /// - A store call made from inside one of the store's own transactions fails at once (``Reentered``)
@@ -21,8 +22,8 @@ import Synchronization
 ///
 /// Measured with `chatbridge bench` (README): with a commit per store call (7 per answer) the commit path
 /// (WAL frames, checkpoints, file locks) was the largest part of the store's CPU. Running batches on their
-/// own thread lets the work that arrives meanwhile share the next commit; the thread hop is paid once per
-/// batch, not per statement.
+/// own thread lets the work that arrives meanwhile share the next commit; a caller pays the hop to that
+/// thread and back once per call, not per statement.
 final class SQLiteCommitQueue: Sendable {
     enum Priority: Sendable {
         case urgent
