@@ -333,7 +333,7 @@ public final class Dispatcher: Sendable {
             } else if let live {
                 finished = try await answerLive(item, live: live, plan: plan, metadata: metadata)
             } else if let made = try await reply(for: item, plan: plan, metadata: metadata, store: false) {
-                finished = try await deliver(made.reply, for: item, metadata: metadata, unstored: made.stored ? nil : .some(made.reason)) ? made.reply : nil
+                finished = try await deliver(made.reply, for: item, metadata: metadata, storing: made.unstored) ? made.reply : nil
             } else {
                 finished = nil
             }
@@ -365,11 +365,15 @@ public final class Dispatcher: Sendable {
         try await reply(for: item, plan: plan, metadata: metadata, store: true, onDelta: onDelta)?.reply
     }
 
-    /// A reply made (or found stored), and whether it is stored yet.
+    /// A reply made (or found stored); `unstored` when it is new and not stored yet.
     private struct MadeReply {
         var reply: StoredReply
+        var unstored: UnstoredReply?
+    }
+
+    /// A new reply to be stored with the error reason (if any) that made it.
+    private struct UnstoredReply {
         var reason: String?
-        var stored: Bool
     }
 
     /// As above; with `store` false a new reply is returned unstored, for `deliver` to store with its first
@@ -378,7 +382,7 @@ public final class Dispatcher: Sendable {
         for item: InboxItem, plan: Plan?, metadata: Logger.Metadata, store: Bool,
         onDelta: @escaping @Sendable (String) async -> Void = { _ in }
     ) async throws -> MadeReply? {
-        if let stored = item.reply { return MadeReply(reply: stored, reason: nil, stored: true) }
+        if let stored = item.reply { return MadeReply(reply: stored) }
         let reply: StoredReply
         var reason: String?
         do {
@@ -397,12 +401,12 @@ public final class Dispatcher: Sendable {
             reply = StoredReply(text: engine.settings.messages.reply(for: error), kind: .error, effect: .none)
             reason = "\(error)"
         }
-        guard store else { return MadeReply(reply: reply, reason: reason, stored: false) }
+        guard store else { return MadeReply(reply: reply, unstored: UnstoredReply(reason: reason)) }
         let now = clock.now
         try await record("the reply", afterSend: false, metadata: metadata) { [inbox, reason] in
             try await inbox.storeReply(reply, for: item.lease, error: reason, now: now)
         }
-        return MadeReply(reply: reply, reason: reason, stored: true)
+        return MadeReply(reply: reply)
     }
 
     /// The engine's plan for a message; nil when deciding failed and a retry was scheduled (or, out of
@@ -437,18 +441,18 @@ public final class Dispatcher: Sendable {
     }
 
     /// Sends the parts not yet delivered. Returns true when the whole reply was delivered and recorded.
-    /// `unstored` (with the error reason to record) says the reply is new and not stored yet: it is stored
-    /// in the same write that records the start of the first send.
-    private func deliver(_ reply: StoredReply, for item: InboxItem, metadata: Logger.Metadata, unstored: String?? = nil) async throws -> Bool {
+    /// With `storing`, the reply is new and not stored yet: it is stored in the same write that records the
+    /// start of the first send.
+    private func deliver(_ reply: StoredReply, for item: InboxItem, metadata: Logger.Metadata, storing: UnstoredReply? = nil) async throws -> Bool {
         let parts = replies.parts(of: reply.text, replyingTo: item.message)
         var uncertain = item.uncertainSends
         var index = min(item.deliveredParts, parts.count)
-        var toStore = unstored
-        if let reason = toStore, index >= parts.count || uncertain >= 2 {
+        var toStore = storing
+        if let pending = toStore, index >= parts.count || uncertain >= 2 {
             // No send follows at once: the reply is stored on its own.
             let now = clock.now
             try await record("the reply", afterSend: false, metadata: metadata) { [inbox] in
-                try await inbox.storeReply(reply, for: item.lease, error: reason, now: now)
+                try await inbox.storeReply(reply, for: item.lease, error: pending.reason, now: now)
             }
             toStore = nil
         }
@@ -468,9 +472,9 @@ public final class Dispatcher: Sendable {
                 logger.warning("sending a reply part again that may already have been delivered; it may appear twice", metadata: partMetadata)
             }
             let now = clock.now
-            if let reason = toStore {
+            if let pending = toStore {
                 try await record("the reply and the start of its send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease] in
-                    try await inbox.storeReply(reply, for: item.lease, error: reason, beginningSendUntil: now.adding(lease), now: now)
+                    try await inbox.storeReply(reply, for: item.lease, error: pending.reason, beginningSendUntil: now.adding(lease), now: now)
                 }
                 toStore = nil
             } else {

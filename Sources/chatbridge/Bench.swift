@@ -13,7 +13,7 @@ import Synchronization
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure acknowledgement latency, answer throughput and memory against loopback simulators.",
-        discussion: "Starts a simulated model server and a simulated DingTalk (or, with --platform lark, Feishu) on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or --replicas N of them on one fresh PostgreSQL database with --database; or drives --target, DingTalk only), sends signed callbacks, encrypted and signed Lark webhook events, or frames over the simulated stream gateway, and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, the server's peak RSS, CPU time and CPU per answer, SQLite commits and store calls per answer (from the server's closing log line), and the wake-up latency from sending a message to its model request. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
+        discussion: "Starts a simulated model server and a simulated DingTalk (or, with --platform lark, Feishu) on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or --replicas N of them on one fresh PostgreSQL database with --database; or drives --target, DingTalk only), sends signed callbacks, encrypted and signed Lark webhook events, or frames over the simulated stream gateway, and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, the server's peak RSS, CPU time and CPU per answer, SQLite commits and store calls per answer (from the server's closing log line: not with --target or PostgreSQL), the load generator's own CPU time, and the wake-up latency from sending a message to its model request. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
     )
 
     @Option(help: "Distinct senders (each has its own conversation).") var users = 200
@@ -622,13 +622,10 @@ struct BenchServers: Sendable {
         var children: [ChildServer] = []
         for index in 0..<count {
             let log = count == 1 ? "server.log" : "server\(index).log"
-            if let cpus {
-                children.append(try ChildServer(
-                    executable: BenchInstruments.taskset, environment: environment, logPath: "\(directory)/\(log)",
-                    arguments: ["-c", cpus, Bench.ownExecutable(), "serve"]))
-            } else {
-                children.append(try ChildServer(executable: Bench.ownExecutable(), environment: environment, logPath: "\(directory)/\(log)"))
-            }
+            // Pinned: taskset runs the server (it execs, so the pid is still the server's).
+            let command = (cpus.map { [BenchInstruments.taskset, "-c", $0] } ?? []) + [Bench.ownExecutable(), "serve"]
+            children.append(try ChildServer(
+                executable: command[0], environment: environment, logPath: "\(directory)/\(log)", arguments: Array(command.dropFirst())))
         }
         var ports: [Int] = []
         do {

@@ -43,26 +43,31 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         await store.close()
     }
 
-    @Test func callsQueuedBehindABatchShareOneCommit() async throws {
-        let path = temporaryDirectory() + "/db.sqlite"
-        let store = try await openFile(path)
+    /// Queues `calls` in this order behind a call that holds the connection, then lets them go: calls of one
+    /// priority queued so run as one batch.
+    func runQueuedTogether(_ store: SQLStore, _ calls: [@Sendable () async throws -> Void]) async throws {
         let queue = try #require(store.commitQueue)
-        let outcomes = OrderLog()
         let release = OneTimeEvent()
         try await withThrowingTaskGroup(of: Void.self) { group in
             await hold(store, until: release, group: &group)
-            for index in 0..<30 {
-                group.addTask {
-                    let outcome = try await store.accept(inboxMessage("m\(index)"), conversation: conversation, now: Date())
-                    outcomes.append("\(outcome)")
-                }
+            for (index, call) in calls.enumerated() {
+                group.addTask { try await call() }
+                #expect(await eventually { queue.waiting == index + 1 })
             }
-            #expect(await eventually { queue.waiting == 30 })
             release.signal()
             try await group.waitForAll()
         }
+    }
+
+    @Test func callsQueuedBehindABatchShareOneCommit() async throws {
+        let path = temporaryDirectory() + "/db.sqlite"
+        let store = try await openFile(path)
+        let outcomes = OrderLog()
+        try await runQueuedTogether(store, (0..<30).map { index in
+            { outcomes.append("\(try await store.accept(inboxMessage("m\(index)"), conversation: conversation, now: Date()))") }
+        })
         #expect(outcomes.entries == Array(repeating: "\(AcceptOutcome.accepted)", count: 30))
-        #expect(queue.statistics.largestBatch == 30)
+        #expect(store.commitQueue?.statistics.largestBatch == 30)
         await store.close()
         // Committed: another process opening the file sees every one.
         let reopened = try await openFile(path)
@@ -82,14 +87,10 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
 
     @Test func aFailingCallInTheMiddleOfABatchRollsBackOnlyItsOwnWork() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
-        let queue = try #require(store.commitQueue)
-        let release = OneTimeEvent()
         let outcomes = OrderLog()
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            await hold(store, until: release, group: &group)
-            group.addTask { try await notice(store, "a"); outcomes.append("a") }
-            #expect(await eventually { queue.waiting == 1 })
-            group.addTask {
+        try await runQueuedTogether(store, [
+            { try await notice(store, "a"); outcomes.append("a") },
+            {
                 do {
                     try await store.transaction { db in
                         try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('half-done', 0)").run()
@@ -98,33 +99,23 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
                 } catch is GroupCommitRefusal {
                     outcomes.append("refused")
                 }
-            }
-            #expect(await eventually { queue.waiting == 2 })
-            group.addTask { try await notice(store, "b"); outcomes.append("b") }
-            #expect(await eventually { queue.waiting == 3 })
-            release.signal()
-            try await group.waitForAll()
-        }
+            },
+            { try await notice(store, "b"); outcomes.append("b") },
+        ])
         #expect(outcomes.entries.sorted() == ["a", "b", "refused"])
-        #expect(queue.statistics.largestBatch == 3)
+        #expect(store.commitQueue?.statistics.largestBatch == 3)
         #expect(try await notices(store) == ["a", "b"])
         await store.close()
     }
 
     @Test func whenTheTransactionEndsUnderABatchEveryCallerInItIsToldAndNothingCommits() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
-        let queue = try #require(store.commitQueue)
-        let release = OneTimeEvent()
         let failed = OrderLog()
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            await hold(store, until: release, group: &group)
-            group.addTask {
-                do { try await notice(store, "a") } catch is SQLiteCommitQueue.RolledBack { failed.append("a") }
-            }
-            #expect(await eventually { queue.waiting == 1 })
+        try await runQueuedTogether(store, [
+            { do { try await notice(store, "a") } catch is SQLiteCommitQueue.RolledBack { failed.append("a") } },
             // Stands in for SQLite ending the transaction after an error (a full disk) that the caller
             // swallows and goes on: its next statement must not run in autocommit.
-            group.addTask {
+            {
                 do {
                     try await store.transaction { db in
                         // Straight to the connection: callers' own transaction control is refused.
@@ -134,15 +125,9 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
                 } catch is SQLiteCommitQueue.RolledBack {
                     failed.append("ended")
                 }
-            }
-            #expect(await eventually { queue.waiting == 2 })
-            group.addTask {
-                do { try await notice(store, "b") } catch is SQLiteCommitQueue.RolledBack { failed.append("b") }
-            }
-            #expect(await eventually { queue.waiting == 3 })
-            release.signal()
-            try await group.waitForAll()
-        }
+            },
+            { do { try await notice(store, "b") } catch is SQLiteCommitQueue.RolledBack { failed.append("b") } },
+        ])
         #expect(failed.entries.sorted() == ["a", "b", "ended"])
         #expect(try await notices(store).isEmpty)
         // The store goes on.
@@ -153,14 +138,10 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
 
     @Test func aCallersOwnCommitInsideABatchIsRefusedAndCommitsNothingEarly() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
-        let queue = try #require(store.commitQueue)
-        let release = OneTimeEvent()
         let refused = OrderLog()
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            await hold(store, until: release, group: &group)
-            group.addTask { try await notice(store, "a") }
-            #expect(await eventually { queue.waiting == 1 })
-            group.addTask {
+        try await runQueuedTogether(store, [
+            { try await notice(store, "a") },
+            {
                 do {
                     try await store.transaction { db in
                         try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('mine', 0)").run()
@@ -169,13 +150,9 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
                 } catch {
                     refused.append("\(error)")
                 }
-            }
-            #expect(await eventually { queue.waiting == 2 })
-            group.addTask { try await notice(store, "b") }
-            #expect(await eventually { queue.waiting == 3 })
-            release.signal()
-            try await group.waitForAll()
-        }
+            },
+            { try await notice(store, "b") },
+        ])
         #expect(refused.entries.count == 1)
         #expect(try await notices(store) == ["a", "b"])
         await store.close()
