@@ -53,9 +53,17 @@ import Testing
             _ = try await store.claim(limit: index + 1, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
         }
         let claims = try await store.commitQueue?.reprepares()
+        // A conversation with turns, read again and again: its plan looked at the bound key.
+        try await store.apply(.appendExchange(question: Turn(role: .user, content: "q", createdAt: Date()),
+                                              answer: Turn(role: .assistant, content: "a", createdAt: Date())), to: key)
+        let other = ConversationKey(rawValue: "dingtalk/bot/c1/u2")
+        try await store.apply(.appendExchange(question: Turn(role: .user, content: "q", createdAt: Date()),
+                                              answer: Turn(role: .assistant, content: "a", createdAt: Date())), to: other)
+        let appended = try await store.commitQueue?.reprepares()
         for index in 0..<10 {
-            _ = try await store.context(key, turns: 2 * index + 2)
+            #expect(try await store.context(index.isMultiple(of: 2) ? key : other, turns: 20).turns.count == 2)
         }
+        #expect(try await store.commitQueue?.reprepares() == appended, "the context read was parsed again")
         #expect(accepts == before)
         #expect(claims == before)
         let after = try await store.commitQueue?.reprepares()
