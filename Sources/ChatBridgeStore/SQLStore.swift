@@ -230,6 +230,13 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 let statistics = queue.statistics
                 logger.notice("closed the SQLite database", metadata: [
                     "commits": "\(statistics.batches)", "calls": "\(statistics.operations)", "largest_batch": "\(statistics.largestBatch)",
+                    "cut_short": "\(statistics.cutShort)",
+                    "urgent_wait_p50_us": "\(statistics.urgentWait.percentile(0.5))",
+                    "urgent_wait_p99_us": "\(statistics.urgentWait.percentile(0.99))",
+                    "urgent_wait_max_us": "\(statistics.urgentWait.longestMicroseconds)",
+                    "urgent_queued_p50_us": "\(statistics.urgentQueued.percentile(0.5))",
+                    "urgent_queued_p99_us": "\(statistics.urgentQueued.percentile(0.99))",
+                    "commit_p99_us": "\(statistics.commit.percentile(0.99))", "commit_max_us": "\(statistics.commit.longestMicroseconds)",
                 ])
             }.value
         case .postgres(_, _, let run, let listener):

@@ -13,8 +13,11 @@ import Synchronization
 /// - A caller hears its outcome only after its batch committed. A crash in the middle of a batch loses
 ///   work that nobody was told about: no callback was acknowledged, no lease was reported taken.
 /// - Urgent work (acknowledgements, lease renewals) is committed in batches of its own, ahead of the
-///   background work queued before it, so an acknowledgement waits for the batch running (and, after four
-///   urgent batches in a row while background work waited, for one background batch).
+///   background work queued before it. A background batch that finds urgent work waiting between two of its
+///   calls commits what it ran so far and hands the rest back to the front of the queue, so an
+///   acknowledgement waits for one running call and a commit, not for a whole batch. After four urgent
+///   batches in a row while background work waited, a whole background batch runs first, so a steady stream
+///   of acknowledgements never starves the answering work.
 /// - A reader (`chatbridge usage` beside a running server) reads in deferred transactions, which never
 ///   take the write lock a running server needs.
 /// - A store call made from inside one of the store's own transactions fails at once (``Reentered``)
@@ -35,6 +38,15 @@ final class SQLiteCommitQueue: Sendable {
         var batches = 0
         var operations = 0
         var largestBatch = 0
+        /// Batches that ended before their last call (urgent work arrived, or the transaction failed): the calls
+        /// not run went back to the front of the queue.
+        var cutShort = 0
+        /// How long urgent calls (acknowledgements, renewals) waited from queueing until their batch committed.
+        var urgentWait = DurationHistogram()
+        /// The part of it until its batch began.
+        var urgentQueued = DurationHistogram()
+        /// How long `COMMIT` took (with SQLite's automatic WAL checkpoint when one ran inside it).
+        var commit = DurationHistogram()
     }
 
     struct Closed: Error, CustomStringConvertible {
@@ -57,13 +69,18 @@ final class SQLiteCommitQueue: Sendable {
             case close
         }
         let kind: Kind
+        let priority: Priority
         let run: @Sendable (any SQLDatabase) async throws -> Void
         let fail: @Sendable (any Error) -> Void
         /// Set before the entry is queued; resumed once, by the committer (with true: the entry was run).
         var waker: CheckedContinuation<Bool, Never>?
+        /// When it was queued.
+        var queuedAt = ContinuousClock.Instant.now
 
-        init(kind: Kind, run: @escaping @Sendable (any SQLDatabase) async throws -> Void, fail: @escaping @Sendable (any Error) -> Void) {
+        init(kind: Kind, priority: Priority, run: @escaping @Sendable (any SQLDatabase) async throws -> Void,
+             fail: @escaping @Sendable (any Error) -> Void) {
             self.kind = kind
+            self.priority = priority
             self.run = run
             self.fail = fail
         }
@@ -137,26 +154,28 @@ final class SQLiteCommitQueue: Sendable {
     func perform<R: Sendable>(_ priority: Priority, _ body: @escaping @Sendable (any SQLDatabase) async throws -> R) async throws -> R {
         guard Self.running != ObjectIdentifier(self) else { throw Reentered() }
         let outcome = Outcome<R>()
-        let entry = Entry(kind: .work, run: { outcome.result = .success(try await body($0)) }, fail: { outcome.result = .failure($0) })
-        try await enter(entry, priority)
+        let entry = Entry(kind: .work, priority: priority, run: { outcome.result = .success(try await body($0)) },
+                          fail: { outcome.result = .failure($0) })
+        try await enter(entry)
         guard let result = outcome.result else { throw RolledBack(reason: "no outcome") }
         return try result.get()
     }
 
     /// Closes the connection after the urgent work queued before; later calls fail with ``Closed``.
     func close() async {
-        let entry = Entry(kind: .close, run: { _ in }, fail: { _ in })
-        try? await enter(entry, .urgent)
+        let entry = Entry(kind: .close, priority: .urgent, run: { _ in }, fail: { _ in })
+        try? await enter(entry)
     }
 
     /// Queues `entry` and returns once the committer has finished it.
-    private func enter(_ entry: Entry, _ priority: Priority) async throws {
+    private func enter(_ entry: Entry) async throws {
         let queued: Bool = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let admission = state.withLock { state -> Admission in
                 guard !state.closed else { return .refused }
                 if entry.kind == .close { state.closed = true }
                 entry.waker = continuation
-                switch priority {
+                entry.queuedAt = .now
+                switch entry.priority {
                 case .urgent: state.urgent.append(entry)
                 case .background: state.background.append(entry)
                 }
@@ -180,11 +199,12 @@ final class SQLiteCommitQueue: Sendable {
     /// Takes batches and runs them until the connection is closed.
     private func commitLoop() async {
         while true {
-            let batch = await nextBatch()
+            let (batch, whole) = await nextBatch()
             if let closing = batch.last, closing.kind == .close {
                 let before = Array(batch.dropLast())
                 if !before.isEmpty {
-                    await Self.$running.withValue(ObjectIdentifier(self)) { await run(before) }
+                    // Urgent work only (a close is queued as urgent): never cut short.
+                    _ = await Self.$running.withValue(ObjectIdentifier(self)) { await run(before, whole: true) }
                     for entry in before { entry.waker?.resume(returning: true) }
                 }
                 let abandoned = state.withLock { state -> [Entry] in
@@ -201,15 +221,32 @@ final class SQLiteCommitQueue: Sendable {
                 closing.waker?.resume(returning: true)
                 return
             }
-            await Self.$running.withValue(ObjectIdentifier(self)) { await run(batch) }
-            for entry in batch { entry.waker?.resume(returning: true) }
+            let began = ContinuousClock.Instant.now
+            let ran = await Self.$running.withValue(ObjectIdentifier(self)) { await run(batch, whole: whole) }
+            let now = ContinuousClock.Instant.now
+            state.withLock { state in
+                for entry in batch.prefix(ran) where entry.priority == .urgent {
+                    state.statistics.urgentWait.record(entry.queuedAt.duration(to: now))
+                    state.statistics.urgentQueued.record(entry.queuedAt.duration(to: began))
+                }
+                state.statistics.batches += 1
+                state.statistics.operations += ran
+                state.statistics.largestBatch = max(state.statistics.largestBatch, ran)
+                if ran < batch.count {
+                    // Not run, not failed, not answered: back to the front of the queue, in their order.
+                    state.statistics.cutShort += 1
+                    state.background.insert(contentsOf: batch[ran...], at: 0)
+                }
+            }
+            for entry in batch.prefix(ran) { entry.waker?.resume(returning: true) }
         }
     }
 
-    /// The next batch: the urgent work waiting, alone (a close request ends it); else background work.
-    private func nextBatch() async -> [Entry] {
+    /// The next batch: the urgent work waiting, alone (a close request ends it); else background work, which
+    /// may be cut short for urgent work unless it is background work's turn after an urgent streak (`whole`).
+    private func nextBatch() async -> (entries: [Entry], whole: Bool) {
         while true {
-            let batch = state.withLock { state -> [Entry] in
+            let batch = state.withLock { state -> (entries: [Entry], whole: Bool) in
                 var batch: [Entry] = []
                 // Urgent work and background work never share a batch: an acknowledgement never waits for a
                 // batch of answering work committed with it. They alternate while both wait.
@@ -218,7 +255,7 @@ final class SQLiteCommitQueue: Sendable {
                 if !backgroundsTurn {
                     while batch.count < batchLimit, let next = state.urgent.first {
                         batch.append(state.urgent.removeFirst())
-                        if next.kind == .close { return batch }
+                        if next.kind == .close { return (batch, true) }
                     }
                 }
                 state.urgentStreak = batch.isEmpty || state.background.isEmpty ? 0 : state.urgentStreak + 1
@@ -226,15 +263,11 @@ final class SQLiteCommitQueue: Sendable {
                     while batch.count < batchLimit, !state.background.isEmpty {
                         batch.append(state.background.removeFirst())
                     }
+                    return (batch, backgroundsTurn)
                 }
-                if !batch.isEmpty {
-                    state.statistics.batches += 1
-                    state.statistics.operations += batch.count
-                    state.statistics.largestBatch = max(state.statistics.largestBatch, batch.count)
-                }
-                return batch
+                return (batch, true)
             }
-            if !batch.isEmpty { return batch }
+            if !batch.entries.isEmpty { return batch }
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let ready = state.withLock { state -> Bool in
                     if state.waiting > 0 { return true }
@@ -250,23 +283,32 @@ final class SQLiteCommitQueue: Sendable {
     /// transaction itself (a savepoint that cannot be released or rolled back, SQLite ending the transaction
     /// after a full disk, a failed commit) rolls the whole batch back and fails every caller in it: no
     /// caller is told it failed while its work commits.
-    private func run(_ batch: [Entry]) async {
+    ///
+    /// Returns how many entries, from the front, were run and have their outcome. A background batch that
+    /// need not run `whole` stops early, and commits, when urgent work arrived while it ran; the entries after
+    /// that were not touched.
+    private func run(_ batch: [Entry], whole: Bool) async -> Int {
         guard driver.isOpen else {
             for entry in batch { entry.fail(Closed()) }
-            return
+            return batch.count
         }
         do {
             // A reader's deferred transaction never takes the write lock a running server needs.
             try statement(reader ? "BEGIN" : "BEGIN IMMEDIATE")
         } catch {
             for entry in batch { entry.fail(error) }
-            return
+            return batch.count
         }
         driver.transactionExpected = true
         defer { driver.transactionExpected = false }
+        let shared = batch.count > 1
+        let mayStopEarly = shared && !whole && batch.allSatisfy { $0.priority == .background }
         var done: [Entry] = []
+        var ran = 0
         for entry in batch {
-            let shared = batch.count > 1
+            if mayStopEarly && ran > 0 && urgentWaiting { break }
+            ran += 1
+            let started = batch[..<ran]
             do {
                 if shared { try statement("SAVEPOINT entry") }
                 do {
@@ -290,19 +332,26 @@ final class SQLiteCommitQueue: Sendable {
                 if shared { try statement("RELEASE entry") }
                 done.append(entry)
             } catch let abandon as Abandon {
-                rollBack(batch, done: done, reason: abandon.reason, except: abandon.failed)
-                return
+                rollBack(started, done: done, reason: abandon.reason, except: abandon.failed)
+                return ran
             } catch {
-                rollBack(batch, done: done, reason: "\(error)", except: nil)
-                return
+                rollBack(started, done: done, reason: "\(error)", except: nil)
+                return ran
             }
         }
         do {
+            let started = ContinuousClock.Instant.now
             try statement("COMMIT")
+            let took = started.duration(to: .now)
+            state.withLock { $0.statistics.commit.record(took) }
         } catch {
-            rollBack(batch, done: done, reason: "the commit failed: \(error)", except: nil)
+            rollBack(batch[..<ran], done: done, reason: "the commit failed: \(error)", except: nil)
         }
+        return ran
     }
+
+    /// Whether urgent work is waiting for the connection.
+    private var urgentWaiting: Bool { state.withLock { !$0.urgent.isEmpty } }
 
     /// Why a batch is rolled back whole; `failed` already has its own error.
     private struct Abandon: Error {
@@ -312,7 +361,7 @@ final class SQLiteCommitQueue: Sendable {
 
     /// Rolls the whole transaction back and fails every caller of the batch (but `except`, which already has
     /// its own error; a lone entry's failure is such a case).
-    private func rollBack(_ batch: [Entry], done: [Entry], reason: String, except: Entry?) {
+    private func rollBack(_ batch: ArraySlice<Entry>, done: [Entry], reason: String, except: Entry?) {
         if driver.inTransaction { try? statement("ROLLBACK") }
         let failure = RolledBack(reason: reason)
         for entry in batch where entry !== except { entry.fail(failure) }
@@ -366,5 +415,39 @@ final class SQLiteThread: TaskExecutor, @unchecked Sendable {
             for job in running { job.runSynchronously(on: asUnownedTaskExecutor()) }
             running.removeAll(keepingCapacity: true)
         }
+    }
+}
+
+/// Durations counted in power-of-two buckets of microseconds: cheap enough to record on every call, precise
+/// enough (within a factor of two) for a percentile in a diagnostic line.
+struct DurationHistogram: Sendable, Equatable {
+    /// Bucket `i` counts durations under 2^i µs (the last one everything longer).
+    private var buckets = [Int](repeating: 0, count: 28)
+    private(set) var count = 0
+    private(set) var longest: Duration = .zero
+
+    mutating func record(_ duration: Duration) {
+        let micros = max(0, duration.components.seconds * 1_000_000 + duration.components.attoseconds / 1_000_000_000_000)
+        let bucket = min(buckets.count - 1, micros == 0 ? 0 : Int64.bitWidth - micros.leadingZeroBitCount)
+        buckets[bucket] += 1
+        count += 1
+        longest = max(longest, duration)
+    }
+
+    /// The bucket bound, in microseconds, under which the fraction `p` (0…1) of the durations fell; 0 when
+    /// nothing was recorded.
+    func percentile(_ p: Double) -> Int {
+        guard count > 0 else { return 0 }
+        let wanted = max(1, Int((Double(count) * p).rounded(.up)))
+        var seen = 0
+        for (index, number) in buckets.enumerated() {
+            seen += number
+            if seen >= wanted { return 1 << index }
+        }
+        return 1 << (buckets.count - 1)
+    }
+
+    var longestMicroseconds: Int {
+        Int(longest.components.seconds * 1_000_000 + longest.components.attoseconds / 1_000_000_000_000)
     }
 }

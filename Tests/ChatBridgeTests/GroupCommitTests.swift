@@ -40,12 +40,30 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         #expect(after.batches == before.batches + 1)
         #expect(after.operations == before.operations + 1)
         #expect(after.largestBatch == 1)
+        // An acknowledgement: its wait and its commit are counted for the closing diagnostics line.
+        #expect(after.urgentWait.count == before.urgentWait.count + 1)
+        #expect(after.commit.count == before.commit.count + 1)
         await store.close()
+    }
+
+    @Test func durationPercentilesAreBucketBoundsInMicroseconds() {
+        var histogram = DurationHistogram()
+        #expect(histogram.percentile(0.99) == 0)
+        for _ in 0..<99 { histogram.record(.microseconds(10)) }
+        histogram.record(.milliseconds(5))
+        #expect(histogram.percentile(0.5) == 16)
+        #expect(histogram.percentile(0.99) == 16)
+        #expect(histogram.percentile(1) == 8192)
+        #expect(histogram.longestMicroseconds == 5000)
+        histogram.record(.seconds(3600))
+        #expect(histogram.percentile(1) == 1 << 27)
     }
 
     /// Queues `calls` in this order behind a call that holds the connection, then lets them go: calls of one
     /// priority queued so run as one batch.
-    func runQueuedTogether(_ store: SQLStore, _ calls: [@Sendable () async throws -> Void]) async throws {
+    /// `whileRunning` runs once they were let go, beside them.
+    func runQueuedTogether(_ store: SQLStore, _ calls: [@Sendable () async throws -> Void],
+                           whileRunning: @Sendable () async throws -> Void = {}) async throws {
         let queue = try #require(store.commitQueue)
         let release = OneTimeEvent()
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -55,6 +73,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
                 #expect(await eventually { queue.waiting == index + 1 })
             }
             release.signal()
+            try await whileRunning()
             try await group.waitForAll()
         }
     }
@@ -108,7 +127,9 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         await store.close()
     }
 
-    @Test func whenTheTransactionEndsUnderABatchEveryCallerInItIsToldAndNothingCommits() async throws {
+    /// The callers whose work ran in the lost transaction are told; the calls not yet started run later, in a
+    /// transaction of their own.
+    @Test func whenTheTransactionEndsUnderABatchItsCallersAreToldAndTheRestRunAfter() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         let failed = OrderLog()
         try await runQueuedTogether(store, [
@@ -128,11 +149,12 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             },
             { do { try await notice(store, "b") } catch is SQLiteCommitQueue.RolledBack { failed.append("b") } },
         ])
-        #expect(failed.entries.sorted() == ["a", "b", "ended"])
-        #expect(try await notices(store).isEmpty)
+        #expect(failed.entries.sorted() == ["a", "ended"])
+        #expect(try await notices(store) == ["b"])
+        #expect(store.commitQueue?.statistics.cutShort == 1)
         // The store goes on.
         try await notice(store, "after")
-        #expect(try await notices(store) == ["after"])
+        #expect(try await notices(store) == ["after", "b"])
         await store.close()
     }
 
@@ -196,6 +218,48 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         let limit = SQLiteCommitQueue.urgentStreakLimit
         #expect(order.entries == (1...limit).map { "urgent \($0)" } + ["background", "urgent \(limit + 1)"])
         await store.close()
+    }
+
+    /// An acknowledgement that arrives while a batch of answering work runs waits for the call running and a
+    /// commit, not for the rest of the batch; the rest runs after it, in order, and commits too.
+    @Test func urgentWorkArrivingDuringABackgroundBatchGoesAfterTheCallRunning() async throws {
+        let path = temporaryDirectory() + "/db.sqlite"
+        let store = try await openFile(path)
+        let queue = try #require(store.commitQueue)
+        let order = OrderLog()
+        let running = OneTimeEvent()
+        let release = OneTimeEvent()
+        try await runQueuedTogether(store, [
+            {
+                try await store.transaction { db in
+                    try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('background 1', 0)").run()
+                    running.signal()
+                    await release.wait()
+                    order.append("background 1")
+                }
+            },
+            { try await notice(store, "background 2"); order.append("background 2") },
+            { try await notice(store, "background 3"); order.append("background 3") },
+        ], whileRunning: {
+            await running.wait()
+            let urgent = Task { () async throws -> AcceptOutcome in
+                let outcome = try await store.accept(inboxMessage("ack"), conversation: conversation, now: Date())
+                order.append("urgent")
+                return outcome
+            }
+            #expect(await eventually { queue.waiting == 1 })
+            release.signal()
+            let outcome = try await urgent.value
+            #expect(outcome == .accepted)
+        })
+        #expect(order.entries == ["background 1", "urgent", "background 2", "background 3"])
+        #expect(queue.statistics.cutShort == 1)
+        await store.close()
+        // Everything committed, the cut batch's first call included.
+        let reopened = try await openFile(path)
+        #expect(try await notices(reopened) == ["background 1", "background 2", "background 3"])
+        #expect(try await messageIDs(reopened) == ["ack"])
+        await reopened.close()
     }
 
     @Test(.timeLimit(.minutes(1))) func aStoreCallFromInsideTheStoresOwnTransactionFailsInsteadOfWaitingForItself() async throws {
