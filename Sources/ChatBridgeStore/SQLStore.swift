@@ -47,10 +47,14 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         /// For reports beside a running server (`chatbridge usage`): no SQLite process lock and no
         /// migrations; a schema older than this build is refused.
         public var reader: Bool
-        public init(poolSize: Int = 10, timeSource: TimeSource? = nil, reader: Bool = false) {
+        /// SQLite: WAL pages (4 KiB each) after which the WAL is copied back into the database file, off the
+        /// commit path (``SQLiteCheckpointer``); the writer does it itself at 16 times as many.
+        public var checkpointPages: Int32
+        public init(poolSize: Int = 10, timeSource: TimeSource? = nil, reader: Bool = false, checkpointPages: Int32 = 1_000) {
             self.poolSize = poolSize
             self.timeSource = timeSource
             self.reader = reader
+            self.checkpointPages = max(1, checkpointPages)
         }
     }
 
@@ -154,21 +158,26 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             break
         }
         let driver: SQLiteDriver
+        var checkpointer: SQLiteCheckpointer?
         do {
             driver = try SQLiteDriver(path: path)
             // A reader changes nothing, not even the journal mode (which would write to the file).
             if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
             if case .sqliteFile = location, !options.reader {
                 try driver.execute("PRAGMA journal_mode = WAL", []) { _ in }
+                checkpointer = try SQLiteCheckpointer(path: path, threshold: options.checkpointPages, inlineLimit: options.checkpointPages * 16)
+                try checkpointer?.attach(to: driver)
             }
             try driver.execute("PRAGMA synchronous = NORMAL", []) { _ in }
             try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
         } catch {
+            checkpointer?.stop()
             lock?.release()
             throw StoreError(description: "cannot open the SQLite database \(location): \(error)")
         }
         // No query logging: bound values carry message text and webhook tokens.
-        let queue = SQLiteCommitQueue(driver: driver, database: SQLiteDriverDatabase(driver: driver, logger: logger), reader: options.reader)
+        let queue = SQLiteCommitQueue(driver: driver, database: SQLiteDriverDatabase(driver: driver, logger: logger), reader: options.reader,
+                                      checkpointer: checkpointer)
         let backend = Backend.sqlite(queue, lock)
         return SQLStore(backend: backend, dialect: .sqlite, timeSource: options.timeSource ?? .caller, location: location, logger: logger)
     }

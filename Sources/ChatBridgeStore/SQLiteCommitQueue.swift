@@ -110,6 +110,8 @@ final class SQLiteCommitQueue: Sendable {
     private let driver: SQLiteDriver
     private let database: any SQLDatabase
     private let thread: SQLiteThread
+    /// Checkpoints the WAL off the commit path (file databases written by a server).
+    let checkpointer: SQLiteCheckpointer?
     /// Work committed together at most.
     let batchLimit: Int
     /// Deferred transactions (reads only, never the write lock) instead of immediate ones.
@@ -121,8 +123,10 @@ final class SQLiteCommitQueue: Sendable {
     /// The queue whose committer is running the current task's work (to refuse calls back into it).
     @TaskLocal static var running: ObjectIdentifier?
 
-    init(driver: SQLiteDriver, database: any SQLDatabase, batchLimit: Int = 64, reader: Bool = false) {
+    init(driver: SQLiteDriver, database: any SQLDatabase, batchLimit: Int = 64, reader: Bool = false,
+         checkpointer: SQLiteCheckpointer? = nil) {
         self.driver = driver
+        self.checkpointer = checkpointer
         self.database = database
         self.batchLimit = max(1, batchLimit)
         self.reader = reader
@@ -213,6 +217,9 @@ final class SQLiteCommitQueue: Sendable {
                     state.background.removeAll()
                     return rest
                 }
+                // The checkpointer's connection first: the last connection to close copies the WAL back
+                // and removes it.
+                checkpointer?.stop()
                 driver.close()
                 for entry in abandoned {
                     entry.fail(Closed())

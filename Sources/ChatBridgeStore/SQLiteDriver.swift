@@ -59,6 +59,17 @@ final class SQLiteDriver: @unchecked Sendable {
 
     var isOpen: Bool { handle != nil }
 
+    /// The connection, for ``checkpointPassively()``.
+    var handleForCheckpoint: OpaquePointer? { handle }
+
+    typealias WALHook = @convention(c) (UnsafeMutableRawPointer?, OpaquePointer?, UnsafePointer<CChar>?, Int32) -> Int32
+
+    /// Calls `hook` with `context` after every commit, with the pages the WAL now holds.
+    func setWALHook(_ context: UnsafeMutableRawPointer, _ hook: WALHook) {
+        guard let handle else { return }
+        _ = sqlite_nio_sqlite3_wal_hook(handle, hook, context)
+    }
+
     /// Set by the commit queue while its batch's transaction must be open: a statement then refuses to run
     /// in autocommit (SQLite ended the transaction after an error a caller swallowed), where it would commit
     /// on its own although the batch is rolled back.

@@ -362,3 +362,59 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
 }
 
 private struct GroupCommitRefusal: Error {}
+
+/// The WAL is copied back into the database file on a connection and thread of their own, never inside a
+/// commit of the store's connection.
+@Suite struct CheckpointTests {
+    func walPages(_ path: String) -> Int {
+        let size = (try? FileManager.default.attributesOfItem(atPath: path + "-wal")[.size] as? Int) ?? 0
+        return size / 4096
+    }
+
+    @Test func theCheckpointerKeepsTheWALBoundedAndTheWriterNeverCheckpoints() async throws {
+        let path = temporaryDirectory() + "/db.sqlite"
+        let store = try await SQLStore.open(.sqliteFile(path: path), options: .init(checkpointPages: 50), logger: .init(label: "t"))
+        let checkpointer = try #require(store.commitQueue?.checkpointer)
+        let text = String(repeating: "x", count: 20_000)
+        // About 2,500 pages written, in 25 bursts of about 100 (twice the threshold).
+        for burst in 0..<25 {
+            for index in burst * 20..<(burst + 1) * 20 {
+                try await store.transaction { db in
+                    try await db.raw("INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: "n\(index)"), 0, \(bind: text))").run()
+                }
+            }
+            // The pause between bursts, as between commits in a server: the checkpointer catches up.
+            #expect(await eventually(seconds: 5) { checkpointer.passes > burst && checkpointer.caughtUp })
+        }
+        #expect(checkpointer.inlineCheckpoints == 0)
+        // The WAL started over from its beginning instead of holding everything written.
+        #expect(walPages(path) < 500, "WAL of \(walPages(path)) pages")
+        await store.close()
+        // Closing copied the rest and removed the WAL; everything is in the database file.
+        #expect(!FileManager.default.fileExists(atPath: path + "-wal"))
+        let reopened = try await SQLStore.open(.sqliteFile(path: path), logger: .init(label: "t"))
+        let count = try await reopened.single { db in
+            try await db.raw("SELECT COUNT(*) AS n FROM notices").first()?.decode(column: "n", as: Int.self)
+        }
+        #expect(count == 500)
+        await reopened.close()
+    }
+
+    @Test func withoutTheCheckpointerTheWriterCheckpointsAtTheLimit() async throws {
+        let path = temporaryDirectory() + "/db.sqlite"
+        let store = try await SQLStore.open(.sqliteFile(path: path), options: .init(checkpointPages: 10), logger: .init(label: "t"))
+        let checkpointer = try #require(store.commitQueue?.checkpointer)
+        // Stands in for a checkpointer that cannot keep up: the writer checkpoints itself at 16 times the
+        // threshold, so the WAL stays bounded.
+        checkpointer.stopForTesting()
+        let text = String(repeating: "y", count: 20_000)
+        for index in 0..<200 {
+            try await store.transaction { db in
+                try await db.raw("INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: "n\(index)"), 0, \(bind: text))").run()
+            }
+        }
+        #expect(checkpointer.inlineCheckpoints > 0)
+        #expect(walPages(path) < 400, "WAL of \(walPages(path)) pages")
+        await store.close()
+    }
+}
