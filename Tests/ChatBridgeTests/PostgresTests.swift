@@ -25,6 +25,28 @@ struct PostgresStoreTests {
         return (url, stores)
     }
 
+    /// A claim's snapshot must start after the claim lock: its transaction is READ COMMITTED, begun as such,
+    /// even on a database whose default is stricter.
+    @Test func aClaimIsReadCommittedWhateverTheDatabaseDefault() async throws {
+        let url = try await TestPostgres.freshDatabase()
+        let setup = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
+        try await setup.single { db in
+            try await db.raw("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), 'serializable'); END $$").run()
+        }
+        await setup.close()
+        let (_, stores) = try await replicas(1, url: url)
+        let store = stores[0]
+        let show = { @Sendable (db: any SQLDatabase) async throws -> String in
+            try await db.raw("SHOW transaction_isolation").first()?.decode(column: "transaction_isolation", as: String.self) ?? ""
+        }
+        #expect(try await store.transaction(show) == "serializable", "the database default took effect")
+        #expect(try await store.transaction(readCommitted: true, show) == "read committed")
+        _ = try await store.accept(message("m1", chat: "c1"), conversation: key(message("m1", chat: "c1")), now: Date())
+        let claimed = try await store.claim(limit: 5, owner: "w", leaseUntil: Date().addingTimeInterval(30), maxAttempts: 5, now: Date())
+        #expect(claimed.count == 1)
+        for store in stores { await store.close() }
+    }
+
     @Test func concurrentClaimersNeverHoldTwoMessagesOfOneConversationAndAnswerInOrder() async throws {
         let (_, stores) = try await replicas(4)
         let conversations = 12
