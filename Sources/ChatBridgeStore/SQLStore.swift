@@ -165,7 +165,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
             if case .sqliteFile = location, !options.reader {
                 try driver.execute("PRAGMA journal_mode = WAL", []) { _ in }
-                checkpointer = try SQLiteCheckpointer(path: path, threshold: options.checkpointPages, inlineLimit: options.checkpointPages * 16)
+                checkpointer = try SQLiteCheckpointer(
+                    path: path, threshold: options.checkpointPages, inlineLimit: options.checkpointPages.multipliedReportingOverflow(by: 16).overflow ? .max : options.checkpointPages * 16)
                 try checkpointer?.attach(to: driver)
             }
             try driver.execute("PRAGMA synchronous = NORMAL", []) { _ in }
@@ -239,7 +240,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 let statistics = queue.statistics
                 logger.notice("closed the SQLite database", metadata: [
                     "commits": "\(statistics.batches)", "calls": "\(statistics.operations)", "largest_batch": "\(statistics.largestBatch)",
-                    "cut_short": "\(statistics.cutShort)",
+                    "cut_short": "\(statistics.cutShort)", "requeued_after_failure": "\(statistics.requeuedAfterFailure)",
                     "urgent_wait_p50_us": "\(statistics.urgentWait.percentile(0.5))",
                     "urgent_wait_p99_us": "\(statistics.urgentWait.percentile(0.99))",
                     "urgent_wait_max_us": "\(statistics.urgentWait.longestMicroseconds)",
@@ -316,8 +317,6 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                         }
                     }
                 }
-            } catch let error as PostgresTransactionError {
-                throw Self.unwrap(error)
             } catch {
                 throw Self.storeError(error)
             }
@@ -337,6 +336,9 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         let value: R
         do {
             value = try await body()
+            // Given up by `within` while the body ran (its caller was already told it failed): its work must
+            // not commit now.
+            try Task.checkCancellation()
         } catch {
             _ = try? await connection.query("ROLLBACK;", logger: logger)
             throw error

@@ -10,32 +10,50 @@ import VaporCSQLite
 /// commit took 70–150 ms, and acknowledgements queued behind it.
 ///
 /// - The store's connection has `wal_autocheckpoint = 0` and a WAL hook that wakes this checkpointer once
-///   the WAL holds ``threshold`` pages.
+///   ``threshold`` pages of the WAL are not yet copied.
 /// - Checkpoints are `PASSIVE`: they never wait for or block the writer. A pass repeats while the writer
-///   added frames during it, so the WAL is usually fully copied when the next write transaction begins, and
-///   SQLite then starts the WAL over from its beginning instead of growing it.
-/// - That needs a moment without commits. A writer busy without a pause (a saturated server) keeps adding
-///   frames; once the WAL reaches ``inlineLimit`` pages the writer checkpoints inline, as SQLite would by
-///   itself, copying only what the checkpointer has not, so the file stays bounded.
+///   added frames during it, so in a pause between commits the WAL is copied whole, and SQLite starts it over
+///   from its beginning at the next write instead of growing it.
+/// - A writer busy without a pause (a saturated server) leaves no such moment. Once the WAL holds
+///   ``inlineLimit`` pages, the commit queue, between two batches, pauses this checkpointer and checkpoints
+///   on the writer's own connection (``checkpointOnWriterIfDue(_:)``): nothing is then being written, so it
+///   copies everything and the next write starts the WAL over. The file stays bounded.
 final class SQLiteCheckpointer: @unchecked Sendable {
-    /// WAL pages (of 4 KiB) that wake the checkpointer: by default SQLite's own for its automatic checkpoint.
+    /// Pages (of 4 KiB) not yet copied that wake the checkpointer: by default SQLite's own threshold.
     let threshold: Int32
-    /// WAL pages at which the writer checkpoints itself.
+    /// WAL pages at which the writer checkpoints itself between two batches.
     let inlineLimit: Int32
 
     private let driver: SQLiteDriver
     private let condition = NSCondition()
+    // Guarded by `condition`.
     private var requested = false
     private var stopping = false
     private var finished = false
     private var paused = false
-    /// Checkpoint passes run by the checkpointer, and inline ones by the writer, for tests and diagnostics.
-    private let counts = Mutex((passes: 0, inline: 0, written: Int32(0), copied: Int32(0)))
+    private var passing = false
+
+    private struct Progress {
+        /// Commits the hook saw, and the WAL's frames after the last one.
+        var commits = 0
+        var written: Int32 = 0
+        /// Times the WAL started over (a pass that began before it reports frames of the old WAL).
+        var restarts = 0
+        /// Frames of the current WAL copied by the last pass.
+        var copied: Int32 = 0
+        var passes = 0
+        var inline = 0
+        var inlineDue = false
+        /// Whether the checkpointer is in a pass (or about to start one).
+        var busy = false
+    }
+
+    private let progress = Mutex(Progress())
 
     /// Opens a second connection to `path`.
     init(path: String, threshold: Int32 = 1_000, inlineLimit: Int32 = 16_000) throws {
-        self.threshold = threshold
-        self.inlineLimit = inlineLimit
+        self.threshold = max(1, threshold)
+        self.inlineLimit = max(self.threshold, inlineLimit)
         driver = try SQLiteDriver(path: path)
         try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
         // Reads the header, so the connection knows the file is in WAL mode (else a checkpoint does nothing).
@@ -45,28 +63,47 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         thread.start()
     }
 
-    var passes: Int { counts.withLock { $0.passes } }
-    var inlineCheckpoints: Int { counts.withLock { $0.inline } }
-    /// Whether the last pass copied every frame the writer had committed (the next write transaction then
-    /// starts the WAL over).
-    var caughtUp: Bool { counts.withLock { $0.copied >= $0.written } }
+    /// Passes run by the checkpointer, and completed checkpoints by the writer, for tests and diagnostics.
+    var passes: Int { progress.withLock { $0.passes } }
+    var inlineCheckpoints: Int { progress.withLock { $0.inline } }
+
+    /// Whether the checkpointer has nothing left to do: it caught up, or fewer than ``threshold`` pages wait.
+    var isIdle: Bool { progress.withLock { !$0.busy } }
+
+    /// Its counters, for a test's failure message.
+    var progressDescription: String { progress.withLock { "\($0)" } }
 
     /// Turns off the automatic checkpoint on `writer` and has it wake this checkpointer instead. The writer
     /// must be closed before this checkpointer is released.
     func attach(to writer: SQLiteDriver) throws {
         try writer.execute("PRAGMA wal_autocheckpoint = 0", []) { _ in }
-        writer.setWALHook(Unmanaged.passUnretained(self).toOpaque()) { context, handle, _, pages in
+        writer.setWALHook(Unmanaged.passUnretained(self).toOpaque()) { context, _, _, pages in
+            // Called inside the writer's COMMIT, after it succeeded: must return SQLITE_OK, or SQLite reports
+            // the commit as failed although it committed.
             guard let context else { return SQLITE_OK }
-            let checkpointer = Unmanaged<SQLiteCheckpointer>.fromOpaque(context).takeUnretainedValue()
-            checkpointer.counts.withLock { $0.written = pages }
-            if pages >= checkpointer.inlineLimit {
-                checkpointer.counts.withLock { $0.inline += 1 }
-                _ = sqlite_nio_sqlite3_wal_checkpoint_v2(handle, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
-            } else if pages >= checkpointer.threshold {
-                checkpointer.request()
-            }
+            Unmanaged<SQLiteCheckpointer>.fromOpaque(context).takeUnretainedValue().committed(pages: pages)
             return SQLITE_OK
         }
+    }
+
+    private func committed(pages: Int32) {
+        let wake = progress.withLock { progress -> Bool in
+            if pages < progress.written {
+                progress.restarts += 1
+                progress.copied = 0
+            }
+            progress.commits += 1
+            progress.written = pages
+            if pages >= inlineLimit { progress.inlineDue = true }
+            // Idle: any commit past the threshold starts a pass, so a pause between commits is used to copy the
+            // WAL whole. Busy: its passes go on while frames are added; wake it again only once a threshold's
+            // worth waits.
+            let uncopied = pages - progress.copied
+            guard uncopied >= threshold || (!progress.busy && pages >= threshold && uncopied > 0) else { return false }
+            progress.busy = true
+            return true
+        }
+        if wake { request() }
     }
 
     /// Wakes the checkpointer.
@@ -77,26 +114,47 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// Called by the commit queue between batches (no transaction open): when the WAL reached
+    /// ``inlineLimit``, pauses the checkpointer and checkpoints on `writer`.
+    func checkpointOnWriterIfDue(_ writer: SQLiteDriver) {
+        guard progress.withLock({ $0.inlineDue }) else { return }
+        condition.lock()
+        paused = true
+        while passing { condition.wait() }
+        condition.unlock()
+        let done = writer.checkpointPassively()
+        progress.withLock { progress in
+            progress.inlineDue = false
+            if let done, done.copied >= done.logged { progress.inline += 1 }
+        }
+        condition.lock()
+        paused = false
+        condition.signal()
+        condition.unlock()
+    }
+
+    /// For tests: the checkpointer stops taking requests, as one that cannot keep up.
+    func pauseForTesting() {
+        condition.lock()
+        paused = true
+        while passing { condition.wait() }
+        condition.unlock()
+    }
+
     /// Ends the thread after the pass running and closes the connection; returns once both are done.
     func stop() {
         condition.lock()
         stopping = true
+        paused = false
         condition.signal()
         while !finished { condition.wait() }
-        condition.unlock()
-    }
-
-    /// For tests: requests are ignored from now on.
-    func stopForTesting() {
-        condition.lock()
-        paused = true
         condition.unlock()
     }
 
     private func loop() {
         while true {
             condition.lock()
-            while !requested && !stopping { condition.wait() }
+            while !stopping && (!requested || paused) { condition.wait() }
             if stopping {
                 driver.close()
                 finished = true
@@ -105,26 +163,38 @@ final class SQLiteCheckpointer: @unchecked Sendable {
                 return
             }
             requested = false
-            let skip = paused
+            passing = true
             condition.unlock()
-            if !skip { checkpoint() }
+            let again = checkpoint()
+            progress.withLock { $0.busy = again }
+            condition.lock()
+            // Stopped while the writer was still adding frames (commits then did not wake it): go on.
+            if again { requested = true }
+            passing = false
+            condition.broadcast()
+            condition.unlock()
         }
     }
 
-    /// Passive passes until the WAL is copied whole (or a pass makes no progress: a reader holds old frames).
-    private func checkpoint() {
+    /// Passive passes until a pass copied everything the writer had committed. Returns whether
+    /// to go on after a pause for requests: the writer added a threshold's worth meanwhile, or the WAL started
+    /// over under a pass. Not when a pass made no progress (a reader holds old frames: its end wakes us).
+    private func checkpoint() -> Bool {
         var previous: Int32 = -1
         for _ in 0..<8 {
-            guard let (logged, copied) = driver.checkpointPassively() else { return }
-            // Compared with what the writer has committed by now, not with the WAL this pass began with.
-            let written = counts.withLock {
-                $0.passes += 1
-                $0.copied = copied
-                return $0.written
+            let restarts = progress.withLock { $0.restarts }
+            guard let (_, copied) = driver.checkpointPassively() else { return false }
+            let next = progress.withLock { progress -> (more: Bool, restarted: Bool) in
+                progress.passes += 1
+                guard progress.restarts == restarts else { return (false, true) }
+                progress.copied = copied
+                return (progress.written > copied, false)
             }
-            if copied >= max(logged, written) || copied == previous { return }
+            if next.restarted { return progress.withLock { $0.written >= threshold } }
+            if !next.more || copied == previous { return false }
             previous = copied
         }
+        return progress.withLock { $0.written - $0.copied > 0 }
     }
 }
 

@@ -38,14 +38,16 @@ final class SQLiteCommitQueue: Sendable {
         var batches = 0
         var operations = 0
         var largestBatch = 0
-        /// Batches that ended before their last call (urgent work arrived, or the transaction failed): the calls
-        /// not run went back to the front of the queue.
+        /// Background batches committed early for urgent work that arrived while they ran; the calls not run
+        /// went back to the front of their queue.
         var cutShort = 0
+        /// Batches whose transaction failed before their last call; the calls not started went back too.
+        var requeuedAfterFailure = 0
         /// How long urgent calls (acknowledgements, renewals) waited from queueing until their batch committed.
         var urgentWait = DurationHistogram()
         /// The part of it until its batch began.
         var urgentQueued = DurationHistogram()
-        /// How long `COMMIT` took (with SQLite's automatic WAL checkpoint when one ran inside it).
+        /// How long `COMMIT` took.
         var commit = DurationHistogram()
     }
 
@@ -207,8 +209,11 @@ final class SQLiteCommitQueue: Sendable {
             if let closing = batch.last, closing.kind == .close {
                 let before = Array(batch.dropLast())
                 if !before.isEmpty {
-                    // Urgent work only (a close is queued as urgent): never cut short.
-                    _ = await Self.$running.withValue(ObjectIdentifier(self)) { await run(before, whole: true) }
+                    // Urgent work only (a close is queued as urgent): never cut short; after a failed
+                    // transaction the calls not started are told the store closed.
+                    let ran = await Self.$running.withValue(ObjectIdentifier(self)) { await run(before, whole: true) }.count
+                    for entry in before[ran...] { entry.fail(Closed()) }
+                    record(before, ran: ran, failed: true, began: nil)
                     for entry in before { entry.waker?.resume(returning: true) }
                 }
                 let abandoned = state.withLock { state -> [Entry] in
@@ -229,23 +234,40 @@ final class SQLiteCommitQueue: Sendable {
                 return
             }
             let began = ContinuousClock.Instant.now
-            let ran = await Self.$running.withValue(ObjectIdentifier(self)) { await run(batch, whole: whole) }
-            let now = ContinuousClock.Instant.now
-            state.withLock { state in
-                for entry in batch.prefix(ran) where entry.priority == .urgent {
-                    state.statistics.urgentWait.record(entry.queuedAt.duration(to: now))
-                    state.statistics.urgentQueued.record(entry.queuedAt.duration(to: began))
-                }
-                state.statistics.batches += 1
-                state.statistics.operations += ran
-                state.statistics.largestBatch = max(state.statistics.largestBatch, ran)
-                if ran < batch.count {
-                    // Not run, not failed, not answered: back to the front of the queue, in their order.
-                    state.statistics.cutShort += 1
-                    state.background.insert(contentsOf: batch[ran...], at: 0)
-                }
-            }
+            let (ran, failed) = await Self.$running.withValue(ObjectIdentifier(self)) { await run(batch, whole: whole) }
+            record(batch, ran: ran, failed: failed, began: began)
             for entry in batch.prefix(ran) { entry.waker?.resume(returning: true) }
+            // Between batches, no transaction open: where a writer that never pauses copies its WAL back.
+            checkpointer?.checkpointOnWriterIfDue(driver)
+        }
+    }
+
+    /// Counts a batch of which the first `ran` entries ran, and puts the others (not run, not failed, not
+    /// answered) back at the front of their own queue, in their order. A background batch that ran whole
+    /// ends an urgent streak; one cut short does not, so background work still gets a whole batch after
+    /// ``urgentStreakLimit`` urgent batches.
+    private func record(_ batch: [Entry], ran: Int, failed: Bool, began: ContinuousClock.Instant?) {
+        let now = ContinuousClock.Instant.now
+        state.withLock { state in
+            for entry in batch.prefix(ran) where entry.priority == .urgent {
+                state.statistics.urgentWait.record(entry.queuedAt.duration(to: now))
+                if let began { state.statistics.urgentQueued.record(entry.queuedAt.duration(to: began)) }
+            }
+            state.statistics.batches += 1
+            state.statistics.operations += ran
+            state.statistics.largestBatch = max(state.statistics.largestBatch, ran)
+            guard began != nil else { return }
+            if ran < batch.count {
+                if failed { state.statistics.requeuedAfterFailure += 1 } else { state.statistics.cutShort += 1 }
+                for entry in batch[ran...].reversed() {
+                    switch entry.priority {
+                    case .urgent: state.urgent.prepend(entry)
+                    case .background: state.background.prepend(entry)
+                    }
+                }
+            } else if batch.first?.priority == .background {
+                state.urgentStreak = 0
+            }
         }
     }
 
@@ -265,7 +287,7 @@ final class SQLiteCommitQueue: Sendable {
                         if next.kind == .close { return (batch, true) }
                     }
                 }
-                state.urgentStreak = batch.isEmpty || state.background.isEmpty ? 0 : state.urgentStreak + 1
+                if !batch.isEmpty { state.urgentStreak = state.background.isEmpty ? 0 : state.urgentStreak + 1 }
                 if batch.isEmpty {
                     while batch.count < batchLimit, !state.background.isEmpty {
                         batch.append(state.background.removeFirst())
@@ -288,23 +310,24 @@ final class SQLiteCommitQueue: Sendable {
 
     /// Runs the batch in one transaction; a lone entry without savepoints. Whatever goes wrong with the
     /// transaction itself (a savepoint that cannot be released or rolled back, SQLite ending the transaction
-    /// after a full disk, a failed commit) rolls the whole batch back and fails every caller in it: no
-    /// caller is told it failed while its work commits.
+    /// after a full disk, a failed commit) rolls back what the batch ran and fails those callers: no caller
+    /// is told it failed while its work commits. The entries not started are left for the caller to queue
+    /// again.
     ///
     /// Returns how many entries, from the front, were run and have their outcome. A background batch that
     /// need not run `whole` stops early, and commits, when urgent work arrived while it ran; the entries after
     /// that were not touched.
-    private func run(_ batch: [Entry], whole: Bool) async -> Int {
+    private func run(_ batch: [Entry], whole: Bool) async -> (count: Int, failed: Bool) {
         guard driver.isOpen else {
             for entry in batch { entry.fail(Closed()) }
-            return batch.count
+            return (batch.count, true)
         }
         do {
             // A reader's deferred transaction never takes the write lock a running server needs.
             try statement(reader ? "BEGIN" : "BEGIN IMMEDIATE")
         } catch {
             for entry in batch { entry.fail(error) }
-            return batch.count
+            return (batch.count, true)
         }
         driver.transactionExpected = true
         defer { driver.transactionExpected = false }
@@ -340,10 +363,10 @@ final class SQLiteCommitQueue: Sendable {
                 done.append(entry)
             } catch let abandon as Abandon {
                 rollBack(started, done: done, reason: abandon.reason, except: abandon.failed)
-                return ran
+                return (ran, true)
             } catch {
                 rollBack(started, done: done, reason: "\(error)", except: nil)
-                return ran
+                return (ran, true)
             }
         }
         do {
@@ -353,12 +376,13 @@ final class SQLiteCommitQueue: Sendable {
             state.withLock { $0.statistics.commit.record(took) }
         } catch {
             rollBack(batch[..<ran], done: done, reason: "the commit failed: \(error)", except: nil)
+            return (ran, true)
         }
-        return ran
+        return (ran, false)
     }
 
-    /// Whether urgent work is waiting for the connection.
-    private var urgentWaiting: Bool { state.withLock { !$0.urgent.isEmpty } }
+    /// Whether urgent work (not a close: the batch running finishes first) is waiting for the connection.
+    private var urgentWaiting: Bool { state.withLock { $0.urgent.first?.kind == .work } }
 
     /// Why a batch is rolled back whole; `failed` already has its own error.
     private struct Abandon: Error {

@@ -688,7 +688,7 @@ struct DatabaseCommits: Encodable {
     /// of two (a power-of-two bucket bound).
     var urgentWaitP99Microseconds: Int
     var urgentWaitMaxMicroseconds: Int
-    /// How long a `COMMIT` took (with SQLite's WAL checkpoint when one ran inside it).
+    /// How long a `COMMIT` took.
     var commitP99Microseconds: Int
     var commitMaxMicroseconds: Int
 }

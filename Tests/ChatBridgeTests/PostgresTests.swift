@@ -47,8 +47,19 @@ struct PostgresStoreTests {
         for store in stores { await store.close() }
     }
 
-    @Test func concurrentClaimersNeverHoldTwoMessagesOfOneConversationAndAnswerInOrder() async throws {
-        let (_, stores) = try await replicas(4)
+    /// Also on a database whose default isolation is REPEATABLE READ: the claim begins its own transaction as
+    /// READ COMMITTED, so its snapshot starts after the claim lock (else concurrent claims fail to serialise).
+    @Test(arguments: [nil, "repeatable read"])
+    func concurrentClaimersNeverHoldTwoMessagesOfOneConversationAndAnswerInOrder(defaultIsolation: String?) async throws {
+        let url = try await TestPostgres.freshDatabase()
+        if let defaultIsolation {
+            let setup = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
+            try await setup.single { db in
+                try await db.raw("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), \(unsafeRaw: "'" + defaultIsolation + "'")); END $$").run()
+            }
+            await setup.close()
+        }
+        let (_, stores) = try await replicas(4, url: url)
         let conversations = 12
         let perConversation = 15
         let total = conversations * perConversation
