@@ -336,8 +336,10 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         let value: R
         do {
             value = try await body()
-            // Given up by `within` while the body ran (its caller was already told it failed): its work must
-            // not commit now.
+            // Given up by `within` while the body ran (its caller was already told it failed), or the caller was
+            // cancelled: its work must not commit now. A timeout during the COMMIT round trip itself can still
+            // tell the caller it failed while the work commits (as with postgres-nio's `withTransaction`); a
+            // claim covers that with `noteFailedClaim`.
             try Task.checkCancellation()
         } catch {
             _ = try? await connection.query("ROLLBACK;", logger: logger)

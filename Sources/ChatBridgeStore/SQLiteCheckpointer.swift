@@ -31,6 +31,8 @@ final class SQLiteCheckpointer: @unchecked Sendable {
     private var stopping = false
     private var finished = false
     private var paused = false
+    /// For tests: held, whatever the writer does.
+    private var held = false
     private var passing = false
 
     private struct Progress {
@@ -42,10 +44,15 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         /// Frames of the current WAL copied by the last pass.
         var copied: Int32 = 0
         var passes = 0
+        /// Checkpoints the writer ran, and those of them that copied everything.
+        var inlineAttempts = 0
         var inline = 0
         var inlineDue = false
         /// Whether the checkpointer is in a pass (or about to start one).
         var busy = false
+        /// The WAL's frames when a checkpoint last made no progress (a reader holds old frames): no new
+        /// attempt until a threshold's worth more was written, or the WAL started over.
+        var stalledAt: Int32?
     }
 
     private let progress = Mutex(Progress())
@@ -66,6 +73,7 @@ final class SQLiteCheckpointer: @unchecked Sendable {
     /// Passes run by the checkpointer, and completed checkpoints by the writer, for tests and diagnostics.
     var passes: Int { progress.withLock { $0.passes } }
     var inlineCheckpoints: Int { progress.withLock { $0.inline } }
+    var inlineAttempts: Int { progress.withLock { $0.inlineAttempts } }
 
     /// Whether the checkpointer has nothing left to do: it caught up, or fewer than ``threshold`` pages wait.
     var isIdle: Bool { progress.withLock { !$0.busy } }
@@ -91,9 +99,14 @@ final class SQLiteCheckpointer: @unchecked Sendable {
             if pages < progress.written {
                 progress.restarts += 1
                 progress.copied = 0
+                progress.stalledAt = nil
             }
             progress.commits += 1
             progress.written = pages
+            if let stalled = progress.stalledAt {
+                guard pages >= stalled + threshold else { return false }
+                progress.stalledAt = nil
+            }
             if pages >= inlineLimit { progress.inlineDue = true }
             // Idle: any commit past the threshold starts a pass, so a pause between commits is used to copy the
             // WAL whole. Busy: its passes go on while frames are added; wake it again only once a threshold's
@@ -125,7 +138,12 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         let done = writer.checkpointPassively()
         progress.withLock { progress in
             progress.inlineDue = false
-            if let done, done.copied >= done.logged { progress.inline += 1 }
+            progress.inlineAttempts += 1
+            if let done, done.copied >= done.logged {
+                progress.inline += 1
+            } else {
+                progress.stalledAt = progress.written
+            }
         }
         condition.lock()
         paused = false
@@ -134,9 +152,9 @@ final class SQLiteCheckpointer: @unchecked Sendable {
     }
 
     /// For tests: the checkpointer stops taking requests, as one that cannot keep up.
-    func pauseForTesting() {
+    func holdForTesting() {
         condition.lock()
-        paused = true
+        held = true
         while passing { condition.wait() }
         condition.unlock()
     }
@@ -146,6 +164,7 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         condition.lock()
         stopping = true
         paused = false
+        held = false
         condition.signal()
         while !finished { condition.wait() }
         condition.unlock()
@@ -154,7 +173,7 @@ final class SQLiteCheckpointer: @unchecked Sendable {
     private func loop() {
         while true {
             condition.lock()
-            while !stopping && (!requested || paused) { condition.wait() }
+            while !stopping && (!requested || paused || held) { condition.wait() }
             if stopping {
                 driver.close()
                 finished = true
@@ -166,7 +185,6 @@ final class SQLiteCheckpointer: @unchecked Sendable {
             passing = true
             condition.unlock()
             let again = checkpoint()
-            progress.withLock { $0.busy = again }
             condition.lock()
             // Stopped while the writer was still adding frames (commits then did not wake it): go on.
             if again { requested = true }
@@ -176,25 +194,47 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         }
     }
 
-    /// Passive passes until a pass copied everything the writer had committed. Returns whether
-    /// to go on after a pause for requests: the writer added a threshold's worth meanwhile, or the WAL started
-    /// over under a pass. Not when a pass made no progress (a reader holds old frames: its end wakes us).
+    /// Passive passes until a pass copied everything the writer had committed. Returns whether to go on after
+    /// a look at the requests: the writer kept adding frames, the WAL started over under a pass, or the writer
+    /// wants the connection paused. Decided, with `busy`, in the same critical section as a commit's decision
+    /// to wake it, so no wake-up is lost. Not when a pass made no progress (a reader holds old frames).
     private func checkpoint() -> Bool {
         var previous: Int32 = -1
         for _ in 0..<8 {
             let restarts = progress.withLock { $0.restarts }
-            guard let (_, copied) = driver.checkpointPassively() else { return false }
-            let next = progress.withLock { progress -> (more: Bool, restarted: Bool) in
+            let result = driver.checkpointPassively()
+            let again = progress.withLock { progress -> Bool? in
                 progress.passes += 1
-                guard progress.restarts == restarts else { return (false, true) }
-                progress.copied = copied
-                return (progress.written > copied, false)
+                let decided: Bool?
+                if let (_, copied) = result {
+                    if progress.restarts != restarts {
+                        decided = progress.written >= threshold  // the WAL started over under this pass
+                    } else {
+                        progress.copied = copied
+                        if progress.written <= copied {
+                            decided = false
+                        } else if copied == previous {
+                            progress.stalledAt = progress.written
+                            decided = false
+                        } else {
+                            previous = copied
+                            decided = nil  // another pass
+                        }
+                    }
+                } else {
+                    decided = false  // SQLite refused (busy): the next commit past the threshold asks again
+                }
+                if let decided { progress.busy = decided }
+                return decided
             }
-            if next.restarted { return progress.withLock { $0.written >= threshold } }
-            if !next.more || copied == previous { return false }
-            previous = copied
+            if let again { return again }
+            condition.lock()
+            let yielding = paused || held || stopping
+            condition.unlock()
+            // The writer waits for this pass to end: hand over, and go on afterwards.
+            if yielding { return true }
         }
-        return progress.withLock { $0.written - $0.copied > 0 }
+        return true
     }
 }
 

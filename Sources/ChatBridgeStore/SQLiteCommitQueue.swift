@@ -292,6 +292,8 @@ final class SQLiteCommitQueue: Sendable {
                     while batch.count < batchLimit, !state.background.isEmpty {
                         batch.append(state.background.removeFirst())
                     }
+                    // Its turn is taken (whether or not its transaction then fails, urgent work goes next).
+                    if backgroundsTurn { state.urgentStreak = 0 }
                     return (batch, backgroundsTurn)
                 }
                 return (batch, true)

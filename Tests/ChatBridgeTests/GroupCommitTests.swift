@@ -295,6 +295,37 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         await reopened.close()
     }
 
+    /// Background batches cut short for acknowledgements do not end an urgent streak: after four urgent
+    /// batches in a row (with cut background batches between them) a background batch runs whole, so answering
+    /// work is not reduced to one call per commit by a steady stream of acknowledgements.
+    @Test(.timeLimit(.minutes(1))) func backgroundBatchesCutShortStillGetAWholeBatchAfterTheUrgentStreak() async throws {
+        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
+        let queue = try #require(store.commitQueue)
+        let order = OrderLog()
+        let gates = (0...6).map { _ in OneTimeEvent() }
+        let limit = SQLiteCommitQueue.urgentStreakLimit
+        try await runQueuedTogether(store, (1...limit + 2).map { index in
+            { try await store.single { _ in order.append("B\(index)"); await gates[index].wait() } }
+        }, whileRunning: {
+            var last: Task<Void, any Error>?
+            for index in 1...limit + 1 {
+                // A background call is running; an acknowledgement arrives meanwhile.
+                #expect(await eventually { order.entries.contains("B\(index)") })
+                let urgent = Task { try await store.single(priority: .urgent) { _ in order.append("U\(index)") } }
+                #expect(await eventually { queue.waiting == 1 })
+                gates[index].signal()
+                if index <= limit { try await urgent.value } else { last = urgent }
+            }
+            gates[limit + 2].signal()
+            try await last?.value
+        })
+        let cut = (1...limit).flatMap { ["B\($0)", "U\($0)"] }
+        // After the fourth urgent batch, the fifth background call's batch runs whole: B6 before U5.
+        #expect(order.entries == cut + ["B\(limit + 1)", "B\(limit + 2)", "U\(limit + 1)"])
+        #expect(queue.statistics.cutShort == limit)
+        await store.close()
+    }
+
     @Test(.timeLimit(.minutes(1))) func aStoreCallFromInsideTheStoresOwnTransactionFailsInsteadOfWaitingForItself() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         await #expect(throws: SQLiteCommitQueue.Reentered.self) {
@@ -420,7 +451,7 @@ private struct GroupCommitRefusal: Error {}
             // fewer pages than its threshold).
             #expect(await eventually(seconds: 5) { checkpointer.passes > 0 && checkpointer.isIdle }, "\(checkpointer.progressDescription)")
         }
-        #expect(checkpointer.inlineCheckpoints == 0)
+        #expect(checkpointer.inlineAttempts == 0)
         // The WAL started over from its beginning instead of holding everything written.
         #expect(walPages(path) < 500, "WAL of \(walPages(path)) pages")
         await store.close()
@@ -440,7 +471,7 @@ private struct GroupCommitRefusal: Error {}
         let checkpointer = try #require(store.commitQueue?.checkpointer)
         // A checkpointer that cannot keep up: the writer checkpoints itself between two batches once the WAL
         // holds 16 times the threshold, so the WAL stays bounded.
-        checkpointer.pauseForTesting()
+        checkpointer.holdForTesting()
         let text = String(repeating: "y", count: 20_000)
         for index in 0..<200 {
             try await store.transaction { db in
@@ -452,17 +483,19 @@ private struct GroupCommitRefusal: Error {}
         await store.close()
     }
 
-    /// Commits back to back while the checkpointer runs beside them (it holds SQLite's checkpoint lock
-    /// much of the time): the WAL still stays within the limit.
+    /// Commits back to back while the checkpointer runs beside them (it holds SQLite's checkpoint lock much of
+    /// the time, and the writer must pause it to checkpoint): the WAL still stays within the limit and one
+    /// batch. A guard of the bound under contention; the held-checkpointer test above is the one that needs
+    /// the writer's own checkpoint.
     @Test func backToBackCommitsWithTheCheckpointerRunningKeepTheWALBounded() async throws {
         let path = temporaryDirectory() + "/db.sqlite"
         let store = try await SQLStore.open(.sqliteFile(path: path), options: .init(checkpointPages: 20), logger: .init(label: "t"))
         let text = String(repeating: "z", count: 20_000)
         try await withThrowingTaskGroup(of: Void.self) { group in
-            // Four writers, so a batch always waits: the writer never pauses.
-            for writer in 0..<4 {
+            // Sixteen writers, so a batch always waits: the writer never pauses.
+            for writer in 0..<16 {
                 group.addTask {
-                    for index in 0..<100 {
+                    for index in 0..<25 {
                         try await store.transaction { db in
                             try await db.raw("INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: "w\(writer)-\(index)"), 0, \(bind: text))").run()
                         }
@@ -471,8 +504,9 @@ private struct GroupCommitRefusal: Error {}
             }
             try await group.waitForAll()
         }
-        // About 2,400 pages written; the limit is 320, and one batch (up to 64 inserts) more may follow it.
-        #expect(walPages(path) < 320 + 64 * 7, "WAL of \(walPages(path)) pages")
+        // About 2,400 pages written; the limit is 320, and one batch (about 7 pages per insert) may follow it.
+        let largest = try #require(store.commitQueue?.statistics.largestBatch)
+        #expect(walPages(path) < 320 + 8 * largest, "WAL of \(walPages(path)) pages, largest batch \(largest)")
         await store.close()
         let reopened = try await SQLStore.open(.sqliteFile(path: path), logger: .init(label: "t"))
         let count = try await reopened.single { db in
