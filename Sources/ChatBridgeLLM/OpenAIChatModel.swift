@@ -82,7 +82,7 @@ public struct OpenAIChatModel: ChatModel {
             stream_options: .init(include_usage: true), temperature: settings.temperature,
             max_tokens: settings.maxTokens, user: request.user.map(Self.anonymised)
         )
-        http.body = .bytes(ByteBuffer(data: try JSONEncoder().encode(body)))
+        http.body = .bytes(try body.json())
         return http
     }
 

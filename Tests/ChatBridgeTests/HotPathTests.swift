@@ -1,6 +1,8 @@
 import ChatBridgeCore
+@testable import ChatBridgeLLM
 @testable import ChatBridgeStore
 import Foundation
+import NIOCore
 import Testing
 
 /// Replacements made for speed behave exactly like what they replaced.
@@ -128,5 +130,45 @@ extension PreparedStatementTests {
         #expect(try await store.renewLeases(Array(leases.prefix(3)), until: Date().addingTimeInterval(90), now: Date()) == 3)
         #expect(try await store.commitQueue?.reprepares() == before)
         await store.close()
+    }
+}
+
+/// The model request body is written by hand (for speed): it must mean exactly what `JSONEncoder` wrote.
+@Suite struct RequestBodyWriterTests {
+    static let texts = [
+        "", "plain", "quote \" and backslash \\ and slash /", "line\nbreak\r\ntab\there", "\u{0}\u{1}\u{8}\u{C}\u{1F}\u{7F}",
+        "中文，全角。", "emoji 👨‍👩‍👧 and flags 🇨🇳", "\u{2028}line separators\u{2029}", "a bom \u{FEFF} inside and \u{200B}zero width",
+        "combining e\u{301}", String(repeating: "long ", count: 2_000),
+    ]
+
+    func decoded(_ data: Data) throws -> NSDictionary {
+        try #require(try JSONSerialization.jsonObject(with: data) as? NSDictionary)
+    }
+
+    @Test(arguments: texts) func theWrittenBodyDecodesToWhatJSONEncoderWrote(_ text: String) throws {
+        let body = OpenAIChatModel.RequestBody(
+            model: "model \"x\"", messages: [ChatMessage(role: .system, content: "be brief"), ChatMessage(role: .user, content: text),
+                                             ChatMessage(role: .assistant, content: text + "!")],
+            stream: true, stream_options: .init(include_usage: true), temperature: 0.7, max_tokens: 512, user: "cb-\(text.prefix(3))")
+        let written = try body.json()
+        let data = Data(written.readableBytesView)
+        #expect(try decoded(data) == (try decoded(JSONEncoder().encode(body))))
+        // And it is the text itself, not an approximation of it.
+        let messages = try #require(try decoded(data)["messages"] as? [NSDictionary])
+        #expect(messages[1]["content"] as? String == text)
+    }
+
+    @Test func absentSettingsAreLeftOutAndAnUnusableTemperatureIsRefused() throws {
+        var body = OpenAIChatModel.RequestBody(
+            model: "m", messages: [], stream: false, stream_options: .init(include_usage: false), temperature: nil, max_tokens: nil, user: nil)
+        let data = Data(try body.json().readableBytesView)
+        #expect(try decoded(data) == (try decoded(JSONEncoder().encode(body))))
+        #expect(try decoded(data).allKeys.count == 4)
+        for temperature in [1.0, 0, 1.25, 2] {
+            body.temperature = temperature
+            #expect(try decoded(Data(try body.json().readableBytesView)) == (try decoded(JSONEncoder().encode(body))))
+        }
+        body.temperature = .nan
+        #expect(throws: OpenAIChatModel.RequestBody.NotFinite.self) { try body.json() }
     }
 }
