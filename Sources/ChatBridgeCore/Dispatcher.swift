@@ -402,11 +402,16 @@ public final class Dispatcher: Sendable {
             reason = "\(error)"
         }
         guard store else { return MadeReply(reply: reply, unstored: UnstoredReply(reason: reason)) }
+        try await storeReply(reply, reason: reason, for: item, metadata: metadata)
+        return MadeReply(reply: reply)
+    }
+
+    /// Stores a new reply on its own (with the error reason that made it, if any).
+    private func storeReply(_ reply: StoredReply, reason: String?, for item: InboxItem, metadata: Logger.Metadata) async throws {
         let now = clock.now
-        try await record("the reply", afterSend: false, metadata: metadata) { [inbox, reason] in
+        try await record("the reply", afterSend: false, metadata: metadata) { [inbox] in
             try await inbox.storeReply(reply, for: item.lease, error: reason, now: now)
         }
-        return MadeReply(reply: reply)
     }
 
     /// The engine's plan for a message; nil when deciding failed and a retry was scheduled (or, out of
@@ -418,10 +423,7 @@ public final class Dispatcher: Sendable {
             // Deciding fails only when the database does; the model path has the same retry rules.
             guard try await handleAnswerFailure(error, item: item, metadata: metadata) else { return nil }
             let reply = StoredReply(text: engine.settings.messages.reply(for: error), kind: .error, effect: .none)
-            let now = clock.now
-            try await record("the reply", afterSend: false, metadata: metadata) { [inbox] in
-                try await inbox.storeReply(reply, for: item.lease, error: "\(error)", now: now)
-            }
+            try await storeReply(reply, reason: "\(error)", for: item, metadata: metadata)
             if try await deliver(reply, for: item, metadata: metadata) { failed.increment() }
             return nil
         }
@@ -450,10 +452,7 @@ public final class Dispatcher: Sendable {
         var toStore = storing
         if let pending = toStore, index >= parts.count || uncertain >= 2 {
             // No send follows at once: the reply is stored on its own.
-            let now = clock.now
-            try await record("the reply", afterSend: false, metadata: metadata) { [inbox] in
-                try await inbox.storeReply(reply, for: item.lease, error: pending.reason, now: now)
-            }
+            try await storeReply(reply, reason: pending.reason, for: item, metadata: metadata)
             toStore = nil
         }
         while index < parts.count {

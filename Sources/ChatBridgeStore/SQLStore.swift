@@ -165,8 +165,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
             if case .sqliteFile = location, !options.reader {
                 try driver.execute("PRAGMA journal_mode = WAL", []) { _ in }
-                checkpointer = try SQLiteCheckpointer(
-                    path: path, threshold: options.checkpointPages, inlineLimit: options.checkpointPages.multipliedReportingOverflow(by: 16).overflow ? .max : options.checkpointPages * 16)
+                checkpointer = try SQLiteCheckpointer(path: path, threshold: options.checkpointPages)
                 try checkpointer?.attach(to: driver)
             }
             try driver.execute("PRAGMA synchronous = NORMAL", []) { _ in }
@@ -411,20 +410,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         return StoreError(description: describe(error))
     }
 
-    /// The closure's own error (``LeaseLost``) when it failed, else the database's.
-    private static func unwrap(_ error: PostgresTransactionError) -> any Error {
-        if let closure = error.closureError { return storeError(closure) }
-        if let failure = error.beginError ?? error.commitError ?? error.rollbackError {
-            return StoreError(description: describe(failure))
-        }
-        return StoreError(description: "PostgreSQL transaction failed")
-    }
-
     /// A PostgreSQL error as an operator can act on it (postgres-nio's own description hides everything).
     static func describe(_ error: any Error) -> String {
-        if let transaction = error as? PostgresTransactionError {
-            return describe(unwrap(transaction))
-        }
         guard let error = error as? PSQLError else {
             // The pool's own errors (no connection can be made now) are not public types.
             if String(describing: type(of: error)).contains("ConnectionPool") {
@@ -948,20 +935,23 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
     }
 
     public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, now: Date) async throws {
-        let effect = String(decoding: try Self.encoder.encode(reply.effect), as: UTF8.self)
-        try await update(lease, set: """
-            answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
-            last_error = COALESCE(\(bind: error), last_error), updated_at = \(sqlNow(now))
-            """)
+        try await update(lease, set: "\(try Self.replyColumns(reply, error: error)), updated_at = \(sqlNow(now))")
     }
 
     public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws {
-        let effect = String(decoding: try Self.encoder.encode(reply.effect), as: UTF8.self)
         try await update(lease, set: """
-            answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
-            last_error = COALESCE(\(bind: error), last_error), uncertain_sends = uncertain_sends + 1,
+            \(try Self.replyColumns(reply, error: error)), uncertain_sends = uncertain_sends + 1,
             lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))
             """)
+    }
+
+    /// The columns a stored reply sets (the error reason kept when there is none now).
+    private static func replyColumns(_ reply: StoredReply, error: String?) throws -> SQLQueryString {
+        let effect = String(decoding: try encoder.encode(reply.effect), as: UTF8.self)
+        return """
+            answer = \(bind: reply.text), reply_kind = \(bind: reply.kind.rawValue), reply_effect = \(bind: effect),
+            last_error = COALESCE(\(bind: error), last_error)
+            """
     }
 
     public func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {

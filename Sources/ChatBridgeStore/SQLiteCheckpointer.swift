@@ -21,7 +21,7 @@ import VaporCSQLite
 final class SQLiteCheckpointer: @unchecked Sendable {
     /// Pages (of 4 KiB) not yet copied that wake the checkpointer: by default SQLite's own threshold.
     let threshold: Int32
-    /// WAL pages at which the writer checkpoints itself between two batches.
+    /// WAL pages at which the writer checkpoints itself between two batches: 16 times the threshold.
     let inlineLimit: Int32
 
     private let driver: SQLiteDriver
@@ -36,8 +36,7 @@ final class SQLiteCheckpointer: @unchecked Sendable {
     private var passing = false
 
     private struct Progress {
-        /// Commits the hook saw, and the WAL's frames after the last one.
-        var commits = 0
+        /// The WAL's frames after the last commit.
         var written: Int32 = 0
         /// Times the WAL started over (a pass that began before it reports frames of the old WAL).
         var restarts = 0
@@ -58,9 +57,10 @@ final class SQLiteCheckpointer: @unchecked Sendable {
     private let progress = Mutex(Progress())
 
     /// Opens a second connection to `path`.
-    init(path: String, threshold: Int32 = 1_000, inlineLimit: Int32 = 16_000) throws {
+    init(path: String, threshold: Int32 = 1_000) throws {
         self.threshold = max(1, threshold)
-        self.inlineLimit = max(self.threshold, inlineLimit)
+        let (limit, overflow) = self.threshold.multipliedReportingOverflow(by: 16)
+        inlineLimit = overflow ? .max : limit
         driver = try SQLiteDriver(path: path)
         try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
         // Reads the header, so the connection knows the file is in WAL mode (else a checkpoint does nothing).
@@ -101,7 +101,6 @@ final class SQLiteCheckpointer: @unchecked Sendable {
                 progress.copied = 0
                 progress.stalledAt = nil
             }
-            progress.commits += 1
             progress.written = pages
             if let stalled = progress.stalledAt {
                 guard pages >= stalled + threshold else { return false }

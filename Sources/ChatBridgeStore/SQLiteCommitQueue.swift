@@ -460,7 +460,7 @@ struct DurationHistogram: Sendable, Equatable {
     private(set) var longest: Duration = .zero
 
     mutating func record(_ duration: Duration) {
-        let micros = max(0, duration.components.seconds * 1_000_000 + duration.components.attoseconds / 1_000_000_000_000)
+        let micros = max(0, Self.microseconds(duration))
         let bucket = min(buckets.count - 1, micros == 0 ? 0 : Int64.bitWidth - micros.leadingZeroBitCount)
         buckets[bucket] += 1
         count += 1
@@ -480,7 +480,9 @@ struct DurationHistogram: Sendable, Equatable {
         return 1 << (buckets.count - 1)
     }
 
-    var longestMicroseconds: Int {
-        Int(longest.components.seconds * 1_000_000 + longest.components.attoseconds / 1_000_000_000_000)
+    var longestMicroseconds: Int { Int(Self.microseconds(longest)) }
+
+    private static func microseconds(_ duration: Duration) -> Int64 {
+        duration.components.seconds * 1_000_000 + duration.components.attoseconds / 1_000_000_000_000
     }
 }

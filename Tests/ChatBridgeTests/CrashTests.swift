@@ -58,10 +58,21 @@ struct StreamSetup {
     }
 }
 
-@Suite(.serialized) struct CrashTests {
-    @Test func killedMidAnswerEveryAcceptedMessageIsAnsweredExactlyOnce() async throws {
+/// A `chatbridge serve` child against the simulators (its model answering after `firstTokenLatency`), and a
+/// client to send it signed callbacks; `restart` starts the next server on the same database.
+struct CrashRun {
+    let model: ModelSimulator
+    let dingtalk: DingTalkSimulator
+    let directory: String
+    let environment: [String: String]
+    let executable: String
+    let first: ChildServer
+    let sender: CallbackSender
+    let client: HTTPClient
+
+    static func start(firstTokenLatency: Duration) async throws -> CrashRun {
         var behaviour = ModelSimulator.Behaviour()
-        behaviour.firstTokenLatency = .milliseconds(800)
+        behaviour.firstTokenLatency = firstTokenLatency
         let model = try await ModelSimulator.start(behaviour: behaviour)
         let dingtalk = try await DingTalkSimulator.start()
         let directory = temporaryDirectory()
@@ -70,8 +81,27 @@ struct StreamSetup {
         #expect(FileManager.default.isExecutableFile(atPath: executable), "build the chatbridge executable first (swift build)")
         let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
         let port = try await first.waitUntilListening()
-        let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
-        let client = HTTPClientFactory.make()
+        return CrashRun(
+            model: model, dingtalk: dingtalk, directory: directory, environment: environment, executable: executable, first: first,
+            sender: CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret), client: HTTPClientFactory.make())
+    }
+
+    /// The next server on the same database, logging to `second.log`.
+    func restart() throws -> ChildServer {
+        try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
+    }
+
+    func stop() async {
+        try? await client.shutdown()
+        await model.stop()
+        await dingtalk.stop()
+    }
+}
+
+@Suite(.serialized) struct CrashTests {
+    @Test func killedMidAnswerEveryAcceptedMessageIsAnsweredExactlyOnce() async throws {
+        let run = try await CrashRun.start(firstTokenLatency: .milliseconds(800))
+        let (model, dingtalk, directory, first, sender, client) = (run.model, run.dingtalk, run.directory, run.first, run.sender, run.client)
         var accepted: [String] = []
         for i in 0..<12 {
             let id = "crash-\(i)"
@@ -86,7 +116,7 @@ struct StreamSetup {
         let answeredBeforeKill = dingtalk.deliveries.count
         #expect(answeredBeforeKill < 12)
 
-        let second = try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
+        let second = try run.restart()
         _ = try await second.waitUntilListening()
         #expect(await eventually(seconds: 60) { Set(dingtalk.deliveries.map(\.target)).count == 12 })
         // SIGTERM drains and exits 0; after that nothing more can be sent.
@@ -112,26 +142,15 @@ struct StreamSetup {
         let store = try await SQLStore.open(.sqliteFile(path: "\(directory)/chatbridge.sqlite"), logger: Logger(label: "t"))
         #expect(try await store.inboxRows().allSatisfy { $0.state == "answered" })
         await store.close()
-        try? await client.shutdown()
-        await model.stop()
-        await dingtalk.stop()
+        await run.stop()
     }
 
     /// Group commit under a real crash: 300 callbacks arrive at once, so their accepts share commits, and
     /// the server is killed while they still arrive. Every callback that got its 200 is answered after the
     /// restart; those that did not are the platform's to deliver again.
     @Test func killedWhileCallbacksArriveTogetherNothingAcknowledgedIsLost() async throws {
-        var behaviour = ModelSimulator.Behaviour()
-        behaviour.firstTokenLatency = .milliseconds(200)
-        let model = try await ModelSimulator.start(behaviour: behaviour)
-        let dingtalk = try await DingTalkSimulator.start()
-        let directory = temporaryDirectory()
-        let environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
-        let executable = chatbridgeExecutable()
-        let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
-        let port = try await first.waitUntilListening()
-        let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
-        let client = HTTPClientFactory.make()
+        let run = try await CrashRun.start(firstTokenLatency: .milliseconds(200))
+        let (dingtalk, directory, first, sender, client) = (run.dingtalk, run.directory, run.first, run.sender, run.client)
         let acknowledged = OrderLog()
         await withTaskGroup(of: Void.self) { group in
             for i in 0..<300 {
@@ -151,7 +170,7 @@ struct StreamSetup {
         let acked = Set(acknowledged.entries)
         #expect(acked.count >= 30)
         #expect(acked.count < 300, "the kill came after the burst")
-        let second = try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
+        let second = try run.restart()
         _ = try await second.waitUntilListening()
         #expect(await eventually(seconds: 60) { acked.isSubset(of: Set(dingtalk.deliveries.map(\.target))) })
         second.signal(SIGTERM)
@@ -160,9 +179,7 @@ struct StreamSetup {
         let stored = Set(try await store.inboxRows().map(\.messageID))
         #expect(acked.isSubset(of: stored), "acknowledged but not stored: \(acked.subtracting(stored).sorted())")
         await store.close()
-        try? await client.shutdown()
-        await model.stop()
-        await dingtalk.stop()
+        await run.stop()
     }
 
     /// The window that remains: DingTalk has accepted a reply, but the process dies before the statement

@@ -104,8 +104,14 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         try await db.raw("INSERT INTO notices (subject, last_at) VALUES (\(bind: subject), 0)").run()
     }
 
+    /// Ends the batch's transaction under it, straight on the connection (callers' own transaction control is
+    /// refused), as SQLite does after some errors (a full disk).
+    static func endTransaction(under db: any SQLDatabase) throws {
+        try (db as! SQLiteDriverDatabase).driver.execute("ROLLBACK", []) { _ in }
+    }
+
     func notice(_ store: SQLStore, _ subject: String) async throws {
-        try await store.transaction { db in try await db.raw("INSERT INTO notices (subject, last_at) VALUES (\(bind: subject), 0)").run() }
+        try await store.transaction { db in try await Self.insertNotice(subject, db) }
     }
 
     @Test func aFailingCallInTheMiddleOfABatchRollsBackOnlyItsOwnWork() async throws {
@@ -116,7 +122,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             {
                 do {
                     try await store.transaction { db in
-                        try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('half-done', 0)").run()
+                        try await Self.insertNotice("half-done", db)
                         throw GroupCommitRefusal()
                     }
                 } catch is GroupCommitRefusal {
@@ -144,8 +150,8 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
                 do {
                     try await store.transaction { db in
                         // Straight to the connection: callers' own transaction control is refused.
-                        try (db as! SQLiteDriverDatabase).driver.execute("ROLLBACK", []) { _ in }
-                        try? await db.raw("INSERT INTO notices (subject, last_at) VALUES ('autocommitted', 0)").run()
+                        try Self.endTransaction(under: db)
+                        try? await Self.insertNotice("autocommitted", db)
                     }
                 } catch is SQLiteCommitQueue.RolledBack {
                     failed.append("ended")
@@ -174,7 +180,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             {
                 do {
                     try await store.single(priority: .urgent) { db in
-                        try (db as! SQLiteDriverDatabase).driver.execute("ROLLBACK", []) { _ in }
+                        try Self.endTransaction(under: db)
                         order.append("ended")
                     }
                 } catch is SQLiteCommitQueue.RolledBack {
@@ -202,7 +208,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             {
                 do {
                     try await store.transaction { db in
-                        try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('mine', 0)").run()
+                        try await Self.insertNotice("mine", db)
                         try await db.raw("COMMIT").run()
                     }
                 } catch {
@@ -268,7 +274,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         try await runQueuedTogether(store, [
             {
                 try await store.transaction { db in
-                    try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('background 1', 0)").run()
+                    try await Self.insertNotice("background 1", db)
                     running.signal()
                     await release.wait()
                     order.append("background 1")
@@ -359,7 +365,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             try await group.waitForAll()
         }
         await #expect(throws: (any Error).self) {
-            try await reader.single { db in try await db.raw("INSERT INTO notices (subject, last_at) VALUES ('x', 0)").run() }
+            try await reader.single { db in try await Self.insertNotice("x", db) }
         }
         await reader.close()
         #expect(try await messageIDs(server) == ["m1", "m2"])
@@ -430,6 +436,23 @@ private struct GroupCommitRefusal: Error {}
 /// The WAL is copied back into the database file on a connection and thread of their own, never inside a
 /// commit of the store's connection.
 @Suite struct CheckpointTests {
+    /// Commits one notice of about 20 KB (6–7 WAL pages).
+    func writePages(_ store: SQLStore, _ subject: String, _ text: String) async throws {
+        try await store.transaction { db in
+            try await db.raw("INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: subject), 0, \(bind: text))").run()
+        }
+    }
+
+    /// The notices in the database file at `path`, read by a store opened afresh.
+    func noticesInFile(_ path: String) async throws -> Int? {
+        let reopened = try await SQLStore.open(.sqliteFile(path: path), logger: .init(label: "t"))
+        let count = try await reopened.single { db in
+            try await db.raw("SELECT COUNT(*) AS n FROM notices").first()?.decode(column: "n", as: Int.self)
+        }
+        await reopened.close()
+        return count
+    }
+
     func walPages(_ path: String) -> Int {
         let size = (try? FileManager.default.attributesOfItem(atPath: path + "-wal")[.size] as? Int) ?? 0
         return size / 4096
@@ -443,9 +466,7 @@ private struct GroupCommitRefusal: Error {}
         // About 2,500 pages written, in 25 bursts of about 100 (twice the threshold).
         for burst in 0..<25 {
             for index in burst * 20..<(burst + 1) * 20 {
-                try await store.transaction { db in
-                    try await db.raw("INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: "n\(index)"), 0, \(bind: text))").run()
-                }
+                try await writePages(store, "n\(index)", text)
             }
             // The pause between bursts, as between commits in a server: the checkpointer catches up (or leaves
             // fewer pages than its threshold).
@@ -457,12 +478,7 @@ private struct GroupCommitRefusal: Error {}
         await store.close()
         // Closing copied the rest and removed the WAL; everything is in the database file.
         #expect(!FileManager.default.fileExists(atPath: path + "-wal"))
-        let reopened = try await SQLStore.open(.sqliteFile(path: path), logger: .init(label: "t"))
-        let count = try await reopened.single { db in
-            try await db.raw("SELECT COUNT(*) AS n FROM notices").first()?.decode(column: "n", as: Int.self)
-        }
-        #expect(count == 500)
-        await reopened.close()
+        #expect(try await noticesInFile(path) == 500)
     }
 
     @Test func aWriterThatNeverPausesCheckpointsItselfAtTheLimit() async throws {
@@ -474,9 +490,7 @@ private struct GroupCommitRefusal: Error {}
         checkpointer.holdForTesting()
         let text = String(repeating: "y", count: 20_000)
         for index in 0..<200 {
-            try await store.transaction { db in
-                try await db.raw("INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: "n\(index)"), 0, \(bind: text))").run()
-            }
+            try await writePages(store, "n\(index)", text)
         }
         #expect(checkpointer.inlineCheckpoints > 0)
         #expect(walPages(path) < 160 + 20, "WAL of \(walPages(path)) pages")
@@ -496,9 +510,7 @@ private struct GroupCommitRefusal: Error {}
             for writer in 0..<16 {
                 group.addTask {
                     for index in 0..<25 {
-                        try await store.transaction { db in
-                            try await db.raw("INSERT INTO notices (subject, last_at, message_key) VALUES (\(bind: "w\(writer)-\(index)"), 0, \(bind: text))").run()
-                        }
+                        try await writePages(store, "w\(writer)-\(index)", text)
                     }
                 }
             }
@@ -508,11 +520,6 @@ private struct GroupCommitRefusal: Error {}
         let largest = try #require(store.commitQueue?.statistics.largestBatch)
         #expect(walPages(path) < 320 + 8 * largest, "WAL of \(walPages(path)) pages, largest batch \(largest)")
         await store.close()
-        let reopened = try await SQLStore.open(.sqliteFile(path: path), logger: .init(label: "t"))
-        let count = try await reopened.single { db in
-            try await db.raw("SELECT COUNT(*) AS n FROM notices").first()?.decode(column: "n", as: Int.self)
-        }
-        #expect(count == 400)
-        await reopened.close()
+        #expect(try await noticesInFile(path) == 400)
     }
 }
