@@ -161,7 +161,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         var checkpointer: SQLiteCheckpointer?
         do {
             driver = try SQLiteDriver(path: path)
-            // A reader changes nothing, not even the journal mode (which would write to the file).
+            // A reader changes nothing, not even the journal mode (which would write to the file). (Closing it
+            // when it is the file's last connection still copies back and removes the WAL, as SQLite does.)
             if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
             if case .sqliteFile = location, !options.reader {
                 try driver.execute("PRAGMA journal_mode = WAL", []) { _ in }

@@ -260,6 +260,17 @@ struct SQLiteDriverDatabase: SQLDatabase {
     private static let encoder = SQLiteDataEncoder()
 
     static func controlsTransaction(_ sql: String) -> Bool {
+        // Checked on every statement inside a batch: the usual ones (SELECT, INSERT, UPDATE, WITH, DELETE) are
+        // told apart by their first two letters without allocating.
+        var letters = sql.utf8.lazy.drop { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\n") || $0 == UInt8(ascii: "\t") }.makeIterator()
+        guard let a = letters.next(), let b = letters.next() else { return false }
+        switch (a | 0x20, b | 0x20) {  // lower case
+        case (UInt8(ascii: "b"), UInt8(ascii: "e")), (UInt8(ascii: "c"), UInt8(ascii: "o")), (UInt8(ascii: "e"), UInt8(ascii: "n")),
+             (UInt8(ascii: "s"), UInt8(ascii: "a")), (UInt8(ascii: "r"), UInt8(ascii: "e")), (UInt8(ascii: "r"), UInt8(ascii: "o")):
+            break
+        default:
+            return false
+        }
         let words = sql.prefix(40).uppercased().split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" || $0 == ";" })
         guard let first = words.first else { return false }
         switch first {

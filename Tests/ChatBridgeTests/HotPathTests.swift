@@ -172,3 +172,16 @@ extension PreparedStatementTests {
         #expect(throws: OpenAIChatModel.RequestBody.NotFinite.self) { try body.json() }
     }
 }
+
+/// Which statements count as a caller's own transaction control inside a batch (refused there).
+@Suite struct TransactionControlTests {
+    @Test(arguments: [
+        ("BEGIN", true), ("begin immediate", true), ("  COMMIT;", true), ("\nEnd", true), ("SAVEPOINT x", true), ("release x", true),
+        ("ROLLBACK", true), ("rollback;", true), ("ROLLBACK TO x", false), ("ROLLBACK TRANSACTION TO x", false),
+        ("SELECT 1", false), ("INSERT INTO notices VALUES (1)", false), ("UPDATE inbox SET a = 1", false), ("WITH x AS (SELECT 1) SELECT 1", false),
+        ("DELETE FROM inbox", false), ("REPLACE INTO t VALUES (1)", false), ("", false), ("B", false), ("SET x", false),
+    ])
+    func statementsThatBeginEndOrMarkATransaction(_ sql: String, _ controls: Bool) {
+        #expect(SQLiteDriverDatabase.controlsTransaction(sql) == controls)
+    }
+}
