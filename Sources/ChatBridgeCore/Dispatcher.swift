@@ -35,7 +35,7 @@ public struct DispatcherSettings: Sendable, Equatable {
 ///
 /// Exactly once: every claim has its own lease token and every write on the row is conditional on it
 /// (``LeaseLost`` stops the attempt before it sends anything more). Each send is immediately preceded by
-/// ``Inbox/beginSend(_:leaseUntil:now:)``, so a send whose outcome is unknown is known to be unknown;
+/// ``Inbox/beginSend(_:uncertainSends:leaseUntil:now:)``, so a send whose outcome is unknown is known to be unknown;
 /// after a send succeeded only the bookkeeping is retried, never the send. `docs/architecture.md` walks
 /// through what a crash at each step leaves behind.
 public final class Dispatcher: Sendable {
@@ -472,13 +472,14 @@ public final class Dispatcher: Sendable {
             }
             let now = clock.now
             if let pending = toStore {
-                try await record("the reply and the start of its send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease] in
-                    try await inbox.storeReply(reply, for: item.lease, error: pending.reason, beginningSendUntil: now.adding(lease), now: now)
+                try await record("the reply and the start of its send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease, uncertain] in
+                    try await inbox.storeReply(
+                        reply, for: item.lease, error: pending.reason, beginningSendUntil: now.adding(lease), uncertainSends: uncertain + 1, now: now)
                 }
                 toStore = nil
             } else {
-                try await record("the start of a send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease] in
-                    try await inbox.beginSend(item.lease, leaseUntil: now.adding(lease), now: now)
+                try await record("the start of a send", afterSend: false, metadata: partMetadata) { [inbox, lease = settings.lease, uncertain] in
+                    try await inbox.beginSend(item.lease, uncertainSends: uncertain + 1, leaseUntil: now.adding(lease), now: now)
                 }
             }
             do {

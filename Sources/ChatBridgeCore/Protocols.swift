@@ -385,8 +385,10 @@ public protocol Inbox: Sendable {
     /// Stores the reply before it is delivered; `error` is recorded as the reason when it is an error reply.
     func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, now: Date) async throws
     /// Records that the next part is about to be sent (its outcome is unknown until recorded) and extends
-    /// the lease to `leaseUntil`. Called immediately before every send.
-    func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws
+    /// the lease to `leaseUntil`. Called immediately before every send. `uncertainSends` is the count of
+    /// sends of this part with an unknown outcome, this one included: written as a value, not added, so a
+    /// write that committed but was reported failed and is then repeated counts the send once.
+    func beginSend(_ lease: Lease, uncertainSends: Int, leaseUntil: Date, now: Date) async throws
     /// Records how far the message's live reply got (shown, or refused by the platform), with the
     /// platform's reference to it when there is a new one (nil keeps the recorded one). Recording
     /// `declined` also counts the current attempt as the first (`attempts = 1`): the whole-message route
@@ -395,7 +397,9 @@ public protocol Inbox: Sendable {
     /// `storeReply` and then `beginSend` in one write: a new reply stored as its first part is about to be
     /// sent (one store call fewer per answer; `SQLStore` writes both or neither in one statement, the default
     /// makes the two writes one after the other, each of which may be repeated).
-    func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws
+    func storeReply(
+        _ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, uncertainSends: Int, now: Date
+    ) async throws
     /// Records that the first `parts` parts of the reply were delivered.
     func recordDelivered(_ lease: Lease, parts: Int, now: Date) async throws
     /// The whole reply was delivered: marks the row answered (or failed, for an error reply) and applies
@@ -414,8 +418,10 @@ public protocol Inbox: Sendable {
 }
 
 extension Inbox {
-    public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws {
+    public func storeReply(
+        _ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, uncertainSends: Int, now: Date
+    ) async throws {
         try await storeReply(reply, for: lease, error: error, now: now)
-        try await beginSend(lease, leaseUntil: leaseUntil, now: now)
+        try await beginSend(lease, uncertainSends: uncertainSends, leaseUntil: leaseUntil, now: now)
     }
 }

@@ -939,9 +939,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
         try await update(lease, set: "\(try Self.replyColumns(reply, error: error)), updated_at = \(sqlNow(now))")
     }
 
-    public func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws {
+    public func storeReply(
+        _ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, uncertainSends: Int, now: Date
+    ) async throws {
         try await update(lease, set: """
-            \(try Self.replyColumns(reply, error: error)), uncertain_sends = uncertain_sends + 1,
+            \(try Self.replyColumns(reply, error: error)), uncertain_sends = \(bind: uncertainSends),
             lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))
             """)
     }
@@ -955,9 +957,9 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             """
     }
 
-    public func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
+    public func beginSend(_ lease: Lease, uncertainSends: Int, leaseUntil: Date, now: Date) async throws {
         try await update(lease, set: """
-            uncertain_sends = uncertain_sends + 1, lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))
+            uncertain_sends = \(bind: uncertainSends), lease_expires_at = \(sqlTime(leaseUntil, now: now)), updated_at = \(sqlNow(now))
             """)
     }
 

@@ -225,13 +225,41 @@ final class DispatcherFixture: @unchecked Sendable {
         await f.stop()
     }
 
+    @Test func aSendBegunInAWriteWhoseResultWasLostIsCountedOnce() async throws {
+        // The write that stores the reply and begins its send commits, but its caller is told it failed (a
+        // PostgreSQL call past its time limit) and repeats it. The send is then uncertain: it still gets its
+        // one more try, because the repeated write did not count the send twice.
+        let f = DispatcherFixture(maxAttempts: 5)
+        await f.inbox.loseNextResult(of: .storeReplyAndBeginSend)
+        f.replies.script(.uncertain, .delivered)
+        let id = try await f.accept("m1", "question")
+        f.start()
+        #expect(await f.advance(by: .seconds(5)) { await f.state(id) == "answered" })
+        #expect(await f.inbox.failuresFired == [.storeReplyAndBeginSend])
+        #expect(f.replies.attempts == ["Answer to: question", "Answer to: question"])
+        await f.stop()
+    }
+
+    @Test func aRetriedSendBegunInAWriteWhoseResultWasLostIsCountedOnce() async throws {
+        let f = DispatcherFixture(maxAttempts: 5)
+        f.replies.script(.failed(retryable: true), .uncertain, .delivered)
+        let id = try await f.accept("m1", "question")
+        // The first send fails for sure; its retry begins the send again in a write whose result is lost.
+        await f.inbox.loseNextResult(of: .beginSend)
+        f.start()
+        #expect(await f.advance(by: .seconds(5)) { await f.state(id) == "answered" })
+        #expect(await f.inbox.failuresFired == [.beginSend])
+        #expect(f.replies.attempts.count == 3)
+        await f.stop()
+    }
+
     @Test func aClaimThatFindsTwoUncertainSendsSendsNothing() async throws {
         let f = DispatcherFixture()
         let id = try await f.accept("m1", "question")
         let lease = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 3, now: f.clock.now)[0].lease
         try await f.inbox.storeReply(StoredReply(text: "stored", kind: .answer, effect: .none), for: lease, error: nil, now: f.clock.now)
-        try await f.inbox.beginSend(lease, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
-        try await f.inbox.beginSend(lease, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
+        try await f.inbox.beginSend(lease, uncertainSends: 1, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
+        try await f.inbox.beginSend(lease, uncertainSends: 2, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
         _ = try await f.inbox.reclaimRunning(now: f.clock.now, maxAttempts: 3)
         f.start()
         #expect(await eventually { await f.state(id) == "failed" })
@@ -310,7 +338,7 @@ final class DispatcherFixture: @unchecked Sendable {
         let claimed = try await f.inbox.claim(limit: 1, owner: "dead", leaseUntil: f.clock.now.adding(.seconds(30)), maxAttempts: 3, now: f.clock.now)
         let lease = claimed[0].lease
         try await f.inbox.storeReply(StoredReply(text: "stored", kind: .answer, effect: .none), for: lease, error: nil, now: f.clock.now)
-        try await f.inbox.beginSend(lease, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
+        try await f.inbox.beginSend(lease, uncertainSends: 1, leaseUntil: f.clock.now.adding(.seconds(30)), now: f.clock.now)
         _ = try await f.inbox.reclaimRunning(now: f.clock.now, maxAttempts: 3)
         // The one more try is allowed (and logged as a possible duplicate); the model is not asked again.
         f.start()

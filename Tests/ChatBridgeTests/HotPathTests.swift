@@ -100,10 +100,10 @@ extension PreparedStatementTests {
         // A stale token changes nothing.
         await #expect(throws: LeaseLost.self) {
             try await store.storeReply(reply, for: Lease(id: item.lease.id, token: "stale"), error: nil,
-                                       beginningSendUntil: now.addingTimeInterval(60), now: now)
+                                       beginningSendUntil: now.addingTimeInterval(60), uncertainSends: 1, now: now)
         }
         #expect(try await store.inboxRows().first?.answer == nil)
-        try await store.storeReply(reply, for: item.lease, error: "the model refused", beginningSendUntil: now.addingTimeInterval(60), now: now)
+        try await store.storeReply(reply, for: item.lease, error: "the model refused", beginningSendUntil: now.addingTimeInterval(60), uncertainSends: 1, now: now)
         let row = try #require(try await store.inboxRows().first)
         #expect(row.answer == "the answer")
         #expect(row.lastError == "the model refused")

@@ -115,7 +115,7 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
             question: Turn(role: .user, content: "q", createdAt: now), answer: Turn(role: .assistant, content: "stale", createdAt: now)))
         let writes: [(String, () async throws -> Void)] = [
             ("storeReply", { try await store.storeReply(reply, for: old.lease, error: nil, now: now) }),
-            ("beginSend", { try await store.beginSend(old.lease, leaseUntil: now.addingTimeInterval(300), now: now) }),
+            ("beginSend", { try await store.beginSend(old.lease, uncertainSends: 1, leaseUntil: now.addingTimeInterval(300), now: now) }),
             ("recordDelivered", { try await store.recordDelivered(old.lease, parts: 3, now: now) }),
             ("finish", { try await store.finish(old.lease, reply: reply, conversation: old.conversation, now: now) }),
             ("scheduleRetry", { try await store.scheduleRetry(old.lease, notBefore: now, error: "x", lastSendFailed: true, now: now) }),
@@ -128,7 +128,10 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
         #expect(try await store.inboxRows() == before)
         #expect(try await store.recentTurns(old.conversation, limit: 10).isEmpty)
         // The current claim still works.
-        try await store.beginSend(current.lease, leaseUntil: now.addingTimeInterval(120), now: now)
+        try await store.beginSend(current.lease, uncertainSends: 1, leaseUntil: now.addingTimeInterval(120), now: now)
+        #expect(try await store.inboxRows()[0].uncertainSends == 1)
+        // Repeated (its first result lost), it still counts the send once.
+        try await store.beginSend(current.lease, uncertainSends: 1, leaseUntil: now.addingTimeInterval(120), now: now)
         #expect(try await store.inboxRows()[0].uncertainSends == 1)
         await store.close()
     }
@@ -248,7 +251,7 @@ func inboxMessage(_ id: String, chat: String = "c1", user: String = "u1") -> Inb
         let released = try await store.releaseExpiredLeases(now: later, maxAttempts: 1, keeping: [claimed[0].lease])
         #expect(released == ReleasedClaims(gaveUp: 1))
         #expect(try await store.inboxRows().map(\.state) == ["running", "failed"])
-        try await store.beginSend(claimed[0].lease, leaseUntil: later.addingTimeInterval(30), now: later)
+        try await store.beginSend(claimed[0].lease, uncertainSends: 1, leaseUntil: later.addingTimeInterval(30), now: later)
         await store.close()
     }
 

@@ -315,22 +315,36 @@ actor InMemoryInbox: Inbox {
         written.append(.storeReply)
     }
 
-    func beginSend(_ lease: Lease, leaseUntil: Date, now: Date) async throws {
+    func beginSend(_ lease: Lease, uncertainSends: Int, leaseUntil: Date, now: Date) async throws {
         let index = try index(lease, .beginSend)
-        rows[index].uncertainSends += 1
+        rows[index].uncertainSends = uncertainSends
         rows[index].leaseExpires = leaseUntil
         written.append(.beginSend)
+        try loseResultIfAsked(.beginSend)
     }
 
     /// Both or neither, as the store does; failures injected for either write fail it.
-    func storeReply(_ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, now: Date) async throws {
+    func storeReply(
+        _ reply: StoredReply, for lease: Lease, error: String?, beginningSendUntil leaseUntil: Date, uncertainSends: Int, now: Date
+    ) async throws {
         try maybeFail(.beginSend)
         let index = try index(lease, .storeReply)
         rows[index].reply = reply
         if let error { rows[index].lastError = error }
-        rows[index].uncertainSends += 1
+        rows[index].uncertainSends = uncertainSends
         rows[index].leaseExpires = leaseUntil
         written.append(.storeReplyAndBeginSend)
+        try loseResultIfAsked(.storeReplyAndBeginSend)
+    }
+
+    /// The next call of `operation` commits, then fails as a call given up after its commit would (a
+    /// PostgreSQL call past its time limit): the caller sees an error for a write that happened.
+    func loseNextResult(of operation: Operation) { losingResult.insert(operation) }
+    private var losingResult: Set<Operation> = []
+    private func loseResultIfAsked(_ operation: Operation) throws {
+        guard losingResult.remove(operation) != nil else { return }
+        failuresFired.append(operation)
+        throw Injected()
     }
 
     func recordLive(_ lease: Lease, state: LiveReplyState, reference: String?, now: Date) async throws {
