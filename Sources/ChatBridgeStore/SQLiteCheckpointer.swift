@@ -66,9 +66,10 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
         // Reads the header, so the connection knows the file is in WAL mode (else a checkpoint does nothing).
         try driver.execute("PRAGMA journal_mode = WAL", []) { _ in }
-        let thread = Thread { [self] in loop() }
-        thread.name = "chatbridge-sqlite-checkpoint"
-        thread.start()
+        Thread { [self] in
+            nameCurrentThread("cb-checkpoint")
+            loop()
+        }.start()
     }
 
     /// Passes run by the checkpointer, and completed checkpoints by the writer, for tests and diagnostics.

@@ -466,9 +466,10 @@ final class SQLiteThread: TaskExecutor, @unchecked Sendable {
     private var thread: pthread_t?
 
     init() {
-        let thread = Thread { [self] in loop() }
-        thread.name = "chatbridge-sqlite"
-        thread.start()
+        Thread { [self] in
+            nameCurrentThread("cb-sqlite")
+            loop()
+        }.start()
     }
 
     func enqueue(_ job: consuming ExecutorJob) {
@@ -548,4 +549,14 @@ struct DurationHistogram: Sendable, Equatable {
     private static func microseconds(_ duration: Duration) -> Int64 {
         duration.components.seconds * 1_000_000 + duration.components.attoseconds / 1_000_000_000_000
     }
+}
+
+/// Names the calling thread for `top -H`, `perf` and /proc (at most 15 bytes; Linux only). Without it a
+/// thread keeps the name of the thread that started it, such as an event loop's.
+func nameCurrentThread(_ name: String) {
+    #if os(Linux)
+    guard let file = fopen("/proc/thread-self/comm", "w") else { return }
+    fputs(String(name.utf8.prefix(15))!, file)
+    fclose(file)
+    #endif
 }

@@ -1,0 +1,43 @@
+import AsyncHTTPClient
+import ChatBridgeSimulators
+import Foundation
+import Testing
+
+/// How `chatbridge` sizes its threads to the CPUs it may use (`ChatBridgeCommand.main`).
+@Suite(.serialized) struct ExecutorTests {
+    /// The names of the process's threads (Linux).
+    func threadNames(of pid: Int32) -> [String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.compactMap { try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8) }
+            .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+    }
+
+    @Test func onOneUsableCPUTheServerRunsOneEventLoopAndAnswersOnIt() async throws {
+        let taskset = "/usr/bin/taskset"
+        try #require(FileManager.default.isExecutableFile(atPath: taskset), "needs taskset (util-linux)")
+        let model = try await ModelSimulator.start()
+        let dingtalk = try await DingTalkSimulator.start()
+        let client = HTTPClientFactory.make()
+        let directory = temporaryDirectory()
+        let server = try ChildServer(
+            executable: taskset, environment: serverEnvironment(directory: directory, model: model, dingtalk: dingtalk),
+            logPath: directory + "/server.log", arguments: ["-c", "0", chatbridgeExecutable(), "serve"])
+        let port = try await server.waitUntilListening()
+        // One event loop for one CPU (NIO alone would start one per CPU of the machine), and the store's two
+        // threads under names of their own.
+        let names = threadNames(of: server.process.processIdentifier)
+        #expect(names.filter { $0.hasPrefix("NIO-SGLTN-") }.count == 1, "\(names)")
+        #expect(names.contains("cb-sqlite"))
+        // Swift concurrency's jobs run on that loop: a message is still accepted and answered once.
+        let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
+        let body = sender.body(messageID: "one-cpu", text: "hello", conversationID: "cid==", senderStaffID: "u1", webhook: dingtalk.webhookURL(session: "one-cpu"))
+        #expect(try await sender.post(body, client: client).status == 200)
+        #expect(await eventually(seconds: 30) { dingtalk.deliveries.count == 1 })
+        server.signal(SIGTERM)
+        #expect(await server.wait() == 0)
+        #expect(dingtalk.deliveries.count == 1)
+        try? await client.shutdown()
+        await model.stop()
+        await dingtalk.stop()
+    }
+}
