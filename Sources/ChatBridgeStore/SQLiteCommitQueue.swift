@@ -29,8 +29,8 @@ import Synchronization
 ///
 /// Measured with `chatbridge bench` (README): with a commit per store call (7 per answer) the commit path
 /// (WAL frames, checkpoints, file locks) was the largest part of the store's CPU. Running batches on their
-/// own thread lets the work that arrives meanwhile share the next commit; a caller pays the hop to that
-/// thread and back once per call, not per statement.
+/// own thread lets the work that arrives meanwhile share the next commit; a queued caller pays the hop to
+/// that thread and back once per call, not per statement, and a lone caller none.
 final class SQLiteCommitQueue: Sendable {
     enum Priority: Sendable {
         case urgent
@@ -108,6 +108,8 @@ final class SQLiteCommitQueue: Sendable {
         /// A caller is running its call on its own thread (the committer is parked meanwhile, and is woken
         /// only once that call is done).
         var inlineRunning = false
+        /// A call run on its caller's thread left the writer's own checkpoint due: the committer does it.
+        var checkpointRequested = false
         var statistics = Statistics()
         /// Urgent batches run in a row while background work waited: after ``urgentStreakLimit`` of them
         /// background work goes next, so a steady stream of acknowledgements never starves the answering
@@ -163,8 +165,9 @@ final class SQLiteCommitQueue: Sendable {
         return try await perform(.background) { _ in driver.reprepares }
     }
 
-    /// For tests: drops the connection as a crash would, without committing what the running batch did.
-    /// Only while that batch is suspended in a caller's work, so nothing else is using the connection.
+    /// For tests: drops the connection as a crash would, without committing what the running batch (or the
+    /// lone call running on its caller's thread) did. Only while that work is suspended in a caller's body,
+    /// so nothing else is using the connection.
     func dropConnectionForTesting() { driver.close() }
 
     /// Runs `body` in a transaction (its own, or a savepoint of a shared one) and returns its result once
@@ -197,22 +200,30 @@ final class SQLiteCommitQueue: Sendable {
     }
 
     /// Runs `entry` alone, in a transaction of its own, on the caller's thread; then hands the connection
-    /// back, waking the committer for whatever queued meanwhile.
+    /// back, waking the committer for whatever queued meanwhile, or for the writer's own checkpoint when one
+    /// is due (the caller does not wait for it).
     private func runInline(_ entry: Entry) async {
         let began = ContinuousClock.Instant.now
         entry.queuedAt = began
         let (ran, failed) = await Self.$running.withValue(ObjectIdentifier(self)) { await run([entry], whole: true) }
+        // A lone entry is always run or failed, never handed back: it has no waker to be queued with.
+        assert(ran == 1)
         record([entry], ran: ran, failed: failed, began: began)
-        checkpointer?.checkpointOnWriterIfDue(driver)
+        let checkpointDue = checkpointer?.writerCheckpointDue ?? false
         let committer = state.withLock { state -> CheckedContinuation<Void, Never>? in
             state.inlineRunning = false
             state.statistics.inline += 1
-            guard state.waiting > 0 else { return nil }
+            if checkpointDue { state.checkpointRequested = true }
+            guard state.waiting > 0 || checkpointDue else { return nil }
             defer { state.idle = nil }
             return state.idle
         }
         committer?.resume()
     }
+
+    /// Whether the committer is parked, waiting for work (for tests: a call made now runs on its caller's
+    /// thread).
+    var isParked: Bool { state.withLock { $0.idle != nil && !$0.inlineRunning } }
 
     /// Closes the connection after the urgent work queued before; later calls fail with ``Closed``.
     func close() async {
@@ -255,6 +266,10 @@ final class SQLiteCommitQueue: Sendable {
     private func commitLoop() async {
         while true {
             let (batch, whole) = await nextBatch()
+            if batch.isEmpty {
+                checkpointer?.checkpointOnWriterIfDue(driver)
+                continue
+            }
             if let closing = batch.last, closing.kind == .close {
                 let before = Array(batch.dropLast())
                 if !before.isEmpty {
@@ -322,11 +337,17 @@ final class SQLiteCommitQueue: Sendable {
 
     /// The next batch: the urgent work waiting, alone (a close request ends it); else background work, which
     /// may be cut short for urgent work unless it is background work's turn after an urgent streak (`whole`).
+    /// Empty when the committer is to run the writer's checkpoint a lone call left due.
     private func nextBatch() async -> (entries: [Entry], whole: Bool) {
         while true {
-            let batch = state.withLock { state -> (entries: [Entry], whole: Bool) in
+            let batch = state.withLock { state -> (entries: [Entry], whole: Bool, checkpoint: Bool) in
                 var batch: [Entry] = []
-                guard !state.inlineRunning else { return (batch, true) }
+                guard !state.inlineRunning else { return (batch, true, false) }
+                // The writer's checkpoint a lone call left due, unless an acknowledgement waits.
+                if state.checkpointRequested && state.urgent.isEmpty {
+                    state.checkpointRequested = false
+                    return (batch, true, true)
+                }
                 // Urgent work and background work never share a batch: an acknowledgement never waits for a
                 // batch of answering work committed with it. They alternate while both wait.
                 let backgroundsTurn = state.urgentStreak >= Self.urgentStreakLimit && !state.background.isEmpty
@@ -334,7 +355,7 @@ final class SQLiteCommitQueue: Sendable {
                 if !backgroundsTurn {
                     while batch.count < batchLimit, let next = state.urgent.first {
                         batch.append(state.urgent.removeFirst())
-                        if next.kind == .close { return (batch, true) }
+                        if next.kind == .close { return (batch, true, false) }
                     }
                 }
                 if !batch.isEmpty { state.urgentStreak = state.background.isEmpty ? 0 : state.urgentStreak + 1 }
@@ -344,14 +365,14 @@ final class SQLiteCommitQueue: Sendable {
                     }
                     // Its turn is taken (whether or not its transaction then fails, urgent work goes next).
                     if backgroundsTurn { state.urgentStreak = 0 }
-                    return (batch, backgroundsTurn)
+                    return (batch, backgroundsTurn, false)
                 }
-                return (batch, true)
+                return (batch, true, false)
             }
-            if !batch.entries.isEmpty { return batch }
+            if !batch.entries.isEmpty || batch.checkpoint { return (batch.entries, batch.whole) }
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let ready = state.withLock { state -> Bool in
-                    if state.waiting > 0 && !state.inlineRunning { return true }
+                    if (state.waiting > 0 || state.checkpointRequested) && !state.inlineRunning { return true }
                     state.idle = continuation
                     return false
                 }
@@ -457,7 +478,8 @@ final class SQLiteCommitQueue: Sendable {
 
 /// The thread the SQLite connection is used on for batches: a task executor running one job at a time, so
 /// the committer's work (and the callers' statements inside it) never blocks the shared concurrency pool.
-/// (A lone call on an idle connection runs on its caller's thread instead: one short transaction.)
+/// (A lone call on an idle connection runs on its caller's thread instead: one short transaction, which a
+/// busy database can hold up to its 5 s `busy_timeout`; never on an event loop.)
 final class SQLiteThread: TaskExecutor, @unchecked Sendable {
     private let condition = NSCondition()
     private var jobs: [UnownedJob] = []
@@ -556,7 +578,7 @@ struct DurationHistogram: Sendable, Equatable {
 func nameCurrentThread(_ name: String) {
     #if os(Linux)
     guard let file = fopen("/proc/thread-self/comm", "w") else { return }
-    fputs(String(name.utf8.prefix(15))!, file)
+    fputs(String(name.prefix(15)), file)
     fclose(file)
     #endif
 }

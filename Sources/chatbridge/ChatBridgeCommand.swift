@@ -28,7 +28,9 @@ struct ChatBridgeCommand: AsyncParsableCommand {
     /// also run on that event loop instead of a thread pool of their own: on one CPU a second pool adds only
     /// hand-offs between threads (`chatbridge bench` pinned to one CPU: about 15% less CPU per answer and a
     /// lower acknowledgement p99). With more CPUs the pool stays separate: there, handlers sharing the
-    /// event loops with a thousand model streams made acknowledgements slower at 500 callbacks/s.
+    /// event loops with a thousand model streams made acknowledgements slower at 500 callbacks/s. (One loop
+    /// also follows from a CPU quota of one or `NIO_SINGLETON_GROUP_LOOP_COUNT=1`. NIO takes over the global
+    /// queue, not delayed jobs: a job resumed after a sleep may still start on a libdispatch thread.)
     /// `CHATBRIDGE_EXECUTOR=event-loops` or `=pool` overrides the choice (read at start only; not a YAML key).
     static func main() async {
         let environment = ProcessInfo.processInfo.environment
@@ -42,11 +44,15 @@ struct ChatBridgeCommand: AsyncParsableCommand {
         case "pool": onEventLoops = false
         default: onEventLoops = NIOSingletons.groupLoopCountSuggestion == 1
         }
-        if onEventLoops {
-            NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+        if onEventLoops, NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor() {
+            executor = "event-loops"
         }
         await main(nil)
     }
+
+    /// Where Swift concurrency's jobs run (`pool` or `event-loops`), logged when the server starts. Set once,
+    /// in `main`, before anything reads it.
+    nonisolated(unsafe) static var executor = "pool"
 
     /// The number of CPUs in this process's affinity mask (`Cpus_allowed` in /proc/self/status), or nil
     /// where it cannot be read.
@@ -111,6 +117,7 @@ struct Serve: AsyncParsableCommand {
             app = try await buildApplication(configuration: configuration, logger: logger, metrics: metrics) { port in
                 logger.notice("chatbridge listening on http://\(host):\(port)", metadata: [
                     "port": "\(port)", "database": "\(configuration.maskedDatabaseURL)", "model": "\(configuration.llm.model)",
+                    "event_loops": "\(NIOSingletons.groupLoopCountSuggestion)", "executor": "\(ChatBridgeCommand.executor)",
                 ])
             }
         } catch {

@@ -327,6 +327,8 @@ final class DispatcherFixture: @unchecked Sendable {
         #expect(f.replies.attempts.count == 2)
         #expect(f.model.calls == 1)
         #expect(await f.inbox.row(id)?.lastError?.contains("uncertain") == true)
+        // The one more try was recorded as the second uncertain send: a crash during it sends nothing more.
+        #expect(await f.inbox.row(id)?.uncertainSends == 2)
         #expect(await f.inbox.effects.isEmpty)
         await f.stop()
     }

@@ -19,10 +19,16 @@ import Testing
         let dingtalk = try await DingTalkSimulator.start()
         let client = HTTPClientFactory.make()
         let directory = temporaryDirectory()
+        // One of the CPUs this test may use itself.
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        let allowed = try #require(status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") })
+        let cpu = String(allowed.dropFirst("Cpus_allowed_list:".count).trimmingCharacters(in: .whitespaces).prefix { $0.isNumber })
         let server = try ChildServer(
             executable: taskset, environment: serverEnvironment(directory: directory, model: model, dingtalk: dingtalk),
-            logPath: directory + "/server.log", arguments: ["-c", "0", chatbridgeExecutable(), "serve"])
+            logPath: directory + "/server.log", arguments: ["-c", cpu, chatbridgeExecutable(), "serve"])
         let port = try await server.waitUntilListening()
+        let log = try String(contentsOfFile: directory + "/server.log", encoding: .utf8)
+        #expect(log.contains("event_loops=1 ") && log.contains("executor=event-loops "))
         // One event loop for one CPU (NIO alone would start one per CPU of the machine), and the store's two
         // threads under names of their own.
         let names = threadNames(of: server.process.processIdentifier)

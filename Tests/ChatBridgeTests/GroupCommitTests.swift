@@ -35,6 +35,8 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
     @Test func aLoneCallRunsAtOnceInACommitOfItsOwn() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         let queue = try #require(store.commitQueue)
+        // (The committer starts on a thread of its own: until it waits for work, a call queues for it.)
+        #expect(await eventually { queue.isParked })
         let before = queue.statistics
         #expect(try await store.accept(inboxMessage("m1"), conversation: conversation, now: Date()) == .accepted)
         let after = queue.statistics
@@ -47,6 +49,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         #expect(after.commit.count == before.commit.count + 1)
         // It ran on its caller's thread: no hand-off to the connection's thread and back.
         #expect(after.inline == before.inline + 1)
+        #expect(await eventually { queue.isParked })
         #expect(try await store.single { _ in queue.onConnectionThread } == false)
         await store.close()
     }
@@ -55,6 +58,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         let queue = try #require(store.commitQueue)
         let release = OneTimeEvent()
+        #expect(await eventually { queue.isParked })
         let before = queue.statistics
         try await withThrowingTaskGroup(of: Void.self) { group in
             await hold(store, until: release, group: &group)
@@ -80,6 +84,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             #expect(after.largestBatch == 2)
         }
         // With the connection idle again, the next call runs on its caller's thread once more.
+        #expect(await eventually { queue.isParked })
         #expect(try await store.single { _ in queue.onConnectionThread } == false)
         #expect(queue.statistics.inline == before.inline + 2)
         await store.close()
@@ -89,7 +94,8 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         let queue = try #require(store.commitQueue)
         // With Swift concurrency on the event loops (one CPU), a commit stalled by the disk must not stall
-        // the loop's connections: such a caller never takes the connection itself.
+        // the loop's connections: such a caller never takes the connection itself, even when it is idle.
+        #expect(await eventually { queue.isParked })
         #expect(try await MultiThreadedEventLoopGroup.singleton.next().submit { queue.takeConnection() }.get() == false)
         #expect(queue.waiting == 0)
         #expect(try await store.counts() == InboxCounts())
@@ -101,10 +107,12 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         let queue = try #require(store.commitQueue)
         let release = OneTimeEvent()
         let closed = OneTimeEvent()
+        _ = try await store.accept(inboxMessage("held"), conversation: conversation, now: Date())
+        #expect(await eventually { queue.isParked })
+        let before = queue.statistics
         try await withThrowingTaskGroup(of: Void.self) { group in
             let holding = OneTimeEvent()
             group.addTask {
-                _ = try await store.accept(inboxMessage("held"), conversation: conversation, now: Date())
                 try await store.single { _ in
                     holding.signal()
                     await release.wait()
@@ -121,6 +129,8 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
             try await group.waitForAll()
         }
         #expect(closed.hasHappened)
+        // The held call was one its caller ran itself.
+        #expect(queue.statistics.inline == before.inline + 1)
         await #expect(throws: SQLiteCommitQueue.Closed.self) { _ = try await store.counts() }
     }
 
