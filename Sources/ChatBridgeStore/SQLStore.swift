@@ -239,8 +239,7 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
                 lock?.release()
                 let statistics = queue.statistics
                 logger.notice("closed the SQLite database", metadata: [
-                    "commits": "\(statistics.batches)", "calls": "\(statistics.operations)", "inline": "\(statistics.inline)",
-                    "largest_batch": "\(statistics.largestBatch)",
+                    "commits": "\(statistics.batches)", "calls": "\(statistics.operations)", "largest_batch": "\(statistics.largestBatch)",
                     "cut_short": "\(statistics.cutShort)", "requeued_after_failure": "\(statistics.requeuedAfterFailure)",
                     "urgent_wait_p50_us": "\(statistics.urgentWait.percentile(0.5))",
                     "urgent_wait_p99_us": "\(statistics.urgentWait.percentile(0.99))",

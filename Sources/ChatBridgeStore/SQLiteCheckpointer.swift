@@ -128,9 +128,6 @@ final class SQLiteCheckpointer: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Whether the writer's own checkpoint is due (see ``checkpointOnWriterIfDue(_:)``).
-    var writerCheckpointDue: Bool { progress.withLock { $0.inlineDue } }
-
     /// Called by the commit queue between batches (no transaction open): when the WAL reached
     /// ``inlineLimit``, pauses the checkpointer and checkpoints on `writer`.
     func checkpointOnWriterIfDue(_ writer: SQLiteDriver) {

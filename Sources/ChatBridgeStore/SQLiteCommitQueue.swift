@@ -1,6 +1,5 @@
 import DequeModule
 import Foundation
-import NIOPosix
 import SQLKit
 import Synchronization
 
@@ -8,10 +7,7 @@ import Synchronization
 /// commits together the work that queued up while the previous batch ran (group commit).
 ///
 /// - Nothing waits for a batch to fill: a call that finds the connection idle runs at once, alone, in a
-///   transaction of its own, on its caller's own thread (no hand-off to the connection's thread and back:
-///   at 100 callbacks/s those two thread switches per store call were a sixth of the server's switches),
-///   unless that thread is an event loop.
-///   Calls arriving meanwhile queue for the connection's thread, which takes them over when it is done.
+///   transaction of its own.
 /// - Under load, each caller's work runs inside the batch's transaction under a savepoint of its own, so
 ///   one caller's failure (a lost lease) rolls back only its own statements.
 /// - A caller hears its outcome only after its batch committed. A crash in the middle of a batch loses
@@ -29,8 +25,8 @@ import Synchronization
 ///
 /// Measured with `chatbridge bench` (README): with a commit per store call (7 per answer) the commit path
 /// (WAL frames, checkpoints, file locks) was the largest part of the store's CPU. Running batches on their
-/// own thread lets the work that arrives meanwhile share the next commit; a queued caller pays the hop to
-/// that thread and back once per call, not per statement, and a lone caller none.
+/// own thread lets the work that arrives meanwhile share the next commit; a caller pays the hop to that
+/// thread and back once per call, not per statement.
 final class SQLiteCommitQueue: Sendable {
     enum Priority: Sendable {
         case urgent
@@ -47,8 +43,6 @@ final class SQLiteCommitQueue: Sendable {
         var cutShort = 0
         /// Batches whose transaction failed before their last call; the calls not started went back too.
         var requeuedAfterFailure = 0
-        /// Calls that found the connection idle and ran on their caller's thread (each counted as a batch too).
-        var inline = 0
         /// How long urgent calls (acknowledgements, renewals) waited from queueing until their batch committed.
         var urgentWait = DurationHistogram()
         /// The part of it until its batch began.
@@ -105,11 +99,6 @@ final class SQLiteCommitQueue: Sendable {
         var background = Deque<Entry>()
         /// The committer, parked while there is nothing to do.
         var idle: CheckedContinuation<Void, Never>?
-        /// A caller is running its call on its own thread (the committer is parked meanwhile, and is woken
-        /// only once that call is done).
-        var inlineRunning = false
-        /// A call run on its caller's thread left the writer's own checkpoint due: the committer does it.
-        var checkpointRequested = false
         var statistics = Statistics()
         /// Urgent batches run in a row while background work waited: after ``urgentStreakLimit`` of them
         /// background work goes next, so a steady stream of acknowledgements never starves the answering
@@ -153,9 +142,6 @@ final class SQLiteCommitQueue: Sendable {
 
     var statistics: Statistics { state.withLock { $0.statistics } }
 
-    /// Whether the caller runs on the connection's own thread (for tests).
-    var onConnectionThread: Bool { thread.isCurrent }
-
     /// Callers waiting for their batch (not counting the batch running).
     var waiting: Int { state.withLock { $0.waiting } }
 
@@ -165,9 +151,8 @@ final class SQLiteCommitQueue: Sendable {
         return try await perform(.background) { _ in driver.reprepares }
     }
 
-    /// For tests: drops the connection as a crash would, without committing what the running batch (or the
-    /// lone call running on its caller's thread) did. Only while that work is suspended in a caller's body,
-    /// so nothing else is using the connection.
+    /// For tests: drops the connection as a crash would, without committing what the running batch did.
+    /// Only while that batch is suspended in a caller's work, so nothing else is using the connection.
     func dropConnectionForTesting() { driver.close() }
 
     /// Runs `body` in a transaction (its own, or a savepoint of a shared one) and returns its result once
@@ -177,53 +162,10 @@ final class SQLiteCommitQueue: Sendable {
         let outcome = Outcome<R>()
         let entry = Entry(kind: .work, priority: priority, run: { outcome.result = .success(try await body($0)) },
                           fail: { outcome.result = .failure($0) })
-        if takeConnection() {
-            await runInline(entry)
-        } else {
-            try await enter(entry)
-        }
+        try await enter(entry)
         guard let result = outcome.result else { throw RolledBack(reason: "no outcome") }
         return try result.get()
     }
-
-    /// Whether the caller may run its call itself: the committer is parked with nothing queued, no other
-    /// caller is running one, and the caller is not an event loop (with Swift concurrency on the event loops,
-    /// one CPU, a disk that stalls a commit would stall every connection of the process with it). If so, the
-    /// connection is the caller's until ``runInline(_:)`` returns.
-    func takeConnection() -> Bool {
-        guard MultiThreadedEventLoopGroup.currentEventLoop == nil else { return false }
-        return state.withLock { state in
-            guard !state.closed, state.idle != nil, state.waiting == 0, !state.inlineRunning else { return false }
-            state.inlineRunning = true
-            return true
-        }
-    }
-
-    /// Runs `entry` alone, in a transaction of its own, on the caller's thread; then hands the connection
-    /// back, waking the committer for whatever queued meanwhile, or for the writer's own checkpoint when one
-    /// is due (the caller does not wait for it).
-    private func runInline(_ entry: Entry) async {
-        let began = ContinuousClock.Instant.now
-        entry.queuedAt = began
-        let (ran, failed) = await Self.$running.withValue(ObjectIdentifier(self)) { await run([entry], whole: true) }
-        // A lone entry is always run or failed, never handed back: it has no waker to be queued with.
-        assert(ran == 1)
-        record([entry], ran: ran, failed: failed, began: began)
-        let checkpointDue = checkpointer?.writerCheckpointDue ?? false
-        let committer = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            state.inlineRunning = false
-            state.statistics.inline += 1
-            if checkpointDue { state.checkpointRequested = true }
-            guard state.waiting > 0 || checkpointDue else { return nil }
-            defer { state.idle = nil }
-            return state.idle
-        }
-        committer?.resume()
-    }
-
-    /// Whether the committer is parked, waiting for work (for tests: a call made now runs on its caller's
-    /// thread).
-    var isParked: Bool { state.withLock { $0.idle != nil && !$0.inlineRunning } }
 
     /// Closes the connection after the urgent work queued before; later calls fail with ``Closed``.
     func close() async {
@@ -243,8 +185,6 @@ final class SQLiteCommitQueue: Sendable {
                 case .urgent: state.urgent.append(entry)
                 case .background: state.background.append(entry)
                 }
-                // While a caller runs its own call, the committer stays parked; that caller wakes it.
-                guard !state.inlineRunning else { return .queued(wake: nil) }
                 let idle = state.idle
                 state.idle = nil
                 return .queued(wake: idle)
@@ -266,10 +206,6 @@ final class SQLiteCommitQueue: Sendable {
     private func commitLoop() async {
         while true {
             let (batch, whole) = await nextBatch()
-            if batch.isEmpty {
-                checkpointer?.checkpointOnWriterIfDue(driver)
-                continue
-            }
             if let closing = batch.last, closing.kind == .close {
                 let before = Array(batch.dropLast())
                 if !before.isEmpty {
@@ -337,17 +273,10 @@ final class SQLiteCommitQueue: Sendable {
 
     /// The next batch: the urgent work waiting, alone (a close request ends it); else background work, which
     /// may be cut short for urgent work unless it is background work's turn after an urgent streak (`whole`).
-    /// Empty when the committer is to run the writer's checkpoint a lone call left due.
     private func nextBatch() async -> (entries: [Entry], whole: Bool) {
         while true {
-            let batch = state.withLock { state -> (entries: [Entry], whole: Bool, checkpoint: Bool) in
+            let batch = state.withLock { state -> (entries: [Entry], whole: Bool) in
                 var batch: [Entry] = []
-                guard !state.inlineRunning else { return (batch, true, false) }
-                // The writer's checkpoint a lone call left due, unless an acknowledgement waits.
-                if state.checkpointRequested && state.urgent.isEmpty {
-                    state.checkpointRequested = false
-                    return (batch, true, true)
-                }
                 // Urgent work and background work never share a batch: an acknowledgement never waits for a
                 // batch of answering work committed with it. They alternate while both wait.
                 let backgroundsTurn = state.urgentStreak >= Self.urgentStreakLimit && !state.background.isEmpty
@@ -355,7 +284,7 @@ final class SQLiteCommitQueue: Sendable {
                 if !backgroundsTurn {
                     while batch.count < batchLimit, let next = state.urgent.first {
                         batch.append(state.urgent.removeFirst())
-                        if next.kind == .close { return (batch, true, false) }
+                        if next.kind == .close { return (batch, true) }
                     }
                 }
                 if !batch.isEmpty { state.urgentStreak = state.background.isEmpty ? 0 : state.urgentStreak + 1 }
@@ -365,14 +294,14 @@ final class SQLiteCommitQueue: Sendable {
                     }
                     // Its turn is taken (whether or not its transaction then fails, urgent work goes next).
                     if backgroundsTurn { state.urgentStreak = 0 }
-                    return (batch, backgroundsTurn, false)
+                    return (batch, backgroundsTurn)
                 }
-                return (batch, true, false)
+                return (batch, true)
             }
-            if !batch.entries.isEmpty || batch.checkpoint { return (batch.entries, batch.whole) }
+            if !batch.entries.isEmpty { return batch }
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let ready = state.withLock { state -> Bool in
-                    if (state.waiting > 0 || state.checkpointRequested) && !state.inlineRunning { return true }
+                    if state.waiting > 0 { return true }
                     state.idle = continuation
                     return false
                 }
@@ -476,16 +405,12 @@ final class SQLiteCommitQueue: Sendable {
     }
 }
 
-/// The thread the SQLite connection is used on for batches: a task executor running one job at a time, so
-/// the committer's work (and the callers' statements inside it) never blocks the shared concurrency pool.
-/// (A lone call on an idle connection runs on its caller's thread instead: one short transaction, which a
-/// busy database can hold up to its 5 s `busy_timeout`; never on an event loop.)
+/// The thread the SQLite connection is used on: a task executor running one job at a time, so the
+/// committer's work (and the callers' statements inside it) never blocks the shared concurrency pool.
 final class SQLiteThread: TaskExecutor, @unchecked Sendable {
     private let condition = NSCondition()
     private var jobs: [UnownedJob] = []
     private var stopping = false
-    /// The thread, once it runs (set under `condition`).
-    private var thread: pthread_t?
 
     init() {
         Thread { [self] in
@@ -510,17 +435,7 @@ final class SQLiteThread: TaskExecutor, @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Whether the caller runs on this thread.
-    var isCurrent: Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        return thread.map { pthread_equal($0, pthread_self()) != 0 } ?? false
-    }
-
     private func loop() {
-        condition.lock()
-        thread = pthread_self()
-        condition.unlock()
         var running: [UnownedJob] = []
         while true {
             condition.lock()
@@ -574,7 +489,8 @@ struct DurationHistogram: Sendable, Equatable {
 }
 
 /// Names the calling thread for `top -H`, `perf` and /proc (at most 15 bytes; Linux only). Without it a
-/// thread keeps the name of the thread that started it, such as an event loop's.
+/// thread keeps the name of the thread that started it, such as an event loop's (Foundation's `Thread.name`
+/// of more than 15 bytes is refused by Linux without a word).
 func nameCurrentThread(_ name: String) {
     #if os(Linux)
     guard let file = fopen("/proc/thread-self/comm", "w") else { return }

@@ -8,7 +8,7 @@ import Synchronization
 import VaporCSQLite
 
 /// One SQLite connection driven through SQLite's C API (the library sqlite-nio builds) on the calling
-/// thread (the commit queue's, or a lone caller's the queue handed it to), keeping its prepared statements.
+/// thread (the commit queue's), keeping its prepared statements.
 ///
 /// Measured with `chatbridge bench --profile` (README, "Measuring on a 2-core machine"): through sqlite-nio
 /// every statement was prepared anew and hopped to a thread pool and back, seven times per message; the
@@ -16,8 +16,7 @@ import VaporCSQLite
 /// where it is called and is parsed once per connection. Statements take microseconds (WAL, `synchronous = NORMAL`: a commit
 /// writes to the log without waiting for the disk).
 ///
-/// Not thread-safe by itself: the ``SQLiteCommitQueue`` is its only user and lets one batch or one lone call
-/// use it at a time, handing it between threads under its lock (the connection is opened `NOMUTEX`).
+/// Not thread-safe by itself: the ``SQLiteCommitQueue`` is its only user and runs one batch at a time.
 final class SQLiteDriver: @unchecked Sendable {
     struct Failure: Error, CustomStringConvertible {
         var code: Int32

@@ -13,7 +13,7 @@ import Synchronization
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure acknowledgement latency, answer throughput and memory against loopback simulators.",
-        discussion: "Starts a simulated model server and a simulated DingTalk (or, with --platform lark, Feishu) on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or --replicas N of them on one fresh PostgreSQL database with --database; or drives --target, DingTalk only), sends signed callbacks, encrypted and signed Lark webhook events, or frames over the simulated stream gateway, and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, the server's peak RSS, CPU time and CPU per answer, SQLite commits and store calls per answer (and how many of those calls ran on their caller's thread), and how long urgent store calls (acknowledgements, lease renewals) waited for their SQLite commit and how long commits took (from the server's closing log line: not with --target or PostgreSQL), the load generator's own CPU time, and the wake-up latency from sending a message to its model request. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
+        discussion: "Starts a simulated model server and a simulated DingTalk (or, with --platform lark, Feishu) on loopback, starts 'chatbridge serve' as a child process against them with a fresh SQLite database (or --replicas N of them on one fresh PostgreSQL database with --database; or drives --target, DingTalk only), sends signed callbacks, encrypted and signed Lark webhook events, or frames over the simulated stream gateway, and reports acknowledgement and answer latencies, throughput, lost and duplicated answers, the server's peak RSS, CPU time and CPU per answer, SQLite commits and store calls per answer, and how long urgent store calls (acknowledgements, lease renewals) waited for their SQLite commit and how long commits took (from the server's closing log line: not with --target or PostgreSQL), the load generator's own CPU time, and the wake-up latency from sending a message to its model request. With --target, configure that server's llm.base_url and dingtalk.webhook_hosts/api_base_url against the simulator ports printed at start (fix them with --model-port and --dingtalk-port). --context measures context assembly for a short and a very long conversation instead."
     )
 
     @Option(help: "Distinct senders (each has its own conversation).") var users = 200
@@ -666,7 +666,6 @@ struct BenchServers: Sendable {
             let largest = { (key: String, other: Int?) in max(Self.number(key, in: line) ?? 0, other ?? 0) }
             total = DatabaseCommits(
                 commits: (total?.commits ?? 0) + commits, calls: (total?.calls ?? 0) + calls,
-                inline: (total?.inline ?? 0) + (Self.number("inline", in: line) ?? 0),
                 urgentWaitP99Microseconds: largest("urgent_wait_p99_us", total?.urgentWaitP99Microseconds),
                 urgentWaitMaxMicroseconds: largest("urgent_wait_max_us", total?.urgentWaitMaxMicroseconds),
                 commitP99Microseconds: largest("commit_p99_us", total?.commitP99Microseconds),
@@ -685,8 +684,6 @@ struct BenchServers: Sendable {
 struct DatabaseCommits: Encodable {
     var commits: Int
     var calls: Int
-    /// Calls that found the connection idle and ran on their caller's thread, each in a commit of its own.
-    var inline: Int
     /// How long an acknowledgement's (or renewal's) store call waited for its commit; p99 within a factor
     /// of two (a power-of-two bucket bound).
     var urgentWaitP99Microseconds: Int
@@ -856,10 +853,8 @@ struct Report: Encodable {
             ((servers ?? 1) > 1 ? "idle RSS (largest server)" : "server idle RSS", idleRSSMB.map { "\(f($0)) MB" } ?? "n/a"), ((servers ?? 1) > 1 ? "peak RSS (largest server)" : "server peak RSS", peakRSSMB.map { "\(f($0)) MB" } ?? "n/a"),
             ("server CPU time (after start-up)", cpuSeconds.map { "\(f($0)) s" + ((servers ?? 1) > 1 ? " (all servers)" : "") } ?? "n/a"),
             ("server CPU per answer", cpuPerAnswerMicros.map { "\(Int($0.rounded())) µs" } ?? "n/a"),
-            ("SQLite commits (store calls; run inline) per answer", databaseCommits.map {
-                answered > 0
-                    ? String(format: "%.2f (%.2f; %.2f)", Double($0.commits) / Double(answered), Double($0.calls) / Double(answered), Double($0.inline) / Double(answered))
-                    : "n/a"
+            ("SQLite commits (store calls) per answer", databaseCommits.map {
+                answered > 0 ? String(format: "%.2f (%.2f)", Double($0.commits) / Double(answered), Double($0.calls) / Double(answered)) : "n/a"
             } ?? "n/a"),
             ("SQLite ack wait p99 / max; commit p99 / max", databaseCommits.map {
                 "≤\($0.urgentWaitP99Microseconds) / \($0.urgentWaitMaxMicroseconds) µs; ≤\($0.commitP99Microseconds) / \($0.commitMaxMicroseconds) µs"

@@ -2,8 +2,6 @@ import ChatBridgeCore
 @testable import ChatBridgeStore
 import Foundation
 import Logging
-import NIOCore
-import NIOPosix
 import SQLKit
 import Synchronization
 import Testing
@@ -35,8 +33,6 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
     @Test func aLoneCallRunsAtOnceInACommitOfItsOwn() async throws {
         let store = try await openFile(temporaryDirectory() + "/db.sqlite")
         let queue = try #require(store.commitQueue)
-        // (The committer starts on a thread of its own: until it waits for work, a call queues for it.)
-        #expect(await eventually { queue.isParked })
         let before = queue.statistics
         #expect(try await store.accept(inboxMessage("m1"), conversation: conversation, now: Date()) == .accepted)
         let after = queue.statistics
@@ -47,91 +43,7 @@ private let conversation = ConversationKey(rawValue: "dingtalk/bot/c1/u1")
         // An acknowledgement: its wait and its commit are counted for the closing diagnostics line.
         #expect(after.urgentWait.count == before.urgentWait.count + 1)
         #expect(after.commit.count == before.commit.count + 1)
-        // It ran on its caller's thread: no hand-off to the connection's thread and back.
-        #expect(after.inline == before.inline + 1)
-        #expect(await eventually { queue.isParked })
-        #expect(try await store.single { _ in queue.onConnectionThread } == false)
         await store.close()
-    }
-
-    @Test(.timeLimit(.minutes(1))) func callsArrivingWhileACallerRunsItsOwnCallRunAfterItOnTheConnectionsThread() async throws {
-        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
-        let queue = try #require(store.commitQueue)
-        let release = OneTimeEvent()
-        #expect(await eventually { queue.isParked })
-        let before = queue.statistics
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            await hold(store, until: release, group: &group)
-            let onConnectionThread = OrderLog()
-            for id in ["a", "b"] {
-                group.addTask {
-                    let ran = try await store.single { db in
-                        try await Self.insertNotice(id, db)
-                        return queue.onConnectionThread
-                    }
-                    onConnectionThread.append("\(id): \(ran ? "connection's thread" : "caller's thread")")
-                }
-            }
-            // Both wait (the connection's thread is not woken while the holder runs), then go as one batch.
-            #expect(await eventually { queue.waiting == 2 })
-            release.signal()
-            try await group.waitForAll()
-            #expect(onConnectionThread.entries.sorted() == ["a: connection's thread", "b: connection's thread"])
-            // The holder ran on its caller's thread; the two calls queued behind it shared one commit.
-            let after = queue.statistics
-            #expect(after.inline == before.inline + 1)
-            #expect(after.batches == before.batches + 2)
-            #expect(after.largestBatch == 2)
-        }
-        // With the connection idle again, the next call runs on its caller's thread once more.
-        #expect(await eventually { queue.isParked })
-        #expect(try await store.single { _ in queue.onConnectionThread } == false)
-        #expect(queue.statistics.inline == before.inline + 2)
-        await store.close()
-    }
-
-    @Test(.timeLimit(.minutes(1))) func aCallOnAnEventLoopIsHandedToTheConnectionsThread() async throws {
-        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
-        let queue = try #require(store.commitQueue)
-        // With Swift concurrency on the event loops (one CPU), a commit stalled by the disk must not stall
-        // the loop's connections: such a caller never takes the connection itself, even when it is idle.
-        #expect(await eventually { queue.isParked })
-        #expect(try await MultiThreadedEventLoopGroup.singleton.next().submit { queue.takeConnection() }.get() == false)
-        #expect(queue.waiting == 0)
-        #expect(try await store.counts() == InboxCounts())
-        await store.close()
-    }
-
-    @Test(.timeLimit(.minutes(1))) func closingWhileACallerRunsItsOwnCallWaitsForIt() async throws {
-        let store = try await openFile(temporaryDirectory() + "/db.sqlite")
-        let queue = try #require(store.commitQueue)
-        let release = OneTimeEvent()
-        let closed = OneTimeEvent()
-        _ = try await store.accept(inboxMessage("held"), conversation: conversation, now: Date())
-        #expect(await eventually { queue.isParked })
-        let before = queue.statistics
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            let holding = OneTimeEvent()
-            group.addTask {
-                try await store.single { _ in
-                    holding.signal()
-                    await release.wait()
-                }
-            }
-            await holding.wait()
-            group.addTask {
-                await store.close()
-                closed.signal()
-            }
-            #expect(await eventually { queue.waiting == 1 })
-            #expect(!closed.hasHappened)
-            release.signal()
-            try await group.waitForAll()
-        }
-        #expect(closed.hasHappened)
-        // The held call was one its caller ran itself.
-        #expect(queue.statistics.inline == before.inline + 1)
-        await #expect(throws: SQLiteCommitQueue.Closed.self) { _ = try await store.counts() }
     }
 
     @Test func durationPercentilesAreBucketBoundsInMicroseconds() {
