@@ -12,12 +12,11 @@ extension SQLStore: UsageLedger, KeyHealthStore {
         let dialect = self.dialect
         // Without a question limit nothing is written: one statement outside a transaction does.
         let run: (@escaping @Sendable (any SQLDatabase) async throws -> Admission) async throws -> Admission = limits.countsQuestions
-            ? { try await self.transaction($0) } : { try await self.single($0) }
+            // READ COMMITTED on PostgreSQL, whatever the server's default (in the BEGIN itself): the count must
+            // see every admission committed before the lock was granted.
+            ? { try await self.transaction(readCommitted: true, $0) } : { try await self.single($0) }
         return try await run { db in
             if dialect == .postgres && limits.countsQuestions {
-                // The count must see every admission committed before the lock was granted, whatever the
-                // server's default isolation.
-                try await db.raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").run()
                 // One user's questions are admitted one at a time across replicas (the two-key lock space).
                 try await db.raw("SELECT pg_advisory_xact_lock(\(unsafeRaw: String(Self.admissionLockKey)), hashtext(\(bind: record.user)))").run()
             }

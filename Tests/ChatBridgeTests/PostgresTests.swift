@@ -195,6 +195,32 @@ struct PostgresStoreTests {
         for store in stores { await store.close() }
     }
 
+    /// One user's questions arriving at once on several replicas of a database whose default isolation is
+    /// REPEATABLE READ: the limit check begins READ COMMITTED, so each count sees the admissions committed
+    /// before its lock was granted (with the default, each snapshot predates the lock and all are admitted).
+    @Test func concurrentQuestionsOfOneUserOnSeveralReplicasNeverPassTheLimit() async throws {
+        let url = try await TestPostgres.freshDatabase()
+        let setup = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
+        try await setup.single { db in
+            try await db.raw("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), 'repeatable read'); END $$").run()
+        }
+        await setup.close()
+        let (_, stores) = try await replicas(4, url: url)
+        let now = Date()
+        let limits = RequestLimits(perMinute: 5)
+        let admitted = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for n in 0..<24 {
+                group.addTask {
+                    let record = RequestRecord(messageKey: "q\(n)", user: "u1", chat: "c1", day: "2026-11-22", at: now)
+                    return try await stores[n % stores.count].admit(record, limits: limits, minuteAgo: now.addingTimeInterval(-60)) == .admitted
+                }
+            }
+            return try await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+        }
+        #expect(admitted == 5)
+        for store in stores { await store.close() }
+    }
+
     @Test func replicasWithSkewedClocksStillAgreeOnLeasesAndRetries() async throws {
         let (url, stores) = try await replicas(2)
         let (a, ahead) = (stores[0], stores[1])
