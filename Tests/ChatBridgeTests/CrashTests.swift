@@ -59,18 +59,19 @@ struct StreamSetup {
 }
 
 /// A `chatbridge serve` child against the simulators (its model answering after `firstTokenLatency`), and a
-/// client to send it signed callbacks; `restart` starts the next server on the same database.
+/// client to send it signed callbacks; `restart` starts the next server on the same database. With
+/// `launcher` (a program and its arguments, such as `taskset -c 0`), the server is started through it.
 struct CrashRun {
     let model: ModelSimulator
     let dingtalk: DingTalkSimulator
     let directory: String
     let environment: [String: String]
-    let executable: String
+    let command: [String]
     let first: ChildServer
     let sender: CallbackSender
     let client: HTTPClient
 
-    static func start(firstTokenLatency: Duration) async throws -> CrashRun {
+    static func start(firstTokenLatency: Duration = .zero, launcher: [String] = []) async throws -> CrashRun {
         var behaviour = ModelSimulator.Behaviour()
         behaviour.firstTokenLatency = firstTokenLatency
         let model = try await ModelSimulator.start(behaviour: behaviour)
@@ -79,16 +80,21 @@ struct CrashRun {
         let environment = serverEnvironment(directory: directory, model: model, dingtalk: dingtalk)
         let executable = chatbridgeExecutable()
         #expect(FileManager.default.isExecutableFile(atPath: executable), "build the chatbridge executable first (swift build)")
-        let first = try ChildServer(executable: executable, environment: environment, logPath: directory + "/first.log")
+        let command = launcher + [executable, "serve"]
+        let first = try Self.server(command, environment: environment, logPath: directory + "/first.log")
         let port = try await first.waitUntilListening()
         return CrashRun(
-            model: model, dingtalk: dingtalk, directory: directory, environment: environment, executable: executable, first: first,
+            model: model, dingtalk: dingtalk, directory: directory, environment: environment, command: command, first: first,
             sender: CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret), client: HTTPClientFactory.make())
+    }
+
+    private static func server(_ command: [String], environment: [String: String], logPath: String) throws -> ChildServer {
+        try ChildServer(executable: command[0], environment: environment, logPath: logPath, arguments: Array(command.dropFirst()))
     }
 
     /// The next server on the same database, logging to `second.log`.
     func restart() throws -> ChildServer {
-        try ChildServer(executable: executable, environment: environment, logPath: directory + "/second.log")
+        try Self.server(command, environment: environment, logPath: directory + "/second.log")
     }
 
     func stop() async {

@@ -15,19 +15,13 @@ import Testing
     @Test func onOneUsableCPUTheServerRunsOneEventLoopAndAnswersOnIt() async throws {
         let taskset = "/usr/bin/taskset"
         try #require(FileManager.default.isExecutableFile(atPath: taskset), "needs taskset (util-linux)")
-        let model = try await ModelSimulator.start()
-        let dingtalk = try await DingTalkSimulator.start()
-        let client = HTTPClientFactory.make()
-        let directory = temporaryDirectory()
         // One of the CPUs this test may use itself.
         let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
         let allowed = try #require(status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") })
         let cpu = String(allowed.dropFirst("Cpus_allowed_list:".count).trimmingCharacters(in: .whitespaces).prefix { $0.isNumber })
-        let server = try ChildServer(
-            executable: taskset, environment: serverEnvironment(directory: directory, model: model, dingtalk: dingtalk),
-            logPath: directory + "/server.log", arguments: ["-c", cpu, chatbridgeExecutable(), "serve"])
-        let port = try await server.waitUntilListening()
-        let log = try String(contentsOfFile: directory + "/server.log", encoding: .utf8)
+        let run = try await CrashRun.start(launcher: [taskset, "-c", cpu])
+        let (server, dingtalk, sender) = (run.first, run.dingtalk, run.sender)
+        let log = try String(contentsOfFile: run.directory + "/first.log", encoding: .utf8)
         #expect(log.contains("event_loops=1 ") && log.contains("executor=event-loops "))
         // One event loop for one CPU (NIO alone would start one per CPU of the machine), and the store's two
         // threads under names of their own.
@@ -35,15 +29,12 @@ import Testing
         #expect(names.filter { $0.hasPrefix("NIO-SGLTN-") }.count == 1, "\(names)")
         #expect(names.contains("cb-sqlite"))
         // Swift concurrency's jobs run on that loop: a message is still accepted and answered once.
-        let sender = CallbackSender(url: "http://127.0.0.1:\(port)/callbacks/dingtalk", secret: testSecret)
         let body = sender.body(messageID: "one-cpu", text: "hello", conversationID: "cid==", senderStaffID: "u1", webhook: dingtalk.webhookURL(session: "one-cpu"))
-        #expect(try await sender.post(body, client: client).status == 200)
+        #expect(try await sender.post(body, client: run.client).status == 200)
         #expect(await eventually(seconds: 30) { dingtalk.deliveries.count == 1 })
         server.signal(SIGTERM)
         #expect(await server.wait() == 0)
         #expect(dingtalk.deliveries.count == 1)
-        try? await client.shutdown()
-        await model.stop()
-        await dingtalk.stop()
+        await run.stop()
     }
 }

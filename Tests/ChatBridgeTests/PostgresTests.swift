@@ -25,15 +25,22 @@ struct PostgresStoreTests {
         return (url, stores)
     }
 
+    /// A new database whose transactions default to `defaultIsolation` (the server's default when nil).
+    func freshDatabase(defaultIsolation: String?) async throws -> String {
+        let url = try await TestPostgres.freshDatabase()
+        guard let defaultIsolation else { return url }
+        let setup = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
+        try await setup.single { db in
+            try await db.raw("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), \(unsafeRaw: "'" + defaultIsolation + "'")); END $$").run()
+        }
+        await setup.close()
+        return url
+    }
+
     /// A claim's snapshot must start after the claim lock: its transaction is READ COMMITTED, begun as such,
     /// even on a database whose default is stricter.
     @Test func aClaimIsReadCommittedWhateverTheDatabaseDefault() async throws {
-        let url = try await TestPostgres.freshDatabase()
-        let setup = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
-        try await setup.single { db in
-            try await db.raw("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), 'serializable'); END $$").run()
-        }
-        await setup.close()
+        let url = try await freshDatabase(defaultIsolation: "serializable")
         let (_, stores) = try await replicas(1, url: url)
         let store = stores[0]
         let show = { @Sendable (db: any SQLDatabase) async throws -> String in
@@ -51,14 +58,7 @@ struct PostgresStoreTests {
     /// READ COMMITTED, so its snapshot starts after the claim lock (else concurrent claims fail to serialise).
     @Test(arguments: [nil, "repeatable read"])
     func concurrentClaimersNeverHoldTwoMessagesOfOneConversationAndAnswerInOrder(defaultIsolation: String?) async throws {
-        let url = try await TestPostgres.freshDatabase()
-        if let defaultIsolation {
-            let setup = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
-            try await setup.single { db in
-                try await db.raw("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), \(unsafeRaw: "'" + defaultIsolation + "'")); END $$").run()
-            }
-            await setup.close()
-        }
+        let url = try await freshDatabase(defaultIsolation: defaultIsolation)
         let (_, stores) = try await replicas(4, url: url)
         let conversations = 12
         let perConversation = 15
@@ -199,12 +199,7 @@ struct PostgresStoreTests {
     /// REPEATABLE READ: the limit check begins READ COMMITTED, so each count sees the admissions committed
     /// before its lock was granted (with the default, each snapshot predates the lock and all are admitted).
     @Test func concurrentQuestionsOfOneUserOnSeveralReplicasNeverPassTheLimit() async throws {
-        let url = try await TestPostgres.freshDatabase()
-        let setup = try await SQLStore.open(try DatabaseLocation.parse(url), logger: Logger(label: "t"))
-        try await setup.single { db in
-            try await db.raw("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), 'repeatable read'); END $$").run()
-        }
-        await setup.close()
+        let url = try await freshDatabase(defaultIsolation: "repeatable read")
         let (_, stores) = try await replicas(4, url: url)
         let now = Date()
         let limits = RequestLimits(perMinute: 5)
