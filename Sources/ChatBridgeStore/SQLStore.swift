@@ -158,9 +158,11 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             break
         }
         let driver: SQLiteDriver
+        var opened: SQLiteDriver?
         var checkpointer: SQLiteCheckpointer?
         do {
             driver = try SQLiteDriver(path: path)
+            opened = driver
             // A reader changes nothing, not even the journal mode (which would write to the file). (Closing it
             // when it is the file's last connection still copies back and removes the WAL, as SQLite does.)
             if options.reader { try driver.execute("PRAGMA query_only = 1", []) { _ in } }
@@ -172,6 +174,8 @@ public final class SQLStore: Inbox, ConversationStore, Sendable {
             try driver.execute("PRAGMA synchronous = NORMAL", []) { _ in }
             try driver.execute("PRAGMA busy_timeout = 5000", []) { _ in }
         } catch {
+            // The writer first: its WAL hook points at the checkpointer.
+            opened?.close()
             checkpointer?.stop()
             lock?.release()
             throw StoreError(description: "cannot open the SQLite database \(location): \(error)")

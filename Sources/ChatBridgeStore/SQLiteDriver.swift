@@ -262,7 +262,9 @@ struct SQLiteDriverDatabase: SQLDatabase {
     static func controlsTransaction(_ sql: String) -> Bool {
         // Checked on every statement inside a batch: the usual ones (SELECT, INSERT, UPDATE, WITH, DELETE) are
         // told apart by their first two letters without allocating.
-        var letters = sql.utf8.lazy.drop { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\n") || $0 == UInt8(ascii: "\t") }.makeIterator()
+        var letters = sql.utf8.lazy.drop {
+            $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\n") || $0 == UInt8(ascii: "\t") || $0 == UInt8(ascii: ";")
+        }.makeIterator()
         guard let a = letters.next(), let b = letters.next() else { return false }
         switch (a | 0x20, b | 0x20) {  // lower case
         case (UInt8(ascii: "b"), UInt8(ascii: "e")), (UInt8(ascii: "c"), UInt8(ascii: "o")), (UInt8(ascii: "e"), UInt8(ascii: "n")),

@@ -177,7 +177,7 @@ extension PreparedStatementTests {
 @Suite struct TransactionControlTests {
     @Test(arguments: [
         ("BEGIN", true), ("begin immediate", true), ("  COMMIT;", true), ("\nEnd", true), ("SAVEPOINT x", true), ("release x", true),
-        ("ROLLBACK", true), ("rollback;", true), ("ROLLBACK TO x", false), ("ROLLBACK TRANSACTION TO x", false),
+        ("ROLLBACK", true), ("rollback;", true), (";COMMIT", true), ("; commit", true), ("ROLLBACK TO x", false), ("ROLLBACK TRANSACTION TO x", false),
         ("SELECT 1", false), ("INSERT INTO notices VALUES (1)", false), ("UPDATE inbox SET a = 1", false), ("WITH x AS (SELECT 1) SELECT 1", false),
         ("DELETE FROM inbox", false), ("REPLACE INTO t VALUES (1)", false), ("", false), ("B", false), ("SET x", false),
     ])
